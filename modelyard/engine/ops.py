@@ -1,0 +1,140 @@
+"""Fused ops used by the native models. Each has a plain torch reference (CPU path, test oracle);
+on CUDA the csrc kernels replace them when built (see `modelyard.engine.kernels`).
+
+Shapes follow vLLM's conventions so the kernels are drop-in:
+  rms_norm(x [T, H], weight [H], eps) -> [T, H]
+  fused_add_rms_norm(x [T, H], residual [T, H], weight, eps) -> (normed [T, H], new_residual [T, H])
+  rotary_embedding(positions [T], q [T, Hq*D], k [T, Hk*D], head_dim, cos_sin_cache [max_pos, D], is_neox)
+      -> in place on q and k; cos_sin_cache rows are [cos(D/2) | sin(D/2)]
+  silu_and_mul(x [T, 2I]) -> [T, I]
+  reshape_and_cache(k [T, Hk, D], v [T, Hk, D], k_cache, v_cache [NB, BS, Hk, D], slot_mapping [T])
+  paged_decode_attention(q [S, Hq, D], k_cache, v_cache, block_tables [S, MB], seq_lens [S], scale) -> [S, Hq, D]
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _kernels(t: torch.Tensor):
+    """The compiled csrc module when `t` lives on CUDA and the kernels are available, else None."""
+    if t.device.type != "cuda":
+        return None
+    try:
+        from . import kernels
+    except ImportError:
+        return None
+    return kernels.get()
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)  # cast before the weight multiply, as the HF Llama/Qwen2 norms do
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    k = _kernels(x)
+    if k is not None:
+        return k.rms_norm(x, weight, eps)
+    return rms_norm_ref(x, weight, eps)
+
+
+def fused_add_rms_norm_ref(x, residual, weight, eps):
+    residual = (x.float() + residual.float()).to(x.dtype)
+    return rms_norm_ref(residual, weight, eps), residual
+
+
+def fused_add_rms_norm(x, residual, weight, eps):
+    k = _kernels(x)
+    if k is not None:
+        return k.fused_add_rms_norm(x, residual, weight, eps)
+    return fused_add_rms_norm_ref(x, residual, weight, eps)
+
+
+def build_cos_sin_cache(head_dim: int, max_pos: int, base: float, inv_freq: torch.Tensor | None = None,
+                        device=None) -> torch.Tensor:
+    """[max_pos, head_dim] float32: cos in the first half, sin in the second."""
+    if inv_freq is None:
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    t = torch.arange(max_pos, dtype=torch.float64)
+    freqs = torch.outer(t, inv_freq.to(torch.float64))
+    return torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(torch.float32).to(device)
+
+
+def rotary_embedding_ref(positions, q, k, head_dim, cos_sin_cache, is_neox=True):
+    cs = cos_sin_cache[positions]                       # [T, D]
+    cos, sin = cs.chunk(2, dim=-1)                      # [T, D/2] each
+    for x in (q, k):
+        T = x.shape[0]
+        xv = x.view(T, -1, head_dim)
+        xf = xv.float()
+        c, s = cos[:, None, :], sin[:, None, :]
+        if is_neox:
+            x1, x2 = xf[..., : head_dim // 2], xf[..., head_dim // 2:]
+            out = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+        else:
+            x1, x2 = xf[..., 0::2], xf[..., 1::2]
+            out = torch.stack([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).flatten(-2)
+        xv.copy_(out.to(x.dtype))
+    return q, k
+
+
+def rotary_embedding(positions, q, k, head_dim, cos_sin_cache, is_neox=True):
+    kern = _kernels(q)
+    if kern is not None:
+        kern.rotary_embedding(positions, q, k, head_dim, cos_sin_cache, is_neox)
+        return q, k
+    return rotary_embedding_ref(positions, q, k, head_dim, cos_sin_cache, is_neox)
+
+
+def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
+    d = x.shape[-1] // 2
+    return torch.nn.functional.silu(x[..., :d]) * x[..., d:]
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    k = _kernels(x)
+    if k is not None:
+        return k.silu_and_mul(x)
+    return silu_and_mul_ref(x)
+
+
+def reshape_and_cache_ref(k, v, k_cache, v_cache, slot_mapping):
+    nb, bs = k_cache.shape[:2]
+    k_cache.view(nb * bs, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(nb * bs, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def reshape_and_cache(k, v, k_cache, v_cache, slot_mapping):
+    kern = _kernels(k)
+    if kern is not None:
+        return kern.reshape_and_cache(k, v, k_cache, v_cache, slot_mapping)
+    return reshape_and_cache_ref(k, v, k_cache, v_cache, slot_mapping)
+
+
+def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale):
+    """Gather each sequence's blocks and attend with plain softmax; float32 math."""
+    S, Hq, D = q.shape
+    Hk = k_cache.shape[2]
+    bs = k_cache.shape[1]
+    out = torch.empty_like(q)
+    lens = seq_lens.tolist()
+    for i in range(S):
+        n = lens[i]
+        nblk = (n + bs - 1) // bs
+        blocks = block_tables[i, :nblk].long()
+        k = k_cache[blocks].reshape(-1, Hk, D)[:n].float()     # [n, Hk, D]
+        v = v_cache[blocks].reshape(-1, Hk, D)[:n].float()
+        k = k.repeat_interleave(Hq // Hk, dim=1)
+        v = v.repeat_interleave(Hq // Hk, dim=1)
+        scores = torch.einsum("hd,nhd->hn", q[i].float(), k) * scale
+        p = scores.softmax(-1)
+        out[i] = torch.einsum("hn,nhd->hd", p, v).to(q.dtype)
+    return out
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale):
+    kern = _kernels(q)
+    if kern is not None:
+        return kern.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale)
+    return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale)
