@@ -1,0 +1,125 @@
+"""Decode and validate request images: PIL image, bytes or a path (or a list of them) -> RGB PIL.
+
+Every failure a user's file can cause (missing, empty, not an image, corrupt, truncated, larger
+than Pillow's pixel limit) becomes an `ImageError` naming the source, so the engine can fail
+that one request and keep serving the rest.
+"""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+
+class ImageError(ValueError):
+    pass
+
+
+def describe(src: Any) -> str:
+    if isinstance(src, (str, os.PathLike)):
+        return f"image file {os.fspath(src)!r}"
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return f"image bytes ({len(src)} bytes)"
+    if isinstance(src, Image.Image):
+        return f"PIL image ({src.mode}, {src.size[0]}x{src.size[1]})"
+    return f"image of type {type(src).__name__}"
+
+
+def load_images(src: Any) -> list[Image.Image]:
+    """A single source or a list/tuple of sources -> list of RGB images. None -> []."""
+    if src is None:
+        return []
+    if isinstance(src, (list, tuple)):
+        return [load_image(s) for s in src]
+    return [load_image(src)]
+
+
+def load_image(src: Any) -> Image.Image:
+    what = describe(src)
+    opened = _open(src, what)
+    try:
+        _check_pixels(opened, what)
+        try:
+            opened.load()
+        except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError... for bad data
+            raise ImageError(f"{what}: cannot decode ({type(e).__name__}: {e})") from e
+        img = _exif_transpose(opened)
+        img = to_rgb(img)
+        if img is opened and not isinstance(src, Image.Image):
+            img = img.copy()     # detach from the source buffer so it can be freed
+        return img
+    finally:
+        if opened is not src:
+            opened.close()
+
+
+def _open(src: Any, what: str) -> Image.Image:
+    if isinstance(src, Image.Image):
+        return src
+    if isinstance(src, (str, os.PathLike)):
+        path = Path(src)
+        if not path.exists():
+            raise ImageError(f"{what}: no such file")
+        if not path.is_file():
+            raise ImageError(f"{what}: not a regular file")
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise ImageError(f"{what}: cannot read ({e})") from e
+    elif isinstance(src, (bytes, bytearray, memoryview)):
+        data = bytes(src)
+    else:
+        raise ImageError(f"unsupported {what}: pass a PIL image, bytes, or a path")
+    if not data:
+        raise ImageError(f"{what}: empty (0 bytes)")
+    try:
+        return Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{what}: {e}") from e
+    except Exception as e:  # UnidentifiedImageError, or a header too broken to parse
+        raise ImageError(f"{what}: not a readable image ({type(e).__name__}: {e})") from e
+
+
+def _check_pixels(img: Image.Image, what: str) -> None:
+    # Pillow only warns between MAX_IMAGE_PIXELS and twice that; a server must refuse instead.
+    limit = Image.MAX_IMAGE_PIXELS
+    w, h = img.size
+    if limit is not None and w * h > limit:
+        raise ImageError(f"{what}: {w}x{h} = {w * h} pixels exceeds the limit of {limit} "
+                         f"(PIL.Image.MAX_IMAGE_PIXELS)")
+    if w < 1 or h < 1:
+        raise ImageError(f"{what}: empty image ({w}x{h})")
+
+
+def _exif_transpose(img: Image.Image) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(img) or img
+    except Exception:
+        # Broken orientation metadata on pixels that decoded fine: the pixels are still the
+        # image the user sent, so caption them as stored rather than failing the request.
+        return img
+
+
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB. Transparent pixels go onto white, as transformers does."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in _ALPHA_MODES or (mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode.startswith("I") or mode == "F":
+        # Pillow's own conversion clips 16/32-bit values at 255; rescale to keep the picture.
+        arr = np.asarray(img).astype(np.float64)
+        peak = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        arr = np.clip(arr * (255.0 / peak), 0, 255).round().astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    return img.convert("RGB")

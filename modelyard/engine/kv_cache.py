@@ -1,0 +1,122 @@
+"""The paged KV pool: one device allocation made at start-up and never grown, and its sizing.
+
+Per decoder layer, K and V are each [num_blocks, block_size, num_kv_heads, head_dim] (the layout
+attention/base.py fixes), all views into one [L, 2, num_blocks, block_size, Hk, D] tensor.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import EngineConfig
+
+GIB = 1024 ** 3
+_CPU_RAM_FRACTION = 0.25       # default CPU pool: at most this share of the available RAM
+_ACTIVATION_SAFETY = 2.0       # the estimate below counts the big tensors only; allocator slack on top
+
+
+class KVCacheSizeError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_block(self) -> int:
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * itemsize
+
+
+class KVCache:
+    def __init__(self, spec: KVCacheSpec, num_blocks: int, device):
+        if num_blocks < 1:
+            raise KVCacheSizeError(f"the KV pool needs at least one block, got {num_blocks}")
+        self.spec = spec
+        self.num_blocks = num_blocks
+        # Zeroed, not empty: masked-out slots still enter attention's value matmul with weight 0,
+        # and 0 * NaN from uninitialised memory would poison the output.
+        self.storage = torch.zeros(                       # [L, 2, NB, BS, Hk, D]
+            (spec.num_layers, 2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim),
+            dtype=spec.dtype, device=device)
+        self.layers: list[tuple[torch.Tensor, torch.Tensor]] = [
+            (self.storage[i, 0], self.storage[i, 1]) for i in range(spec.num_layers)]
+
+    @property
+    def nbytes(self) -> int:
+        return self.storage.numel() * self.storage.element_size()
+
+
+def estimate_activation_bytes(hf_config, config: EngineConfig, dtype: torch.dtype) -> int:
+    """Peak transient memory of the largest step: a full prefill chunk, its logits, an image batch.
+
+    An upper-bound style estimate from the config (no profiling run): per token of a
+    max_prefill_tokens chunk, one layer's live tensors (residual, normed input, q/k/v, attention
+    output, gate/up and their product); logits in float32 for every row that may sample; the
+    vision tower over max_image_batch images including its attention scores.
+    """
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    text = hf_config.text_config
+    H, inter, V = text.hidden_size, text.intermediate_size, text.vocab_size
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    D = getattr(text, "head_dim", None) or H // heads
+    T = config.max_prefill_tokens
+    per_token = 4 * H + (heads + 2 * kv_heads) * D + heads * D + 3 * inter
+    decoder = T * per_token * itemsize
+    logits = max(config.max_batch_size, 1) * V * 4 + T * 8 * 3    # + ids, positions, slots
+    vision = 0
+    vcfg = getattr(hf_config, "vision_config", None)
+    if vcfg is not None:
+        n_pos = (vcfg.image_size // vcfg.patch_size) ** 2 + 1
+        N, E = config.max_image_batch, vcfg.hidden_size
+        vision = N * n_pos * (4 * E + 2 * vcfg.intermediate_size) * itemsize
+        vision += N * vcfg.num_attention_heads * n_pos * n_pos * 4
+    return int(_ACTIVATION_SAFETY * (decoder + logits + vision))
+
+
+def plan_num_blocks(config: EngineConfig, spec: KVCacheSpec, device: torch.device, weights_bytes: int,
+                    activation_bytes: int, max_model_len: int) -> tuple[int, str]:
+    """How many blocks the pool gets, and a sentence saying how that was decided (for logs/stats)."""
+    per_block = spec.bytes_per_block
+    if config.num_kv_blocks is not None:
+        return config.num_kv_blocks, "num_kv_blocks"
+    if config.gpu_memory_budget_gib is not None:
+        budget = int(config.gpu_memory_budget_gib * GIB)
+        kv_bytes = budget - weights_bytes - activation_bytes
+        if kv_bytes < per_block:
+            raise KVCacheSizeError(
+                f"gpu_memory_budget_gib={config.gpu_memory_budget_gib} does not fit: weights take "
+                f"{weights_bytes / GIB:.2f} GiB and activations ~{activation_bytes / GIB:.2f} GiB "
+                f"(max_prefill_tokens={config.max_prefill_tokens}), leaving nothing for the KV cache "
+                f"(one block is {per_block / 2**20:.2f} MiB); raise the budget or lower max_prefill_tokens")
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            if kv_bytes > free:
+                raise KVCacheSizeError(
+                    f"gpu_memory_budget_gib={config.gpu_memory_budget_gib} wants {kv_bytes / GIB:.2f} GiB "
+                    f"of KV cache but only {free / GIB:.2f} GiB is free on {device}")
+        return kv_bytes // per_block, f"budget {config.gpu_memory_budget_gib} GiB"
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        kv_bytes = int(free * config.cache_max_entry_count) - activation_bytes
+        if kv_bytes < per_block:
+            raise KVCacheSizeError(
+                f"no room for a KV cache on {device}: {free / GIB:.2f} GiB free after loading weights, "
+                f"cache_max_entry_count={config.cache_max_entry_count}, activations need "
+                f"~{activation_bytes / GIB:.2f} GiB; lower max_prefill_tokens or free the device")
+        return kv_bytes // per_block, f"{config.cache_max_entry_count:.2f} of {free / GIB:.2f} GiB free"
+    # CPU (or another host-memory device): enough for max_batch_size full-length sequences,
+    # capped by a share of the RAM that is available now.
+    import psutil
+    wanted = -(-max_model_len * config.max_batch_size // spec.block_size)
+    cap = int(psutil.virtual_memory().available * _CPU_RAM_FRACTION) // per_block
+    if cap < 1:
+        raise KVCacheSizeError("not enough free RAM for even one KV block")
+    return min(wanted, cap), "max_model_len * max_batch_size, capped by available RAM"
