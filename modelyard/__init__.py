@@ -5,11 +5,6 @@ and the driver verifies through NVML that the GPU memory came back.
 """
 __version__ = "0.1.0"
 
-
-def pipeline(path, **options):
-    """`with modelyard.pipeline(path) as pipe: pipe(images, prompt=...)` (see modelyard.pipeline)."""
-    from .pipeline import pipeline as _pipeline
-    return _pipeline(path, **options)
-
+from .pipeline import pipeline  # noqa: E402  (imports neither Ray nor torch until used)
 
 __all__ = ["pipeline", "__version__"]

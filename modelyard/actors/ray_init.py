@@ -1,0 +1,102 @@
+"""One place that starts or joins Ray for modelyard (handles, pipeline, orchestration).
+
+A Ray started here (no address) listens on loopback only, has no dashboard unless asked, and
+keeps Ray's token authentication on: anyone who can reach a Ray port can run code as this user,
+so an unauthenticated cluster on a shared machine is a remote-code-execution hole.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+LOOPBACK = "127.0.0.1"
+_AUTH_ENV = "RAY_AUTH_MODE"
+
+
+def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None,
+               include_dashboard: bool = False, log_to_driver: bool = True, namespace: str | None = "modelyard",
+               runtime_env: dict | None = None, allow_unauthenticated: bool = False, **init_kwargs) -> dict:
+    """Initialize Ray unless it already is; returns {"started", "address", "node_id", "auth"}.
+
+    address=None and no RAY_ADDRESS: start a local cluster bound to 127.0.0.1 with token
+    authentication (Ray generates ~/.ray/auth_token if missing). RAY_AUTH_MODE=disabled in the
+    environment is refused unless `allow_unauthenticated=True`.
+    address given (or RAY_ADDRESS): join that cluster; its token must be available as for any
+    Ray client (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token).
+    Extra keyword arguments go to ray.init (object_store_memory, _temp_dir, ...).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return _describe(started=False)
+    joining = address is not None or bool(os.environ.get("RAY_ADDRESS"))
+    kw = dict(init_kwargs)
+    if not joining:
+        mode = os.environ.get(_AUTH_ENV)
+        if mode is not None and mode.lower() != "token" and not allow_unauthenticated:
+            raise RuntimeError(
+                f"{_AUTH_ENV}={mode!r} would start a Ray cluster without token authentication; unset it "
+                f"(modelyard keeps token auth on) or pass allow_unauthenticated=True")
+        # mode unset: Ray (>= 2.5x) turns token auth on for a new local cluster and writes
+        # ~/.ray/auth_token if missing. Setting RAY_AUTH_MODE here instead would not reach
+        # Ray's already-loaded config in this process (the GCS would then start without a
+        # token and abort), so the result is checked after ray.init below.
+        kw.setdefault("_node_ip_address", LOOPBACK)
+        kw.setdefault("dashboard_host", LOOPBACK)
+        kw["include_dashboard"] = include_dashboard
+        if num_cpus is not None:
+            kw["num_cpus"] = num_cpus
+        if num_gpus is not None:
+            kw["num_gpus"] = num_gpus
+    if joining:
+        ray.init(address=address, namespace=namespace, runtime_env=runtime_env, log_to_driver=log_to_driver, **kw)
+    else:
+        with _loopback_node_ip():
+            ray.init(namespace=namespace, runtime_env=runtime_env, log_to_driver=log_to_driver, **kw)
+    info = _describe(started=not joining)
+    if not joining and info["node_ip"] not in (LOOPBACK, "::1"):
+        ray.shutdown()
+        raise RuntimeError(f"Ray started on {info['node_ip']} instead of loopback; refusing to run")
+    if not joining and info["auth"] != "token" and not allow_unauthenticated:
+        ray.shutdown()
+        raise RuntimeError(f"Ray started without token authentication (mode {info['auth']!r}); refusing to run")
+    return info
+
+
+@contextlib.contextmanager
+def _loopback_node_ip():
+    """Make ray.init keep 127.0.0.1 as the node IP for the duration of the call.
+
+    Ray on Linux rewrites a loopback `_node_ip_address` to the machine's outbound IP (so that
+    other nodes could join) and its servers then listen on every interface. Its only switch
+    is the single-node mode it uses on macOS/Windows (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0),
+    which is read into a module constant at import; it is flipped for this call only and
+    restored. The GCS, raylet and workers then bind 127.0.0.1 (the caller checks the result).
+    """
+    from ray._private import ray_constants
+
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+def _describe(started: bool) -> dict:
+    import ray
+
+    ctx = ray.get_runtime_context()
+    node = ray._private.worker.global_worker.node_ip_address
+    return {"started": started, "address": ctx.gcs_address, "node_ip": node,
+            "node_id": ctx.get_node_id(), "auth": auth_mode()}
+
+
+def auth_mode() -> str:
+    """Ray's authentication mode in this process: "token", "disabled", or "unknown"."""
+    try:
+        from ray._raylet import AuthenticationMode, get_authentication_mode
+    except ImportError:  # Ray without token auth support
+        return "unknown"
+    mode = get_authentication_mode()
+    return "token" if mode == AuthenticationMode.TOKEN else ("disabled" if mode == AuthenticationMode.DISABLED else str(mode))
