@@ -9,6 +9,9 @@ Shapes follow vLLM's conventions so the kernels are drop-in:
   silu_and_mul(x [T, 2I]) -> [T, I]
   reshape_and_cache(k [T, Hk, D], v [T, Hk, D], k_cache, v_cache [NB, BS, Hk, D], slot_mapping [T])
   paged_decode_attention(q [S, Hq, D], k_cache, v_cache, block_tables [S, MB], seq_lens [S], scale) -> [S, Hq, D]
+
+The CUDA ops (csrc/, torch.ops.modelyard.*) compute the same functions with the same rounding
+points; none of them syncs with the host, so all are usable inside CUDA graph capture.
 """
 from __future__ import annotations
 
@@ -16,13 +19,14 @@ import torch
 
 
 def _kernels(t: torch.Tensor):
-    """The compiled csrc module when `t` lives on CUDA and the kernels are available, else None."""
+    """torch.ops.modelyard when `t` lives on CUDA and the kernels are enabled, else None.
+
+    On CUDA this builds the kernels on first use; a failed build raises (kernels.KernelBuildError)
+    rather than quietly running the references.
+    """
     if t.device.type != "cuda":
         return None
-    try:
-        from . import kernels
-    except ImportError:
-        return None
+    from . import kernels
     return kernels.get()
 
 
@@ -35,7 +39,7 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     k = _kernels(x)
     if k is not None:
-        return k.rms_norm(x, weight, eps)
+        return k.rms_norm(x.reshape(-1, x.shape[-1]), weight, eps).view(x.shape)
     return rms_norm_ref(x, weight, eps)
 
 
@@ -45,9 +49,12 @@ def fused_add_rms_norm_ref(x, residual, weight, eps):
 
 
 def fused_add_rms_norm(x, residual, weight, eps):
+    """-> (rms_norm(x + residual), x + residual); neither input is modified."""
     k = _kernels(x)
     if k is not None:
-        return k.fused_add_rms_norm(x, residual, weight, eps)
+        h = x.shape[-1]
+        normed, new_residual = k.fused_add_rms_norm(x.reshape(-1, h), residual.reshape(-1, h), weight, eps)
+        return normed.view(x.shape), new_residual.view(x.shape)
     return fused_add_rms_norm_ref(x, residual, weight, eps)
 
 
@@ -100,7 +107,11 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 def reshape_and_cache_ref(k, v, k_cache, v_cache, slot_mapping):
+    """Negative slots mark padding rows (e.g. a CUDA graph's unused tail) and are skipped."""
     nb, bs = k_cache.shape[:2]
+    if bool((slot_mapping < 0).any()):
+        keep = slot_mapping >= 0
+        k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
     k_cache.view(nb * bs, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
     v_cache.view(nb * bs, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
@@ -133,8 +144,13 @@ def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scal
     return out
 
 
-def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale):
+def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale,
+                           max_seq_len: int | None = None, num_splits: int = 0):
+    """max_seq_len (a hint: the longest seq_len, or None for block_tables' width) and num_splits
+    (0: automatic) only choose the CUDA kernel's split-KV parallelism; results do not depend on them.
+    Pass max_seq_len=None under CUDA graph capture so the launch shape is fixed by tensor shapes."""
     kern = _kernels(q)
     if kern is not None:
-        return kern.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale)
+        return kern.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale,
+                                           -1 if max_seq_len is None else int(max_seq_len), int(num_splits))
     return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale)

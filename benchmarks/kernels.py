@@ -1,0 +1,220 @@
+"""Times the csrc kernels against the torch references and FlashAttention at LLaVA-scale shapes.
+
+    python benchmarks/kernels.py [--json out.json]
+
+Each row: median time of CUDA-event-timed calls after warm-up, and the bytes the op must move
+(each input read once, each output written once) over that time, to set against the measured
+device-to-device copy bandwidth (the floor for memory-bound ops). Needs a CUDA GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from modelyard.engine import kernels, ops
+
+ROWS: list[dict] = []
+
+
+def timeit(fn, min_ms: float = 40.0, max_reps: int = 200) -> float:
+    """Median milliseconds per call."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    reps = int(min(max_reps, max(5, min_ms / max(start.elapsed_time(end), 1e-3))))
+    times = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def row(group: str, name: str, ms: float, nbytes: float | None = None, **extra) -> None:
+    gbs = nbytes / ms / 1e6 if nbytes else None
+    ROWS.append(dict(group=group, name=name, ms=ms, gb_s=gbs, **extra))
+    bw = f"{gbs:8.0f} GB/s" if gbs else " " * 13
+    more = " ".join(f"{k}={v}" for k, v in extra.items())
+    print(f"{group:<28} {name:<34} {ms * 1e3:10.1f} us {bw} {more}", flush=True)
+
+
+def copy_bandwidth() -> float:
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
+    b = torch.empty_like(a)
+    ms = timeit(lambda: b.copy_(a))
+    row("ceiling", "device copy 1 GiB (read+write)", ms, 2 * n)
+    return 2 * n / ms / 1e6
+
+
+def paged_case(S, hq, hk, d, block_size, lens, dtype=torch.bfloat16):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    blocks = [math.ceil(n / block_size) for n in lens]
+    nb = sum(blocks)
+    perm = torch.randperm(nb, device="cuda", generator=g).to(torch.int32)
+    bt = torch.zeros(S, max(blocks), dtype=torch.int32, device="cuda")
+    off = 0
+    for i, b in enumerate(blocks):
+        bt[i, :b] = perm[off:off + b]
+        off += b
+    kc = torch.randn(nb, block_size, hk, d, device="cuda", dtype=dtype, generator=g)
+    vc = torch.randn_like(kc)
+    q = torch.randn(S, hq, d, device="cuda", dtype=dtype, generator=g)
+    sl = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    return q, kc, vc, bt, sl
+
+
+def decode_attention(label, S, hq, hk, d, lens, block_size=16, sweep=(1, 2, 4, 8), baselines=True):
+    q, kc, vc, bt, sl = paged_case(S, hq, hk, d, block_size, lens)
+    scale = d ** -0.5
+    kv_bytes = sum(lens) * hk * d * 2 * kc.element_size()
+    io = 2 * q.numel() * q.element_size()
+    group = f"decode {label}"
+    k = kernels.get()
+    ref = ops.paged_decode_attention_ref(q, kc, vc, bt, sl, scale)
+    for variant in (0, 1, 2):
+        out = k.paged_decode_attention(q, kc, vc, bt, sl, scale, max(lens), 0, variant)
+        err = float((out.double() - ref.double()).norm() / ref.double().norm())
+        tag = "auto" if variant == 0 else f"v{variant}"
+        row(group, f"csrc {tag} (bs={block_size})",
+            timeit(lambda: k.paged_decode_attention(q, kc, vc, bt, sl, scale, max(lens), 0, variant)),
+            kv_bytes + io, rel_err=f"{err:.1e}")
+        for ns in sweep if variant else ():
+            row(group, f"csrc v{variant} splits={ns}",
+                timeit(lambda: k.paged_decode_attention(q, kc, vc, bt, sl, scale, -1, ns, variant)), kv_bytes + io)
+    if not baselines:
+        return
+    row(group, "torch reference (per-seq loop)",
+        timeit(lambda: ops.paged_decode_attention_ref(q, kc, vc, bt, sl, scale), min_ms=20, max_reps=5), kv_bytes + io)
+    # dense SDPA over pre-gathered, padded K/V (the gather is not timed: a lower bound for SDPA)
+    L = max(lens)
+    idx = torch.arange(L, device="cuda")
+    slots = (bt.long()[:, (idx // block_size).clamp_max(bt.shape[1] - 1)] * block_size + idx % block_size)  # [S, L]
+    kd = kc.view(-1, hk, d)[slots].repeat_interleave(hq // hk, 2).transpose(1, 2)   # [S, Hq, L, D]
+    vd = vc.view(-1, hk, d)[slots].repeat_interleave(hq // hk, 2).transpose(1, 2)
+    mask = (idx[None, :] < sl[:, None])[:, None, None, :]
+    qd = q[:, :, None, :]
+    row(group, "torch SDPA dense padded (no gather)",
+        timeit(lambda: F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scale)), kv_bytes + io)
+    from modelyard.engine.attention.flash import probe_varlen
+    impl = next((i for i in probe_varlen()[0] if i.name == "torch"), None)
+    if impl is None:
+        return
+    packed = torch.cat([torch.arange(n, device="cuda") for n in lens])
+    seq_of = torch.repeat_interleave(torch.arange(S, device="cuda"), sl.long())
+    pslots = bt.long()[seq_of, packed // block_size] * block_size + packed % block_size
+    kp, vp = kc.view(-1, hk, d)[pslots], vc.view(-1, hk, d)[pslots]
+    cu_q = torch.arange(S + 1, dtype=torch.int32, device="cuda")
+    cu_k = F.pad(sl.cumsum(0, dtype=torch.int32), (1, 0))
+    o = impl(q, kp, vp, cu_q, cu_k, 1, max(lens), scale)
+    err = float((o.double() - ref.double()).norm() / ref.double().norm())
+    row(group, "torch varlen_attn (FA2) packed KV",
+        timeit(lambda: impl(q, kp, vp, cu_q, cu_k, 1, max(lens), scale)), kv_bytes + io, rel_err=f"{err:.1e}")
+
+
+def small_ops():
+    k = kernels.get()
+    dt = torch.bfloat16
+    hk, d = 32, 128
+    for T in (64, 16384):
+        key = torch.randn(T, hk, d, device="cuda", dtype=dt)
+        val = torch.randn_like(key)
+        nb = T // 16 + 1
+        kc = torch.empty(nb, 16, hk, d, device="cuda", dtype=dt)
+        vc = torch.empty_like(kc)
+        slots = torch.randperm(nb * 16, device="cuda")[:T]
+        nbytes = 2 * 2 * key.numel() * 2
+        row("reshape_and_cache", f"csrc T={T}", timeit(lambda: k.reshape_and_cache(key, val, kc, vc, slots)), nbytes)
+        row("reshape_and_cache", f"torch ref T={T}",
+            timeit(lambda: ops.reshape_and_cache_ref(key, val, kc, vc, slots)), nbytes)
+    H = 4096
+    w = torch.randn(H, device="cuda", dtype=dt)
+    for T in (64, 8192):
+        x = torch.randn(T, H, device="cuda", dtype=dt)
+        r = torch.randn_like(x)
+        nb = x.numel() * 2
+        row("rms_norm", f"csrc T={T}", timeit(lambda: k.rms_norm(x, w, 1e-6)), 2 * nb)
+        row("rms_norm", f"torch ref T={T}", timeit(lambda: ops.rms_norm_ref(x, w, 1e-6)), 2 * nb)
+        row("fused_add_rms_norm", f"csrc T={T}", timeit(lambda: k.fused_add_rms_norm(x, r, w, 1e-6)), 4 * nb)
+        row("fused_add_rms_norm", f"torch ref T={T}", timeit(lambda: ops.fused_add_rms_norm_ref(x, r, w, 1e-6)),
+            4 * nb)
+    T, hq = 8192, 32
+    cache = ops.build_cos_sin_cache(d, 4096, 1e4, device="cuda")
+    pos = torch.randint(0, 4096, (T,), device="cuda")
+    q = torch.randn(T, hq * d, device="cuda", dtype=dt)
+    kk = torch.randn(T, hk * d, device="cuda", dtype=dt)
+    nb = 2 * (q.numel() + kk.numel()) * 2
+    row("rotary_embedding", f"csrc T={T}", timeit(lambda: k.rotary_embedding(pos, q, kk, d, cache, True)), nb)
+    row("rotary_embedding", f"torch ref T={T}",
+        timeit(lambda: ops.rotary_embedding_ref(pos, q, kk, d, cache, True)), nb)
+    inter = 11008
+    x = torch.randn(T, 2 * inter, device="cuda", dtype=dt)
+    nb = x.numel() * 2 * 3 // 2
+    row("silu_and_mul", f"csrc T={T} I={inter}", timeit(lambda: k.silu_and_mul(x)), nb)
+    row("silu_and_mul", f"torch ref T={T} I={inter}", timeit(lambda: ops.silu_and_mul_ref(x)), nb)
+
+
+def prefill_attention():
+    from modelyard.engine.attention.flash import probe_varlen
+    impls = probe_varlen()[0]
+    S, L, h, d = 8, 650, 32, 128
+    q = torch.randn(S * L, h, d, device="cuda", dtype=torch.bfloat16)
+    kk, vv = torch.randn_like(q), torch.randn_like(q)
+    cu = torch.arange(0, S * L + 1, L, dtype=torch.int32, device="cuda")
+    flops = 4 * S * L * L * h * d / 2  # causal
+    for impl in impls:
+        ms = timeit(lambda: impl(q, kk, vv, cu, cu, L, L, d ** -0.5))
+        row("prefill 8x650 H32 D128", f"varlen {impl.name}", ms, None, tflops=f"{flops / ms / 1e9:.0f}")
+    qb, kb, vb = (t.view(S, L, h, d).transpose(1, 2) for t in (q, kk, vv))
+    ms = timeit(lambda: F.scaled_dot_product_attention(qb, kb, vb, is_causal=True))
+    row("prefill 8x650 H32 D128", "torch SDPA batched causal", ms, None, tflops=f"{flops / ms / 1e9:.0f}")
+
+    def per_seq():  # what a ragged batch costs through plain SDPA: one call per sequence
+        for i in range(S):
+            F.scaled_dot_product_attention(qb[i:i + 1], kb[i:i + 1], vb[i:i + 1], is_causal=True)
+    ms = timeit(per_seq)
+    row("prefill 8x650 H32 D128", "torch SDPA per-sequence loop", ms, None, tflops=f"{flops / ms / 1e9:.0f}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 2
+    props = torch.cuda.get_device_properties(0)
+    env = dict(device=props.name, sms=props.multi_processor_count, torch=torch.__version__, cuda=torch.version.cuda)
+    print(json.dumps(env), flush=True)
+    kernels.get()
+    copy = copy_bandwidth()
+    gen = torch.Generator().manual_seed(0)
+    lens650 = torch.randint(600, 701, (64,), generator=gen).tolist()
+    decode_attention("LLaVA-7B S64 H32/32 D128 ~650", 64, 32, 32, 128, lens650)
+    decode_attention("LLaVA-7B S64 bs32", 64, 32, 32, 128, lens650, block_size=32, sweep=(), baselines=False)
+    decode_attention("Qwen2-VL-7B S64 H28/4 D128 ~650", 64, 28, 4, 128, lens650)
+    decode_attention("S8 H32/8 D128 ctx 8192", 8, 32, 8, 128, [8192] * 8, sweep=(1, 4, 8, 16))
+    decode_attention("S1 H32/32 D128 ctx 650", 1, 32, 32, 128, [650], sweep=(1, 4, 8), baselines=False)
+    small_ops()
+    prefill_attention()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(env=env, copy_gb_s=copy, rows=ROWS), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

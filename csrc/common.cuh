@@ -1,0 +1,134 @@
+// Shared device helpers: dtype conversion, 16-byte vectors, warp reductions, dtype dispatch.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+
+namespace modelyard {
+
+// torch builds extensions with -D__CUDA_NO_HALF_CONVERSIONS__ (and the bf16 twin), so every
+// conversion between storage types and float goes through these explicit intrinsics.
+template <typename T>
+struct Convert;
+
+template <>
+struct Convert<float> {
+  static __device__ __forceinline__ float to_float(float x) { return x; }
+  static __device__ __forceinline__ float from_float(float x) { return x; }
+};
+
+template <>
+struct Convert<__half> {
+  static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
+};
+
+template <>
+struct Convert<__nv_bfloat16> {
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
+};
+
+template <typename T>
+__device__ __forceinline__ float to_float(T x) {
+  return Convert<T>::to_float(x);
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x) {
+  return Convert<T>::from_float(x);
+}
+
+// N elements moved by one load/store instruction (16 bytes for the vectorized paths).
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+};
+
+template <typename T, int N>
+__device__ __forceinline__ Vec<T, N> load_vec(const T* p) {
+  return *reinterpret_cast<const Vec<T, N>*>(p);
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void store_vec(T* p, const Vec<T, N>& x) {
+  *reinterpret_cast<Vec<T, N>*>(p) = x;
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+
+// Sum over the whole block; every thread gets the result. `scratch` holds 32 floats.
+__device__ __forceinline__ float block_sum(float x, float* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int nwarps = (blockDim.x + 31) >> 5;
+  x = warp_sum(x);
+  __syncthreads();  // scratch may still be read by a previous call
+  if (lane == 0) scratch[warp] = x;
+  __syncthreads();
+  x = lane < nwarps ? scratch[lane] : 0.f;
+  return warp_sum(x);
+}
+
+// Elements per 16-byte vector for a tensor, or 1 when its pointer or strides are not 16-byte aligned.
+inline int vec_elems(const at::Tensor& t, std::initializer_list<int64_t> strides_elems, int64_t inner) {
+  const int n = 16 / static_cast<int>(t.element_size());
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0 || inner % n != 0) return 1;
+  for (int64_t s : strides_elems)
+    if (s % n != 0) return 1;
+  return n;
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Error messages get numbers as strings (std::to_string) rather than streaming them. On the device
+// image (nvcc's host compiler from /opt/gcc, the system libstdc++ at run time) numeric ostream
+// insertion compiled into this library crashed inside libstdc++ (SIGSEGV in num_put) when a check
+// fired, while string insertion worked; keeping numbers out of iostreams sidesteps that mismatch.
+inline std::string num(int64_t v) { return std::to_string(v); }
+
+inline std::string shape(at::IntArrayRef s) {
+  std::string r = "[";
+  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+  return r + "]";
+}
+
+}  // namespace modelyard
+
+// Binds `scalar_t` to the CUDA storage type of a float32 / float16 / bfloat16 tensor.
+#define MODELYARD_DISPATCH_FLOAT_TYPES(DTYPE, NAME, ...)                                \
+  [&] {                                                                                 \
+    switch (DTYPE) {                                                                    \
+      case at::ScalarType::Float: {                                                     \
+        using scalar_t = float;                                                         \
+        return __VA_ARGS__();                                                           \
+      }                                                                                 \
+      case at::ScalarType::Half: {                                                      \
+        using scalar_t = __half;                                                        \
+        return __VA_ARGS__();                                                           \
+      }                                                                                 \
+      case at::ScalarType::BFloat16: {                                                  \
+        using scalar_t = __nv_bfloat16;                                                 \
+        return __VA_ARGS__();                                                           \
+      }                                                                                 \
+      default:                                                                          \
+        TORCH_CHECK(false, NAME, ": unsupported dtype ", DTYPE,                        \
+                    " (float32, float16 and bfloat16 are)");                            \
+    }                                                                                   \
+  }()

@@ -1,0 +1,37 @@
+// Host entry points of the CUDA ops; torch_bindings.cpp registers them as torch.ops.modelyard.*.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+
+#include <tuple>
+
+namespace modelyard {
+
+// q [S, Hq, D], caches [NB, BS, Hk, D], block_tables [S, MB] int32, seq_lens [S] int32 -> [S, Hq, D].
+// max_seq_len (<= 0: block_tables width * BS), num_splits (0: automatic) and variant (0: automatic,
+// 1: tile kernel, 2: per-slot kernel) only shape the launch; the result does not depend on them.
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
+                                  int64_t max_seq_len, int64_t num_splits, int64_t variant);
+
+// key / value [T, Hk, D] -> caches [NB, BS, Hk, D] at slot_mapping [T] int64 (negative slots skipped).
+void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_cache, at::Tensor& v_cache,
+                       const at::Tensor& slot_mapping);
+
+// x [T, H], weight [H] -> [T, H].
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+
+// -> (rms_norm(x + residual), x + residual), both new tensors.
+std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm(const at::Tensor& x, const at::Tensor& residual,
+                                                      const at::Tensor& weight, double eps);
+
+// In place on query [T, Hq*D] / [T, Hq, D] and key [T, Hk*D] / [T, Hk, D];
+// cos_sin_cache [max_pos, D] float32 rows [cos | sin].
+void rotary_embedding(const at::Tensor& positions, at::Tensor& query, at::Tensor& key, int64_t head_dim,
+                      const at::Tensor& cos_sin_cache, bool is_neox);
+
+// x [..., 2I] -> silu(x[..., :I]) * x[..., I:]  [..., I].
+at::Tensor silu_and_mul(const at::Tensor& x);
+
+}  // namespace modelyard

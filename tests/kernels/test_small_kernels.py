@@ -1,0 +1,139 @@
+"""csrc cache write, norms, rotary and activation against the torch references, including strided
+views (q/k/v are column slices of the fused qkv output) and the unaligned scalar paths."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernel_helpers import poison_next_alloc, rel_err, requires_cuda
+from modelyard.engine import kernels, ops
+
+pytestmark = requires_cuda
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def _close(out, ref, dtype):
+    """Same rounding points as the reference: at most one unit in the last place apart."""
+    tol = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    assert rel_err(out, ref) < tol
+    assert torch.allclose(out.float(), ref.float(), rtol=2 * tol, atol=2 * tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hk,d,block_size", [(2, 64, 16), (4, 128, 32), (1, 80, 16)])
+def test_reshape_and_cache(dtype, hk, d, block_size):
+    nb, T = 40, 37
+    qkv = torch.randn(T, (4 + 2 * hk) * d, device="cuda", dtype=dtype)
+    k = qkv[:, 4 * d:(4 + hk) * d].view(T, hk, d)          # strided views, as the model passes them
+    v = qkv[:, (4 + hk) * d:].view(T, hk, d)
+    slots = torch.randperm(nb * block_size, device="cuda")[:T]
+    slots[5] = -1                                            # padding row
+    kc = torch.randn(nb, block_size, hk, d, device="cuda", dtype=dtype)
+    vc = torch.randn_like(kc)
+    kr, vr = kc.clone(), vc.clone()
+    kernels.get().reshape_and_cache(k, v, kc, vc, slots)
+    ops.reshape_and_cache_ref(k, v, kr, vr, slots)
+    assert torch.equal(kc, kr) and torch.equal(vc, vr)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,H", [(1, 4096), (37, 896), (64, 3584), (5, 100)])  # 100: unaligned scalar path
+def test_rms_norm_and_fused_add(dtype, T, H):
+    x = torch.randn(T, H, device="cuda", dtype=dtype) * 3
+    r = torch.randn(T, H, device="cuda", dtype=dtype)
+    w = (1 + 0.1 * torch.randn(H, device="cuda")).to(dtype)
+    poison_next_alloc((T, H), dtype, "cuda")
+    _close(ops.rms_norm(x, w, 1e-6), ops.rms_norm_ref(x, w, 1e-6), dtype)
+    x0, r0 = x.clone(), r.clone()
+    normed, res = ops.fused_add_rms_norm(x, r, w, 1e-5)
+    n_ref, r_ref = ops.fused_add_rms_norm_ref(x, r, w, 1e-5)
+    assert torch.equal(res, r_ref)                           # one rounding, identical
+    _close(normed, n_ref, dtype)
+    assert torch.equal(x, x0) and torch.equal(r, r0)         # inputs untouched, like the reference
+
+
+def test_rms_norm_strided_rows():
+    x = torch.randn(16, 2 * 1024, device="cuda", dtype=torch.bfloat16)[:, :1024]
+    w = torch.randn(1024, device="cuda", dtype=torch.bfloat16)
+    _close(ops.rms_norm(x, w, 1e-6), ops.rms_norm_ref(x, w, 1e-6), torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("is_neox", [True, False])
+@pytest.mark.parametrize("hq,hk,d", [(32, 32, 128), (28, 4, 128), (8, 2, 64), (4, 4, 80)])
+def test_rotary_in_place(dtype, is_neox, hq, hk, d):
+    T = 19
+    cache = ops.build_cos_sin_cache(d, 4096, 1e6, device="cuda")
+    pos = torch.randint(0, 4096, (T,), device="cuda")
+    qkv = torch.randn(T, (hq + 2 * hk) * d, device="cuda", dtype=dtype)
+    q, k = qkv[:, : hq * d], qkv[:, hq * d:(hq + hk) * d]
+    q_ref, k_ref = ops.rotary_embedding_ref(pos, q.clone(), k.clone(), d, cache, is_neox)
+    v_before = qkv[:, (hq + hk) * d:].clone()
+    ops.rotary_embedding(pos, q, k, d, cache, is_neox)
+    _close(q, q_ref, dtype)
+    _close(k, k_ref, dtype)
+    assert torch.equal(qkv[:, (hq + hk) * d:], v_before)    # v untouched
+
+
+def test_rotary_int32_positions_and_3d_views():
+    d = 64
+    cache = ops.build_cos_sin_cache(d, 512, 1e4, device="cuda")
+    pos = torch.randint(0, 512, (7,), device="cuda", dtype=torch.int32)
+    q = torch.randn(7, 4, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(7, 2, d, device="cuda", dtype=torch.bfloat16)
+    q_ref, k_ref = ops.rotary_embedding_ref(pos.long(), q.clone(), k.clone(), d, cache, True)
+    ops.rotary_embedding(pos, q, k, d, cache, True)
+    _close(q, q_ref, torch.bfloat16)
+    _close(k, k_ref, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(64, 2 * 11008), (3, 5, 2 * 4864), (7, 2 * 100)])
+def test_silu_and_mul(dtype, shape):
+    x = torch.randn(shape, device="cuda", dtype=dtype) * 4
+    poison_next_alloc((*shape[:-1], shape[-1] // 2), dtype, "cuda")
+    _close(ops.silu_and_mul(x), ops.silu_and_mul_ref(x), dtype)
+
+
+def test_ops_capture_in_one_cuda_graph():
+    """The whole decoder-layer op sequence captures and replays (no host syncs, no stray allocs)."""
+    T, hq, hk, d, H = 8, 8, 2, 64, 512
+    dt = torch.bfloat16
+    x = torch.randn(T, H, device="cuda", dtype=dt)
+    res = torch.randn(T, H, device="cuda", dtype=dt)
+    w = torch.randn(H, device="cuda", dtype=dt)
+    qkv = torch.randn(T, (hq + 2 * hk) * d, device="cuda", dtype=dt)
+    pos = torch.arange(T, device="cuda")
+    cache = ops.build_cos_sin_cache(d, 128, 1e4, device="cuda")
+    kc = torch.zeros(8, 16, hk, d, device="cuda", dtype=dt)
+    vc = torch.zeros_like(kc)
+    slots = torch.arange(T, device="cuda")
+    bt = torch.zeros(T, 2, dtype=torch.int32, device="cuda")
+    sl = torch.full((T,), T, dtype=torch.int32, device="cuda")
+
+    def step():
+        n, r = ops.fused_add_rms_norm(x, res, w, 1e-6)
+        q, k, v = qkv[:, : hq * d], qkv[:, hq * d:(hq + hk) * d], qkv[:, (hq + hk) * d:]
+        ops.rotary_embedding(pos, q, k, d, cache, True)
+        ops.reshape_and_cache(k.view(T, hk, d), v.view(T, hk, d), kc, vc, slots)
+        a = ops.paged_decode_attention(q.view(T, hq, d), kc, vc, bt, sl, d ** -0.5)
+        return n, r, a, ops.silu_and_mul(torch.cat([n, r], -1))
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()
+    torch.cuda.current_stream().wait_stream(s)
+    qkv_before = qkv.clone()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        outs = step()
+    qkv.copy_(qkv_before)
+    g.replay()
+    torch.cuda.synchronize()
+    n_ref, r_ref = ops.fused_add_rms_norm_ref(x, res, w, 1e-6)
+    _close(outs[0], n_ref, dt)
+    assert torch.equal(outs[1], r_ref)
+    a_ref = ops.paged_decode_attention_ref(qkv[:, : hq * d].reshape(T, hq, d), kc, vc, bt, sl, d ** -0.5)
+    assert rel_err(outs[2], a_ref) < 1.2e-2
