@@ -8,12 +8,17 @@ A request is decoded and formatted when it is added (a bad image or an impossibl
 an "error" Output at the next step, nothing else is affected); its pixels wait here until the
 step that encodes them and are dropped then. A sequence preempted after that is recomputed from
 the Request's own image source, so nothing per image outlives its prefill.
+
+On CUDA, generate() decodes and preprocesses its requests on a small thread pool while the engine
+steps, admitting them in request order as they become ready, so the host work overlaps the GPU's.
 """
 from __future__ import annotations
 
 import dataclasses
 import itertools
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +30,10 @@ from .processor import ProcessedInputs, Processor
 from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from .sequence import Sequence
 from .types import Output, Request, SamplingParams
+
+
+_PREP_WORKERS = 2        # PIL decode / resize and torch normalize release the GIL
+_PREP_FIRST_BATCH = 8    # requests an idle engine waits for before its first step
 
 
 @dataclass
@@ -51,6 +60,12 @@ class Engine:
         self._seq_ids = itertools.count()
         self._num_finished = 0
         self._closed = False
+        # Preprocessing threads for generate(): on CUDA the host work would otherwise serialize with
+        # the GPU's (512 images x a few ms each is seconds). 0 keeps the CPU path strictly serial.
+        self._prep_workers = _PREP_WORKERS if runner.device.type == "cuda" else 0
+        self._step_time = {"prefill": 0.0, "decode": 0.0}
+        self._step_count = {"prefill": 0, "decode": 0}
+        self._step_tokens = {"prefill": 0, "decode": 0}
 
     @classmethod
     def from_pretrained(cls, path, config: EngineConfig | None = None):
@@ -70,17 +85,25 @@ class Engine:
             raise TypeError(f"Request.sampling must be a SamplingParams, got {type(req.sampling).__name__}")
         if req.request_id in self._in_flight:
             raise ValueError(f"request_id {req.request_id!r} is already in flight")
-        now = time.monotonic()
-        seq_id = next(self._seq_ids)
+        arrival = time.monotonic()
+        return self._admit(req, *self._process_or_error(req), arrival)
+
+    def _process_or_error(self, req: Request) -> tuple[ProcessedInputs | None, str | None]:
+        """Thread-safe: touches only the request and the (read-only) processor."""
         try:
-            processed = self._process(req)
+            return self._process(req), None
         except Exception as e:  # any problem with this request's input fails this request only
-            return self._reject(req, f"{type(e).__name__}: {e}")
+            return None, f"{type(e).__name__}: {e}"
+
+    def _admit(self, req: Request, processed: ProcessedInputs | None, error: str | None, arrival: float) -> str:
+        seq_id = next(self._seq_ids)
+        if processed is None:
+            return self._reject(req, error)
         reason = self.scheduler.rejection_reason(len(processed.input_ids), req.sampling.max_new_tokens)
         if reason is not None:
             return self._reject(req, reason, processed)
         seed = req.sampling.seed if req.sampling.seed is not None else self.config.seed + seq_id
-        seq = Sequence(seq_id, processed.input_ids, sampling=req.sampling, seed=seed, arrival_time=now)
+        seq = Sequence(seq_id, processed.input_ids, sampling=req.sampling, seed=seed, arrival_time=arrival)
         self._entries[seq_id] = _Entry(req, seq, processed.num_image_tokens, processed.pixel_values,
                                        has_images=processed.num_images > 0)
         self._in_flight.add(req.request_id)
@@ -99,6 +122,7 @@ class Engine:
         return outputs
 
     def _run_step(self, outputs: list[Output]) -> None:
+        t0 = time.perf_counter()
         out = self.scheduler.schedule()
         if out.is_empty and not out.preempted:
             # Admission checks make this impossible; fail loudly rather than spin in generate().
@@ -114,6 +138,10 @@ class Engine:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
         sampled = self.runner.execute(out)
+        phase = "prefill" if out.is_prefill else "decode"
+        self._step_time[phase] += time.perf_counter() - t0
+        self._step_count[phase] += 1
+        self._step_tokens[phase] += out.num_tokens
         finished = self.scheduler.update(out, sampled)
         now = time.monotonic()
         for seq_id in sampled:
@@ -125,19 +153,63 @@ class Engine:
             outputs.append(self._finish(seq))
 
     def generate(self, requests: list[Request]) -> list[Output]:
-        ids = [self.add_request(r) for r in requests]
+        overlapped = self._prep_workers > 0 and len(requests) > 1
+        ids = self._check_batch(requests) if overlapped else [self.add_request(r) for r in requests]
         wanted = set(ids)
         if len(wanted) != len(ids):
             raise ValueError("duplicate request_id in generate()")
         done: dict[str, Output] = {}
         others: list[Output] = []
+
+        def collect(outs: list[Output]) -> None:
+            for o in outs:
+                (done.__setitem__(o.request_id, o) if o.request_id in wanted else others.append(o))
+
+        if overlapped:
+            self._add_overlapped(requests, collect)
         while len(done) < len(wanted):
             if not self.has_unfinished():
                 raise RuntimeError("engine idle with requests unfinished")   # a bug, never a hang
-            for o in self.step():
-                (done.__setitem__(o.request_id, o) if o.request_id in wanted else others.append(o))
+            collect(self.step())
         self._ready.extend(others)    # requests added by someone else: returned by their next step()
         return [done[i] for i in ids]
+
+    def _check_batch(self, requests: list[Request]) -> list[str]:
+        """add_request's checks for every request up front, so a bad call fails before any work."""
+        self._check_open()
+        for req in requests:
+            if not isinstance(req, Request):
+                raise TypeError(f"add_request takes a Request, got {type(req).__name__}")
+            if not isinstance(req.sampling, SamplingParams):
+                raise TypeError(f"Request.sampling must be a SamplingParams, got {type(req.sampling).__name__}")
+            if req.request_id in self._in_flight:
+                raise ValueError(f"request_id {req.request_id!r} is already in flight")
+        return [r.request_id for r in requests]
+
+    def _add_overlapped(self, requests: list[Request], collect) -> None:
+        """add_request for every (checked) request, preprocessing on threads while the engine steps.
+
+        Requests are admitted in their order, so seq ids and derived seeds match serial adds. While
+        the next one is not ready the engine steps, unless it is idle: then it waits for a few, so
+        the first prefill is not a single image."""
+        arrival = time.monotonic()
+        with ThreadPoolExecutor(self._prep_workers, thread_name_prefix="modelyard-prep") as pool:
+            pending: deque[tuple[Request, Future]] = deque(
+                (r, pool.submit(self._process_or_error, r)) for r in requests)
+            try:
+                while pending:
+                    if not pending[0][1].done() and self.has_unfinished():
+                        collect(self.step())
+                        continue
+                    if not self.has_unfinished():   # idle: wait for a first batch, not one image
+                        pending[min(len(pending), _PREP_FIRST_BATCH) - 1][1].result()
+                    while pending and pending[0][1].done():
+                        req, fut = pending.popleft()
+                        self._admit(req, *fut.result(), arrival)
+            except BaseException:
+                for _, fut in pending:     # don't preprocess the rest before the error surfaces
+                    fut.cancel()
+                raise
 
     def stats(self) -> dict:
         bm = self.scheduler.block_manager
@@ -149,6 +221,10 @@ class Engine:
             "preemptions": self.scheduler.num_preemptions, "weights_bytes": self.weights_bytes,
             "num_requests_finished": self._num_finished, "max_model_len": self.max_model_len,
             "image_features_held": self.runner.num_held_image_features,
+            **self.runner.describe(),
+            **{f"{phase}_{what}": table[phase] for phase in ("prefill", "decode")
+               for what, table in (("steps", self._step_count), ("seconds", self._step_time),
+                                   ("tokens", self._step_tokens))},
         }
 
     def close(self) -> None:
@@ -233,6 +309,7 @@ class Engine:
 def _build(path, config: EngineConfig) -> dict:
     """Load the model, size and allocate the KV pool, wire the parts. Returns Engine kwargs."""
     from .attention import get_backend
+    from .cuda_graphs import decode_graphs_for
     from .kv_cache import KVCache, KVCacheSpec, estimate_activation_bytes, plan_num_blocks
     from .loader import load_model, read_config
     from .runner import ModelRunner
@@ -256,8 +333,10 @@ def _build(path, config: EngineConfig) -> dict:
     num_blocks, sizing = plan_num_blocks(config, spec, device, weights_bytes,
                                          estimate_activation_bytes(hf_config, config, dtype), max_model_len)
     kv_cache = KVCache(spec, num_blocks, device)
-    runner = ModelRunner(model, kv_cache, get_backend(config.attention_backend, device), device,
-                         config.max_image_batch)
+    attn = get_backend(config.attention_backend, device, head_dim=model.head_dim, dtype=dtype)
+    graphs, graphs_note = decode_graphs_for(config, model, kv_cache, attn, device, max_model_len)
+    runner = ModelRunner(model, kv_cache, attn, device, config.max_image_batch, graphs=graphs,
+                         graphs_note=graphs_note)
     scheduler = Scheduler(
         SchedulerConfig(max_batch_size=config.max_batch_size, max_prefill_tokens=config.max_prefill_tokens,
                         max_model_len=max_model_len, eos_token_ids=processor.eos_token_ids),

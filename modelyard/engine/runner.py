@@ -1,14 +1,13 @@
 """ModelRunner: turns one SchedulerOutput into a decoder forward over the paged KV pool and samples.
 
 Per step: pack the scheduled spans into [T] token ids and positions, build the AttentionMetadata
-(slots, block tables, lengths) on the host and copy it to the device once, embed, write image
-features into the placeholder positions of prefill spans, run the decoder, take the hidden state
-of each span's last token when it samples, compute float32 logits and sample.
+(slots, block tables, lengths) on the host and copy it to the device once (pinned, non-blocking),
+embed, write image features into the placeholder positions of prefill spans, run the decoder, take
+the hidden state of each span's last token when it samples, compute float32 logits and sample.
+Decode steps replay a captured CUDA graph (cuda_graphs.DecodeGraphs) when the engine built one.
 
 Image features live here, on the device, from the step a sequence's images are encoded until its
 prefill has consumed every row (or it is preempted or finished); the pixels are not kept at all.
-Eager for now; the host-side packing is kept apart from the device work so decode can later be
-captured in CUDA graphs over static, bucketed buffers.
 """
 from __future__ import annotations
 
@@ -16,7 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .attention import describe_backend
 from .attention.base import AttentionBackend, AttentionMetadata
+from .cuda_graphs import DecodeGraphs
 from .kv_cache import KVCache
 from .models import merge_image_features
 from .models.base import NativeVLM
@@ -34,7 +35,7 @@ class _ImageRows:
 
 class ModelRunner:
     def __init__(self, model: NativeVLM, kv_cache: KVCache, attn: AttentionBackend, device: torch.device,
-                 max_image_batch: int):
+                 max_image_batch: int, graphs: DecodeGraphs | None = None, graphs_note: str = "off: eager"):
         self.model = model
         self.kv_cache = kv_cache
         self.attn = attn
@@ -44,6 +45,11 @@ class ModelRunner:
         self.sampler = Sampler()
         self._pin = self.device.type == "cuda"
         self._images: dict[int, _ImageRows] = {}
+        self.graphs = graphs
+        self.graphs_note = graphs.describe() if graphs is not None else graphs_note
+        # Set after a step's GPU work is queued; waiting on it (not on a tensor copy) releases the
+        # GIL, so host threads (image preprocessing) run while the GPU works.
+        self._step_done = torch.cuda.Event() if self.device.type == "cuda" else None
 
     # ---- images ------------------------------------------------------------------------------
 
@@ -84,8 +90,10 @@ class ModelRunner:
         """Run the step; returns seq_id -> sampled token for every span with `sample` set."""
         if out.is_empty:
             return {}
+        if (self.graphs is not None and not out.is_prefill and self.graphs.covers(len(out.seqs))
+                and all(s.sample for s in out.seqs)):
+            return self._sample(out.seqs, self.graphs.run(out.seqs))
         ids, positions, slots, mask_ids = self._pack(out.seqs)
-        dev = self.device
         input_ids = self._to_device(ids, torch.int64)                    # [T]
         meta = self._metadata(out.seqs, slots)
         embeds = self.model.embed_tokens(input_ids)                      # [T, hidden]
@@ -104,11 +112,22 @@ class ModelRunner:
             end += s.num_tokens
             if s.sample:
                 ends.append(end - 1)
-        last = hidden.index_select(0, torch.tensor(ends, device=dev))   # [S', hidden]
-        logits = self.model.compute_logits(last)                         # [S', vocab] float32
-        tokens = self.sampler(logits, [s.sampling for s in sampling], [s.seed for s in sampling],
-                              [s.output_index for s in sampling])
-        return {s.seq_id: t for s, t in zip(sampling, tokens)}
+        last = hidden.index_select(0, self._to_device(ends, torch.int64))    # [S', hidden]
+        return self._sample(sampling, self.model.compute_logits(last))      # logits [S', vocab] float32
+
+    def _sample(self, seqs, logits: torch.Tensor) -> dict[int, int]:
+        """logits [len(seqs), vocab] float32 -> seq_id -> token."""
+        if self._step_done is not None:
+            self._step_done.record()
+            self._step_done.synchronize()
+        tokens = self.sampler(logits, [s.sampling for s in seqs], [s.seed for s in seqs],
+                              [s.output_index for s in seqs])
+        return {s.seq_id: t for s, t in zip(seqs, tokens)}
+
+    def describe(self) -> dict:
+        """Attention paths and CUDA-graph state, for Engine.stats()."""
+        return {**describe_backend(self.attn), "cuda_graphs": self.graphs_note,
+                "cuda_graph_capture_seconds": self.graphs.capture_seconds if self.graphs else 0.0}
 
     def _pack(self, seqs: tuple[ScheduledSeq, ...]):
         """Host lists for the packed step: token ids, positions, KV slots, and the ids to search

@@ -1,0 +1,127 @@
+"""Device-memory estimate of one model actor, from its checkpoint and engine options.
+
+Weights: the checkpoint's tensors at the engine's dtype (read from the 8-byte-length + JSON headers
+of its safetensors files; nothing is loaded). KV budget: per-token K/V bytes of every decoder layer
+x the tokens the pool should hold. Plus an activation margin (a fraction of the weights, at least a
+floor) and the CUDA context / library workspaces.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+GIB = 1024**3
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_FLOAT = {"F64", "F32", "F16", "BF16"}
+_ENGINE_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+@dataclass(frozen=True)
+class PlannerConfig:
+    kv_tokens_per_seq: int = 1024         # image tokens + prompt + caption, typical for captioning
+    max_kv_seqs: int = 32                 # sequences the KV budget is sized for (capped by max_batch_size)
+    activation_fraction: float = 0.10     # of the weights
+    activation_floor_bytes: int = GIB // 2
+    context_bytes: int = 600 * 1024**2    # CUDA context, cuBLAS workspaces, allocator slack
+    fraction_step: float = 0.01           # fractional GPUs are rounded up to this step
+
+    def __post_init__(self):
+        if self.kv_tokens_per_seq < 1 or self.max_kv_seqs < 1:
+            raise ValueError("kv_tokens_per_seq and max_kv_seqs must be >= 1")
+        if not 0 <= self.activation_fraction < 1:
+            raise ValueError("activation_fraction must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    weights_bytes: int
+    kv_bytes: int
+    activation_bytes: int
+    context_bytes: int
+    source: str = "checkpoint"            # checkpoint | budget (engine.gpu_memory_budget_gib) | unknown
+
+    @property
+    def total_bytes(self) -> int:
+        return self.weights_bytes + self.kv_bytes + self.activation_bytes + self.context_bytes
+
+    def describe(self) -> str:
+        if self.source == "unknown":
+            return "unknown size (a whole GPU)"
+        g = lambda b: f"{b / GIB:.2f}"  # noqa: E731
+        return (f"{g(self.total_bytes)} GiB = weights {g(self.weights_bytes)} + KV {g(self.kv_bytes)} "
+                f"+ activations {g(self.activation_bytes)} + context {g(self.context_bytes)}"
+                + (" (engine budget)" if self.source == "budget" else ""))
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / n for n in names]
+    return sorted(path.glob("*.safetensors"))
+
+
+def _header(file: Path) -> dict:
+    with open(file, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n))
+
+
+def weights_bytes(path: str | os.PathLike, dtype: str | None) -> int:
+    """Bytes the checkpoint's tensors take at `dtype` (None: as stored); floats are converted."""
+    files = _safetensors_files(Path(path))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors files in {path}")
+    target = _ENGINE_DTYPE_BYTES.get(dtype) if dtype else None
+    total = 0
+    for f in files:
+        for name, t in _header(f).items():
+            if name == "__metadata__":
+                continue
+            numel = math.prod(t["shape"])
+            width = target if (target and t["dtype"] in _FLOAT) else _DTYPE_BYTES.get(t["dtype"], 4)
+            total += numel * width
+    return total
+
+
+def kv_bytes_per_token(config: Mapping, dtype_bytes: int) -> int:
+    """K and V for one token over every decoder layer."""
+    text = config.get("text_config", config)
+    layers = text["num_hidden_layers"]
+    heads = text["num_attention_heads"]
+    kv_heads = text.get("num_key_value_heads") or heads
+    head_dim = text.get("head_dim") or text["hidden_size"] // heads
+    return 2 * layers * kv_heads * head_dim * dtype_bytes
+
+
+def estimate_memory(path: str | os.PathLike, engine: Mapping | None = None, on_gpu: bool = True,
+                    cfg: PlannerConfig = PlannerConfig()) -> MemoryEstimate:
+    """Estimate one actor's device memory from a local checkpoint dir and its engine options.
+
+    An explicit `gpu_memory_budget_gib` is the answer as given. A path that is not a local
+    directory (a Hub id not downloaded here) gives source="unknown": the planner then gives the
+    model a whole GPU rather than guess.
+    """
+    engine = dict(engine or {})
+    if engine.get("gpu_memory_budget_gib"):
+        return MemoryEstimate(int(engine["gpu_memory_budget_gib"] * GIB), 0, 0, 0, source="budget")
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        return MemoryEstimate(0, 0, 0, 0, source="unknown")
+    dtype = engine.get("dtype") or ("bfloat16" if on_gpu else "float32")
+    w = weights_bytes(p, dtype)
+    config = json.loads((p / "config.json").read_text())
+    if engine.get("num_kv_blocks"):
+        tokens = int(engine["num_kv_blocks"]) * int(engine.get("block_size", 16))
+    else:
+        seqs = min(int(engine.get("max_batch_size", cfg.max_kv_seqs)), cfg.max_kv_seqs)
+        tokens = seqs * cfg.kv_tokens_per_seq
+    kv = tokens * kv_bytes_per_token(config, _ENGINE_DTYPE_BYTES[dtype])
+    act = max(int(w * cfg.activation_fraction), cfg.activation_floor_bytes)
+    return MemoryEstimate(w, kv, act, cfg.context_bytes if on_gpu else 0)

@@ -1,0 +1,132 @@
+"""Per-model progress bars (images/s, ETA) and the end-of-job summary."""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+
+MIB = 1 << 20
+
+
+@dataclass
+class ModelStats:
+    total: int = 0                 # units to do in this run
+    rows: int = 0                  # rows written in this run
+    errors: int = 0
+    skipped: int = 0               # done in an earlier run
+    first_submit: float | None = None
+    last_result: float | None = None
+    load_s: float = 0.0            # slowest replica's spawn (they load concurrently)
+    peak_vram_bytes: int = 0
+    reclaim_residual_bytes: int | None = None
+    reclaimed_bytes: int = 0
+    unload_s: float = 0.0
+    restarts: int = 0
+    replicas: int = 0
+    notes: list = field(default_factory=list)
+
+    def images_per_s(self) -> float:
+        if self.first_submit is None or self.last_result is None or self.last_result <= self.first_submit:
+            return 0.0
+        return self.rows / (self.last_result - self.first_submit)
+
+    def as_dict(self) -> dict:
+        return {"rows": self.rows, "errors": self.errors, "skipped_done": self.skipped,
+                "images_per_s": round(self.images_per_s(), 3), "load_s": round(self.load_s, 3),
+                "peak_vram_bytes": self.peak_vram_bytes, "reclaim_residual_bytes": self.reclaim_residual_bytes,
+                "reclaimed_bytes": self.reclaimed_bytes, "unload_s": round(self.unload_s, 3),
+                "restarts": self.restarts, "replicas": self.replicas, "notes": list(self.notes)}
+
+
+def _peak_vram(info: dict | None, stats: dict | None) -> int:
+    vals = []
+    for d in (info or {}).get("memory", {}), stats or {}:
+        for k in ("peak_vram_bytes", "process_vram_bytes", "max_memory_allocated", "peak_memory_bytes"):
+            v = d.get(k)
+            if isinstance(v, (int, float)):
+                vals.append(int(v))
+    return max(vals, default=0)
+
+
+class Progress:
+    """tqdm bars, one per model (position = model order); `enabled=None` shows them on a TTY."""
+
+    def __init__(self, models: list[str], totals: dict[str, int], skipped: dict[str, int], enabled: bool | None):
+        self.stats = {m: ModelStats(total=totals.get(m, 0), skipped=skipped.get(m, 0)) for m in models}
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self._bars = {}
+        self._order = {m: i for i, m in enumerate(models)}
+
+    def _bar(self, model: str):
+        if not self.enabled:
+            return None
+        if model not in self._bars:
+            from tqdm import tqdm
+            width = max(len(m) for m in self._order)
+            self._bars[model] = tqdm(total=self.stats[model].total, desc=model.ljust(width), unit="img",
+                                     position=self._order[model], leave=True, dynamic_ncols=True,
+                                     file=sys.stderr, smoothing=0.1)
+        return self._bars[model]
+
+    def submitted(self, model: str) -> None:
+        s = self.stats[model]
+        if s.first_submit is None:
+            s.first_submit = time.perf_counter()
+            self._bar(model)
+
+    def result(self, model: str, error: bool) -> None:
+        s = self.stats[model]
+        s.rows += 1
+        s.errors += int(error)
+        s.last_result = time.perf_counter()
+        bar = self._bar(model)
+        if bar is not None:
+            bar.update(1)
+            if error:
+                bar.set_postfix(errors=s.errors, refresh=False)
+
+    def loaded(self, model: str, info: dict | None) -> None:
+        s = self.stats[model]
+        s.replicas += 1
+        t = (info or {}).get("timings", {})
+        s.load_s = max(s.load_s, float(t.get("spawn_s", t.get("load_s", 0.0)) or 0.0))
+        s.peak_vram_bytes = max(s.peak_vram_bytes, _peak_vram(info, None))
+
+    def engine_stats(self, model: str, stats: dict | None) -> None:
+        s = self.stats[model]
+        s.peak_vram_bytes = max(s.peak_vram_bytes, _peak_vram(None, stats))
+
+    def unloaded(self, model: str, result: dict) -> None:
+        s = self.stats[model]
+        res = result.get("residual_bytes")
+        if res is not None:
+            s.reclaim_residual_bytes = max(s.reclaim_residual_bytes or 0, int(res))
+        s.reclaimed_bytes += int(result.get("reclaimed_bytes") or 0)
+        s.unload_s = max(s.unload_s, float(result.get("seconds") or 0.0))
+        if result.get("note"):
+            s.notes.append(f"unload: {result['note']}")
+
+    def restarted(self, model: str, why: str) -> None:
+        self.stats[model].restarts += 1
+        self.stats[model].notes.append(f"restart: {why}")
+
+    def close(self) -> None:
+        for b in self._bars.values():
+            b.close()
+        self._bars.clear()
+
+    def summary(self) -> dict[str, dict]:
+        return {m: s.as_dict() for m, s in self.stats.items()}
+
+
+def format_summary(summary: dict[str, dict]) -> str:
+    head = f"{'model':<20} {'rows':>6} {'errors':>6} {'img/s':>8} {'load s':>7} {'peak VRAM':>10} {'residual':>9} {'restarts':>8}"
+    lines = [head, "-" * len(head)]
+    for m, s in summary.items():
+        res = s.get("reclaim_residual_bytes")
+        peak = f"{s['peak_vram_bytes'] / MIB:.0f} MiB" if s["peak_vram_bytes"] else "-"
+        lines.append(f"{m:<20} {s['rows']:>6} {s['errors']:>6} {s['images_per_s']:>8.2f} {s['load_s']:>7.2f} "
+                     f"{peak:>10} {'-' if res is None else f'{res / MIB:.0f} MiB':>9} {s['restarts']:>8}")
+        if s.get("skipped_done"):
+            lines.append(f"{'':<20} ({s['skipped_done']} done in an earlier run, skipped)")
+    return "\n".join(lines)
