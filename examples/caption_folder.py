@@ -2,8 +2,11 @@
 
     python examples/caption_folder.py PHOTOS_DIR [MODEL] [--out runs/caption]
 
-MODEL is a checkpoint directory or a Hub id (default llava-hf/llava-1.5-7b-hf). Results go to
-OUT/results.parquet (OUT/results.jsonl while running); interrupt and rerun to resume. Same as:
+MODEL is a checkpoint directory or a Hub id (default llava-hf/llava-1.5-7b-hf: a GPU with about
+16 GB free, and a 14 GB download on first use). Offline on a CPU, caption with a tiny random-weight
+checkpoint instead (gibberish captions): `modelyard make-model llava /tmp/llava-tiny`, then pass
+/tmp/llava-tiny as MODEL. Results go to OUT/results.parquet (OUT/results.jsonl while running);
+interrupt and rerun to resume. Same as:
 
     modelyard caption llava-hf/llava-1.5-7b-hf PHOTOS_DIR --out runs/caption
 """

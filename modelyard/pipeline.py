@@ -20,8 +20,8 @@ from typing import Any, Iterable, Iterator
 from .actors.handle import DEFAULT_PROMPT, ModelHandle
 from .engine import EngineConfig, Output, SamplingParams
 
-_HANDLE_OPTIONS = ("name", "num_gpus", "gpu_memory_budget_gib", "max_concurrent_requests", "ray_options",
-                   "unload_timeout_s", "reclaim_tolerance_bytes")
+_HANDLE_OPTIONS = ("name", "num_gpus", "num_cpus", "gpu_memory_budget_gib", "max_concurrent_requests",
+                   "ray_options", "unload_timeout_s", "reclaim_tolerance_bytes")
 _ENGINE_FIELDS = tuple(EngineConfig.__dataclass_fields__)
 
 
@@ -105,7 +105,7 @@ def pipeline(path, **options) -> Pipeline:
     """Spawn `path` in its own actor and return a Pipeline (use it in a `with` block).
 
     Options: EngineConfig fields (backend, max_batch_size, cache_max_entry_count, ...) or
-    engine_config=...; ModelHandle options (num_gpus, gpu_memory_budget_gib,
+    engine_config=...; ModelHandle options (num_gpus, num_cpus, gpu_memory_budget_gib,
     max_concurrent_requests, ray_options, name, unload_timeout_s); ray_address; spawn_timeout.
     """
     return Pipeline(path, **options)

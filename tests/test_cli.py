@@ -44,6 +44,55 @@ def test_bad_arguments_are_clear(capsys, tmp_path):
 def test_make_model_still_works(tmp_path, capsys):
     assert main(["make-model", "llava", str(tmp_path / "m")]) == 0
     assert (tmp_path / "m" / "config.json").is_file()
+    # a second time into the same (now non-empty) directory: refused, so a real checkpoint is never overwritten
+    assert main(["make-model", "llava", str(tmp_path / "m")]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["make-model", "llava", str(tmp_path / "q"), "--size", "llava-qwen2-1.5b"]) == 2
+    assert "not defined for 'llava'" in capsys.readouterr().err
+
+
+def _one_line_error(capsys, argv, *words):
+    """The command fails with exit code 2 and a single line on stderr naming the problem."""
+    assert main(argv) == 2, argv
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for w in words:
+        assert w in err, (w, err)
+
+
+def test_user_mistakes_end_in_one_line_before_anything_starts(tmp_path, capsys):
+    """Each of these fails in the driver before Ray or a model starts (the suite would otherwise
+    spend seconds per case), with exit code 2 and one line saying what is wrong."""
+    ckpt, imgs, empty = tmp_path / "ckpt", tmp_path / "imgs", tmp_path / "empty"
+    for d in (ckpt, imgs, empty):
+        d.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    (imgs / "a.jpg").write_bytes(b"x")
+    c, i = str(ckpt), str(imgs)
+    _one_line_error(capsys, ["caption", c, str(tmp_path / "nope")], "IMAGES", "does not exist")
+    _one_line_error(capsys, ["caption", c, str(empty)], "no images in")
+    _one_line_error(capsys, ["caption", c, str(tmp_path / "*.png")], "no files match")
+    _one_line_error(capsys, ["caption", str(tmp_path / "nomodel"), i], "does not exist", "Hub id")
+    _one_line_error(capsys, ["caption", str(empty), i], "no config.json")
+    _one_line_error(capsys, ["caption", c, i, "--engine", "max_batch_size=abc"], "max_batch_size must be an integer")
+    _one_line_error(capsys, ["caption", c, i, "--engine", "max_batchsize=4"], "did you mean 'max_batch_size'")
+    _one_line_error(capsys, ["caption", c, i, "--engine", "backend=foo"], "backend must be one of")
+    _one_line_error(capsys, ["caption", c, i, "--engine", "nokv"], "KEY=VALUE")
+    _one_line_error(capsys, ["caption", c, i, "--max-new-tokens", "0"], "max_new_tokens must be >= 1")
+    _one_line_error(capsys, ["caption", c, i, "--address", "http://127.0.0.1:8265"], "dashboard URL")
+    _one_line_error(capsys, ["compare", "--model", c, "--model", c, i], "label them with --model NAME=PATH")
+    _one_line_error(capsys, ["run", str(tmp_path / "missing.toml")], "job file not found")
+    job = tmp_path / "job.toml"
+    job.write_text(f'output_dir = "o"\n[inputs]\ndirectory = "{i}"\n[[models]]\npath = "{c}"\nreplicas = "2"\n')
+    _one_line_error(capsys, ["run", str(job)], "replicas must be an integer, got '2'")
+    job.write_text(f'output_dir = "o"\nmax_in_flght = 2\n[inputs]\ndirectory = "{i}"\n[[models]]\npath = "{c}"\n')
+    _one_line_error(capsys, ["run", str(job)], "did you mean 'max_in_flight'")
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("modelyard ")
 
 
 def test_run_jobfile(tmp_path, capsys):
@@ -112,3 +161,19 @@ def test_demo_writes_a_report_that_opens_in_a_headless_browser(tmp_path):
     for cap in captions:
         assert _norm(cap) in page_cells, cap     # every caption rendered, as text, in the browser's DOM
     assert dom.stdout.count("data:image/jpeg;base64,") == 4
+
+
+def test_the_job_file_in_run_help_is_a_valid_job(tmp_path):
+    """The job file `modelyard run --help` shows loads as written (a help text that lies is worse than none)."""
+    import textwrap
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+
+    from modelyard.cli_parser import _RUN_EPILOG
+    from modelyard.orchestration import job_from_dict
+    sample = _RUN_EPILOG.split("\n\n")[0].split("\n", 1)[1]
+    job = job_from_dict(tomllib.loads(textwrap.dedent(sample)), base_dir=tmp_path)
+    assert job.mode == "auto" and job.models[0].engine == {"max_batch_size": 32}
+    assert job.output_dir == str(tmp_path / "runs" / "job")

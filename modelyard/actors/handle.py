@@ -8,15 +8,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import time
 import uuid as _uuid
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterable, Iterator
 
 from ..engine import EngineConfig, Output, SamplingParams
 from .errors import ActorDied, UnloadError
-from .model_actor import remote_actor_class
-from .reclaim import GpuFootprint, host_rss, run_on_node, snapshot_local_devices, wait_process_exit
+from .lifecycle import default_num_cpus, start_actor, stop_actor
+from .reclaim import GpuFootprint
 
 DEFAULT_PROMPT = "Describe the image."
 
@@ -30,21 +29,23 @@ class ModelHandle:
         engine_config: EngineConfig, a dict of its fields, or None (defaults). With num_gpus=0
             the engine device defaults to "cpu".
         num_gpus: GPUs for the actor (whole or fractional). None: 1 if Ray sees a GPU, else 0.
+        num_cpus: Ray CPUs the actor holds for its lifetime. None: 0 for a GPU actor, 0.01 for a
+            CPU actor, so actors never wait for each other's CPUs (lifecycle.py says why).
         gpu_memory_budget_gib: absolute VRAM budget enforced by the engine (weights + KV +
             activations). Required when num_gpus is fractional: Ray does not limit memory.
         max_concurrent_requests: requests inside the engine at once; more wait in a FIFO queue
             inside the actor (never an OOM).
         ray_options: extra `.options()` for the actor: resources, runtime_env,
-            scheduling_strategy, max_concurrency, ... (not num_gpus: use the argument).
+            scheduling_strategy, max_concurrency, ... (not num_gpus/num_cpus: use the arguments).
         unload_timeout_s: default timeout of unload()'s reclaim verification.
         reclaim_tolerance_bytes: residual over baseline that unload() still accepts (default 0).
     """
 
     def __init__(self, path, *, name: str | None = None,
                  engine_config: EngineConfig | dict | None = None, num_gpus: float | None = None,
-                 gpu_memory_budget_gib: float | None = None, max_concurrent_requests: int = 64,
-                 ray_options: dict | None = None, unload_timeout_s: float = 60.0,
-                 reclaim_tolerance_bytes: int = 0):
+                 num_cpus: float | None = None, gpu_memory_budget_gib: float | None = None,
+                 max_concurrent_requests: int = 64, ray_options: dict | None = None,
+                 unload_timeout_s: float = 60.0, reclaim_tolerance_bytes: int = 0):
         self.path = str(path)
         self.name = name or Path(self.path).name
         if engine_config is None or isinstance(engine_config, dict):
@@ -55,13 +56,15 @@ class ModelHandle:
             engine_config = engine_config.replace(gpu_memory_budget_gib=gpu_memory_budget_gib)
         if max_concurrent_requests < 1:
             raise ValueError(f"max_concurrent_requests must be >= 1, got {max_concurrent_requests}")
-        if num_gpus is not None and num_gpus < 0:
-            raise ValueError(f"num_gpus must be >= 0, got {num_gpus}")
+        for arg, value in (("num_gpus", num_gpus), ("num_cpus", num_cpus)):
+            if value is not None and value < 0:
+                raise ValueError(f"{arg} must be >= 0, got {value}")
         ray_options = dict(ray_options or {})
-        if "num_gpus" in ray_options:
-            raise ValueError("pass num_gpus as ModelHandle(num_gpus=...), not in ray_options")
+        for arg in ("num_gpus", "num_cpus"):
+            if arg in ray_options:
+                raise ValueError(f"pass {arg} as ModelHandle({arg}=...), not in ray_options")
         self.engine_config = engine_config
-        self.num_gpus = num_gpus
+        self.num_gpus, self.num_cpus = num_gpus, num_cpus
         self.max_concurrent_requests = max_concurrent_requests
         self.ray_options = ray_options
         self.unload_timeout_s = unload_timeout_s
@@ -79,14 +82,16 @@ class ModelHandle:
         """Create the actor and wait until weights are loaded and the KV pool is allocated.
 
         Starts Ray through `ensure_ray()` when it is not initialized. Returns:
-            {"name", "actor_name", "pid", "node_id", "num_gpus", "device": {"uuid", "index"} | None,
-             "timings": {"process_start_s", "load_s", "kv_alloc_s", "spawn_s"},
+            {"name", "actor_name", "pid", "node_id", "local", "num_gpus", "num_cpus",
+             "device": {"uuid", "index"} | None,
+             "timings": {"process_start_s", "load_s", "kv_alloc_s", "engine_build_s", "spawn_s"},
              "memory": {"weights_bytes", "kv_bytes", "process_vram_bytes",
                         "baseline_used_bytes", "device_used_bytes", "device_total_bytes"},
-             "nvml": "ok" | "<why unavailable>", "verified_by": <how unload will verify>}
+             "nvml": "ok" | "<why unavailable>", "verified_by": <how unload will verify>, "engine"}
+        load_s / kv_alloc_s are the engine's own weights-load and KV-pool times; engine_build_s
+        is its whole construction (those plus CUDA-graph capture and wiring).
         Raises RuntimeError (chained to the actor's error) when loading fails; the actor is killed.
         """
-        import ray
         from .ray_init import ensure_ray
 
         if self._actor is not None:
@@ -95,37 +100,11 @@ class ModelHandle:
         num_gpus = self._resolve_num_gpus()
         cfg = self.engine_config
         if num_gpus == 0 and cfg.device is None:
-            cfg = cfg.replace(device="cpu")  # Ray hides GPUs from a 0-GPU actor anyway; say it plainly
-        pre_spawn, nvml = snapshot_local_devices() if num_gpus > 0 else ({}, "not used (num_gpus=0)")
-        opts = {"max_concurrency": max(1000, 4 * self.max_concurrent_requests), **self.ray_options,
-                "num_gpus": num_gpus, "max_restarts": 0, "max_task_retries": 0,
-                "name": f"modelyard:{self._id_prefix}"}
-        t_wall, t0 = time.time(), time.perf_counter()
-        actor = remote_actor_class().options(**opts).remote(
-            self.path, dataclasses.asdict(cfg), self.max_concurrent_requests, self.name)
-        try:
-            load = ray.get(actor.load.remote(), timeout=timeout)
-        except BaseException as e:
-            ray.kill(actor, no_restart=True)
-            raise RuntimeError(f"spawning model actor {self.name!r} from {self.path} failed: {e}") from e
-        spawn_s = time.perf_counter() - t0
-        local = load["node_id"] == ray.get_runtime_context().get_node_id()
-        self._gpu = GpuFootprint.from_spawn(load["device"], load["pid"], local, pre_spawn)
-        self._actor = actor
-        memory = {"weights_bytes": load["weights_bytes"], "kv_bytes": load["kv_bytes"],
-                  **(self._gpu.memory() if self._gpu else {"process_vram_bytes": None, "baseline_used_bytes": None,
-                                                           "device_used_bytes": None, "device_total_bytes": None})}
-        self._info = {
-            "name": self.name, "actor_name": opts["name"], "pid": load["pid"], "node_id": load["node_id"],
-            "local": local, "num_gpus": num_gpus,
-            "device": {"uuid": self._gpu.uuid, "index": self._gpu.index} if self._gpu else None,
-            "timings": {"process_start_s": max(0.0, load["init_wall"] - t_wall), "load_s": load["load_s"],
-                        "kv_alloc_s": load["kv_alloc_s"], "spawn_s": spawn_s},
-            "memory": memory, "nvml": nvml if local else load["nvml"],
-            "verified_by": self._gpu.method if self._gpu else "process-exit",
-            "engine": {"backend": load["engine_stats"].get("backend", cfg.backend),
-                       "device": load["engine_stats"].get("device", cfg.device)},
-        }
+            cfg = cfg.replace(device="cpu")  # an actor without a GPU share must not touch one
+        self._actor, self._info, self._gpu = start_actor(
+            path=self.path, name=self.name, actor_name=f"modelyard:{self._id_prefix}", config=cfg,
+            num_gpus=num_gpus, num_cpus=default_num_cpus(num_gpus) if self.num_cpus is None else self.num_cpus,
+            max_concurrent_requests=self.max_concurrent_requests, ray_options=self.ray_options, timeout=timeout)
         return dict(self._info)
 
     def unload(self, timeout: float | None = None) -> dict:
@@ -140,32 +119,14 @@ class ModelHandle:
         Raises UnloadError carrying those numbers when it does not happen within `timeout`.
         Calling it on a handle that is not loaded returns {"seconds": 0.0, "note": "not loaded", ...}.
         """
-        import ray
-
         if self._actor is None:
             return {"reclaimed_bytes": 0, "residual_bytes": 0, "seconds": 0.0, "verified_by": "none",
                     "note": "not loaded"}
-        timeout = self.unload_timeout_s if timeout is None else timeout
         actor, info, gpu = self._actor, self._info, self._gpu
-        before = gpu.before_kill() if gpu else None
-        rss = host_rss(info["pid"]) if info["local"] else None
-        killed_at = time.monotonic()
-        ray.kill(actor, no_restart=True)
         self._actor, self._info, self._gpu = None, None, None
         self._outstanding.clear()
-        if gpu is not None:
-            res = gpu.verify(info["node_id"], before, killed_at, timeout, self.reclaim_tolerance_bytes)
-        else:
-            res = (wait_process_exit(info["pid"], timeout, killed_at) if info["local"]
-                   else run_on_node(info["node_id"], timeout, wait_process_exit, info["pid"], timeout))
-            res.update(reclaimed_bytes=None, residual_bytes=None, verified_by="process-exit",
-                       note="; ".join(filter(None, ["no GPU memory to verify (CPU actor or NVML unavailable); "
-                                                    "waited for the process to exit", res.get("note")])))
-        res["host_rss_bytes"] = rss
-        res["pid"] = info["pid"]
-        if not res.pop("ok"):
-            raise UnloadError(self.name, res)
-        return res
+        return stop_actor(self.name, actor, info, gpu, self.unload_timeout_s if timeout is None else timeout,
+                          self.reclaim_tolerance_bytes)
 
     def respawn(self, timeout: float | None = None) -> dict:
         """Unload (if an actor exists, dead or alive) and spawn again; returns spawn()'s dict."""

@@ -1,6 +1,6 @@
 """ModelActor: one Engine in one process, stepped in a background thread while calls keep arriving.
 
-Used as a Ray async actor (`ray.remote(ModelActor)`, see handle.py). Requests from every caller
+Used as a Ray async actor (`ray.remote(ModelActor)`, created by lifecycle.py). Requests from every caller
 join the same continuous batch: `generate()` coroutines wait for a FIFO slot, hand the request to
 the stepping thread through an inbox, and await their Output. The engine is touched only by that
 thread (it is not thread-safe); the event loop stays free to accept calls while a step computes.
@@ -53,10 +53,12 @@ class ModelActor:
         build_s = time.perf_counter() - t0
         self._engine_stats = dict(self._engine.stats())
         threading.Thread(target=self._step_loop, name=f"modelyard-step-{self.name}", daemon=True).start()
-        kv_s = self._engine_stats.get("kv_alloc_seconds")
+        # The engine times its own phases (weights, KV pool); build_s also holds the rest of its
+        # construction (CUDA-graph capture, wiring). None: an engine that does not report a phase.
         return {
             "pid": os.getpid(), "node_id": _node_id(), "init_wall": self._init_wall,
-            "load_s": build_s - (kv_s or 0.0), "kv_alloc_s": kv_s, "build_s": build_s,
+            "load_s": self._engine_stats.get("load_seconds"),
+            "kv_alloc_s": self._engine_stats.get("kv_alloc_seconds"), "build_s": build_s,
             "weights_bytes": self._engine_stats.get("weights_bytes"), "kv_bytes": self._engine_stats.get("kv_bytes"),
             "device": self._device_info(), "nvml": self._nvml_reason, "engine_stats": self._engine_stats,
         }

@@ -7,6 +7,7 @@ so an unauthenticated cluster on a shared machine is a remote-code-execution hol
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 
 LOOPBACK = "127.0.0.1"
@@ -16,13 +17,31 @@ _AUTH_ENV = "RAY_AUTH_MODE"
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None,
                include_dashboard: bool = False, log_to_driver: bool = True, namespace: str | None = "modelyard",
                runtime_env: dict | None = None, allow_unauthenticated: bool = False, **init_kwargs) -> dict:
-    """Initialize Ray unless it already is; returns {"started", "address", "node_id", "auth"}.
+    """Initialize Ray unless it already is; returns {"started", "address", "node_ip", "node_id", "auth"}.
 
     address=None and no RAY_ADDRESS: start a local cluster bound to 127.0.0.1 with token
     authentication (Ray generates ~/.ray/auth_token if missing). RAY_AUTH_MODE=disabled in the
     environment is refused unless `allow_unauthenticated=True`.
-    address given (or RAY_ADDRESS): join that cluster; its token must be available as for any
-    Ray client (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token).
+
+    address given (or RAY_ADDRESS): join that cluster with token authentication. Ray's client
+    sends a token to an explicit address only when RAY_AUTH_MODE=token, and a token cluster
+    refuses it otherwise ("InvalidAuthToken"); so when RAY_AUTH_MODE is unset it is set to
+    "token" in this process's environment (as Ray does for a cluster it starts itself). A value
+    the user set is kept: RAY_AUTH_MODE=disabled joins a cluster without authentication. The
+    token is found as for any Ray client: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token.
+
+    Joining a local cluster by address: on Linux, ray.init rewrites a loopback host
+    ("127.0.0.1:<port>", "localhost:<port>") to the machine's outbound IP before connecting.
+    A cluster started by this function listens on 127.0.0.1 only and would refuse the rewritten
+    address, so for a loopback address the rewrite is suspended during the join (as when
+    starting). Hence, on the same machine:
+    - a cluster started by ensure_ray() in another process can be joined with
+      ensure_ray(address=<its info["address"]>), but not with a plain ray.init(address=...) nor
+      from another machine (by design: it is loopback-only);
+    - a `ray start --head [--node-ip-address 127.0.0.1]` cluster (Ray rewrote its node IP to the
+      outbound one and its GCS listens on every interface) can be joined by "127.0.0.1:<port>"
+      or by the address `ray start` printed, here and with ray.init.
+
     Extra keyword arguments go to ray.init (object_store_memory, _temp_dir, ...).
     """
     import ray
@@ -37,10 +56,8 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, num_g
             raise RuntimeError(
                 f"{_AUTH_ENV}={mode!r} would start a Ray cluster without token authentication; unset it "
                 f"(modelyard keeps token auth on) or pass allow_unauthenticated=True")
-        # mode unset: Ray (>= 2.5x) turns token auth on for a new local cluster and writes
-        # ~/.ray/auth_token if missing. Setting RAY_AUTH_MODE here instead would not reach
-        # Ray's already-loaded config in this process (the GCS would then start without a
-        # token and abort), so the result is checked after ray.init below.
+        # mode unset: Ray (>= 2.5x) turns token auth on for a new local cluster itself and
+        # writes ~/.ray/auth_token if missing; the result is checked after ray.init below.
         kw.setdefault("_node_ip_address", LOOPBACK)
         kw.setdefault("dashboard_host", LOOPBACK)
         kw["include_dashboard"] = include_dashboard
@@ -49,7 +66,12 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, num_g
         if num_gpus is not None:
             kw["num_gpus"] = num_gpus
     if joining:
-        ray.init(address=address, namespace=namespace, runtime_env=runtime_env, log_to_driver=log_to_driver, **kw)
+        if os.environ.get(_AUTH_ENV) is None:
+            _enable_token_auth_for_client()
+        loopback = _is_loopback(address or os.environ.get("RAY_ADDRESS"))
+        with _loopback_node_ip() if loopback else contextlib.nullcontext():
+            ray.init(address=address, namespace=namespace, runtime_env=runtime_env, log_to_driver=log_to_driver,
+                     **kw)
     else:
         with _loopback_node_ip():
             ray.init(namespace=namespace, runtime_env=runtime_env, log_to_driver=log_to_driver, **kw)
@@ -63,15 +85,39 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, num_g
     return info
 
 
+def _enable_token_auth_for_client() -> None:
+    """RAY_AUTH_MODE=token for this process and its children, and for Ray's config here, which
+    was read from the environment when Ray was imported and is re-read only on request."""
+    from ray._raylet import Config
+
+    os.environ[_AUTH_ENV] = "token"
+    Config.initialize("")
+
+
+def _is_loopback(address: str | None) -> bool:
+    """True for "127.0.0.1:6379", "localhost:6379", "[::1]:6379"; False for "auto" and ray://."""
+    if not address or "://" in address or ":" not in address:
+        return False
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 @contextlib.contextmanager
 def _loopback_node_ip():
-    """Make ray.init keep 127.0.0.1 as the node IP for the duration of the call.
+    """Make ray.init keep 127.0.0.1 as the node IP (and a loopback address to join as given)
+    for the duration of the call.
 
-    Ray on Linux rewrites a loopback `_node_ip_address` to the machine's outbound IP (so that
-    other nodes could join) and its servers then listen on every interface. Its only switch
-    is the single-node mode it uses on macOS/Windows (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0),
-    which is read into a module constant at import; it is flipped for this call only and
-    restored. The GCS, raylet and workers then bind 127.0.0.1 (the caller checks the result).
+    Ray on Linux rewrites a loopback `_node_ip_address` or cluster address to the machine's
+    outbound IP (so that other nodes could join), and the servers of a cluster it starts then
+    listen on every interface. Its only switch is the single-node mode it uses on macOS/Windows
+    (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0), which is read into a module constant at import; it
+    is flipped for this call only and restored. The GCS, raylet and workers of a cluster started
+    here then bind 127.0.0.1 (the caller checks the result).
     """
     from ray._private import ray_constants
 

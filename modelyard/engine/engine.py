@@ -10,24 +10,24 @@ step that encodes them and are dropped then. A sequence preempted after that is 
 the Request's own image source, so nothing per image outlives its prefill.
 
 On CUDA, generate() decodes and preprocesses its requests on a small thread pool while the engine
-steps, admitting them in request order as they become ready, so the host work overlaps the GPU's.
+steps, admitting them in request order as they become ready, so the host work overlaps the GPU's
+(prefetch.py). Construction (weights, KV pool, wiring) is in build.py.
 """
 from __future__ import annotations
 
 import dataclasses
 import itertools
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
-from .block_manager import BlockManager
+from .build import build_engine_parts
 from .config import EngineConfig
 from .images import load_images
+from .prefetch import admit_overlapped
 from .processor import ProcessedInputs, Processor
-from .scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from .scheduler import Scheduler, SchedulerOutput
 from .sequence import Sequence
 from .types import Output, Request, SamplingParams
 
@@ -47,13 +47,15 @@ class _Entry:
 
 class Engine:
     def __init__(self, *, model, processor: Processor, kv_cache, runner, scheduler: Scheduler,
-                 config: EngineConfig, max_model_len: int, weights_bytes: int, kv_sizing: str):
+                 config: EngineConfig, max_model_len: int, weights_bytes: int, kv_sizing: str,
+                 load_seconds: float, kv_alloc_seconds: float):
         self.model, self.processor, self.kv_cache, self.runner = model, processor, kv_cache, runner
         self.scheduler = scheduler
         self.config = config
         self.max_model_len = max_model_len
         self.weights_bytes = weights_bytes
         self.kv_sizing = kv_sizing
+        self.load_seconds, self.kv_alloc_seconds = load_seconds, kv_alloc_seconds
         self._entries: dict[int, _Entry] = {}
         self._in_flight: set[str] = set()       # request ids of self._entries
         self._ready: list[Output] = []          # finished outside a step (errors at admission)
@@ -73,18 +75,13 @@ class Engine:
         if config.backend == "transformers":
             from .hf_engine import HFEngine
             return HFEngine.from_pretrained(path, config)
-        return cls(**_build(path, config))
+        return cls(**build_engine_parts(path, config))
 
     # ---- public API --------------------------------------------------------------------------
 
     def add_request(self, req: Request) -> str:
         self._check_open()
-        if not isinstance(req, Request):
-            raise TypeError(f"add_request takes a Request, got {type(req).__name__}")
-        if not isinstance(req.sampling, SamplingParams):
-            raise TypeError(f"Request.sampling must be a SamplingParams, got {type(req.sampling).__name__}")
-        if req.request_id in self._in_flight:
-            raise ValueError(f"request_id {req.request_id!r} is already in flight")
+        self._check_request(req)
         arrival = time.monotonic()
         return self._admit(req, *self._process_or_error(req), arrival)
 
@@ -174,42 +171,28 @@ class Engine:
         self._ready.extend(others)    # requests added by someone else: returned by their next step()
         return [done[i] for i in ids]
 
+    def _check_request(self, req: Request) -> None:
+        if not isinstance(req, Request):
+            raise TypeError(f"add_request takes a Request, got {type(req).__name__}")
+        if not isinstance(req.sampling, SamplingParams):
+            raise TypeError(f"Request.sampling must be a SamplingParams, got {type(req.sampling).__name__}")
+        if req.request_id in self._in_flight:
+            raise ValueError(f"request_id {req.request_id!r} is already in flight")
+
     def _check_batch(self, requests: list[Request]) -> list[str]:
         """add_request's checks for every request up front, so a bad call fails before any work."""
         self._check_open()
         for req in requests:
-            if not isinstance(req, Request):
-                raise TypeError(f"add_request takes a Request, got {type(req).__name__}")
-            if not isinstance(req.sampling, SamplingParams):
-                raise TypeError(f"Request.sampling must be a SamplingParams, got {type(req.sampling).__name__}")
-            if req.request_id in self._in_flight:
-                raise ValueError(f"request_id {req.request_id!r} is already in flight")
+            self._check_request(req)
         return [r.request_id for r in requests]
 
     def _add_overlapped(self, requests: list[Request], collect) -> None:
-        """add_request for every (checked) request, preprocessing on threads while the engine steps.
-
-        Requests are admitted in their order, so seq ids and derived seeds match serial adds. While
-        the next one is not ready the engine steps, unless it is idle: then it waits for a few, so
-        the first prefill is not a single image."""
+        """add_request for every (checked) request, preprocessing on threads while the engine steps."""
         arrival = time.monotonic()
-        with ThreadPoolExecutor(self._prep_workers, thread_name_prefix="modelyard-prep") as pool:
-            pending: deque[tuple[Request, Future]] = deque(
-                (r, pool.submit(self._process_or_error, r)) for r in requests)
-            try:
-                while pending:
-                    if not pending[0][1].done() and self.has_unfinished():
-                        collect(self.step())
-                        continue
-                    if not self.has_unfinished():   # idle: wait for a first batch, not one image
-                        pending[min(len(pending), _PREP_FIRST_BATCH) - 1][1].result()
-                    while pending and pending[0][1].done():
-                        req, fut = pending.popleft()
-                        self._admit(req, *fut.result(), arrival)
-            except BaseException:
-                for _, fut in pending:     # don't preprocess the rest before the error surfaces
-                    fut.cancel()
-                raise
+        admit_overlapped(requests, prepare=self._process_or_error,
+                         admit=lambda req, processed, error: self._admit(req, processed, error, arrival),
+                         step=self.step, has_unfinished=self.has_unfinished, collect=collect,
+                         workers=self._prep_workers, first_batch=_PREP_FIRST_BATCH)
 
     def stats(self) -> dict:
         bm = self.scheduler.block_manager
@@ -219,6 +202,7 @@ class Engine:
             "block_size": bm.block_size, "kv_bytes": self.kv_cache.nbytes, "kv_sizing": self.kv_sizing,
             "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
             "preemptions": self.scheduler.num_preemptions, "weights_bytes": self.weights_bytes,
+            "load_seconds": self.load_seconds, "kv_alloc_seconds": self.kv_alloc_seconds,
             "num_requests_finished": self._num_finished, "max_model_len": self.max_model_len,
             "image_features_held": self.runner.num_held_image_features,
             **self.runner.describe(),
@@ -304,45 +288,6 @@ class Engine:
             num_prompt_tokens=seq.num_prompt_tokens, num_image_tokens=entry.num_image_tokens,
             timings={"queue": sched - seq.arrival_time, "prefill": first - sched, "decode": end - first,
                      "total": end - seq.arrival_time})
-
-
-def _build(path, config: EngineConfig) -> dict:
-    """Load the model, size and allocate the KV pool, wire the parts. Returns Engine kwargs."""
-    from .attention import get_backend
-    from .cuda_graphs import decode_graphs_for
-    from .kv_cache import KVCache, KVCacheSpec, estimate_activation_bytes, plan_num_blocks
-    from .loader import load_model, read_config
-    from .runner import ModelRunner
-
-    device = torch.device(config.resolved_device())
-    dtype = config.resolved_dtype()
-    hf_config = read_config(path)
-    max_pos = int(hf_config.text_config.max_position_embeddings)
-    max_model_len = config.max_model_len or max_pos
-    if max_model_len > max_pos:
-        raise ValueError(f"max_model_len {max_model_len} exceeds the checkpoint's max_position_embeddings "
-                         f"{max_pos}")
-    model = load_model(path, dtype, device, max_model_len)
-    weights_bytes = sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(),
-                                                                             model.buffers()))
-    processor = Processor.from_pretrained(path, image_token_id=model.image_token_id)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()      # loader staging buffers must not count as "used" below
-    spec = KVCacheSpec(model.num_layers, model.num_kv_heads, model.head_dim, config.block_size, dtype)
-    num_blocks, sizing = plan_num_blocks(config, spec, device, weights_bytes,
-                                         estimate_activation_bytes(hf_config, config, dtype), max_model_len)
-    kv_cache = KVCache(spec, num_blocks, device)
-    attn = get_backend(config.attention_backend, device, head_dim=model.head_dim, dtype=dtype)
-    graphs, graphs_note = decode_graphs_for(config, model, kv_cache, attn, device, max_model_len)
-    runner = ModelRunner(model, kv_cache, attn, device, config.max_image_batch, graphs=graphs,
-                         graphs_note=graphs_note)
-    scheduler = Scheduler(
-        SchedulerConfig(max_batch_size=config.max_batch_size, max_prefill_tokens=config.max_prefill_tokens,
-                        max_model_len=max_model_len, eos_token_ids=processor.eos_token_ids),
-        BlockManager(num_blocks, config.block_size))
-    return dict(model=model, processor=processor, kv_cache=kv_cache, runner=runner, scheduler=scheduler,
-                config=config, max_model_len=max_model_len, weights_bytes=weights_bytes, kv_sizing=sizing)
 
 
 def _zero_timings() -> dict:

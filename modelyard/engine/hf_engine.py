@@ -16,9 +16,10 @@ from .types import Output, Request, SamplingParams
 
 
 class HFEngine:
-    def __init__(self, model, processor, config: EngineConfig, path: str):
+    def __init__(self, model, processor, config: EngineConfig, path: str, load_seconds: float = 0.0):
         import torch
         self.model, self.processor, self.config, self.path = model, processor, config, path
+        self.load_seconds = load_seconds
         self.device = torch.device(config.resolved_device())
         self._waiting: deque[tuple[Request, float]] = deque()
         self._finished = 0
@@ -35,12 +36,13 @@ class HFEngine:
         config = config or EngineConfig(backend="transformers")
         path = str(path)
         dtype = config.resolved_dtype()
+        t0 = time.perf_counter()
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=False)
         processor.tokenizer.padding_side = "left"
         model = AutoModelForImageTextToText.from_pretrained(
             path, dtype=dtype, trust_remote_code=False, attn_implementation="sdpa")
         model.to(config.resolved_device()).eval()
-        return cls(model, processor, config, path)
+        return cls(model, processor, config, path, load_seconds=time.perf_counter() - t0)
 
     # --- the engine API -------------------------------------------------------------------------
     def add_request(self, req: Request) -> str:
@@ -76,7 +78,9 @@ class HFEngine:
     def stats(self) -> dict:
         return {"backend": "transformers", "kv_blocks_total": 0, "kv_blocks_used": 0, "running": 0,
                 "waiting": len(self._waiting), "preemptions": 0, "weights_bytes": self._weights_bytes,
-                "kv_bytes": 0, "num_requests_finished": self._finished, "device": str(self.device)}
+                "kv_bytes": 0, "num_requests_finished": self._finished, "device": str(self.device),
+                # no pool to preallocate: transformers grows its cache per generate() call
+                "load_seconds": self.load_seconds, "kv_alloc_seconds": 0.0}
 
     def close(self) -> None:
         import gc

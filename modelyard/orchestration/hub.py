@@ -21,12 +21,26 @@ def is_hub_id(path: str) -> bool:
     return not os.path.exists(path) and bool(_HUB_ID.match(path))
 
 
+def check_local(path: str) -> bool:
+    """True for a local checkpoint directory, False for a Hub id; SpecError for anything else.
+
+    Cheap (no network, no Ray), so the CLI calls it before starting anything."""
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise SpecError(f"model path {path!r} is a directory but not a Hugging Face checkpoint (no config.json "
+                            "in it); `modelyard make-model llava DIR` writes a test checkpoint")
+        return True
+    if os.path.exists(path):
+        raise SpecError(f"model path {path!r} is a file; give the checkpoint's directory (the one with config.json)")
+    if not is_hub_id(path):
+        raise SpecError(f"model path {path!r} does not exist, and it is not a Hub id (org/name) either")
+    return False
+
+
 def resolve_checkpoint(path: str) -> str:
     """A local directory for `path`; downloads a Hub id's weights and configs when needed."""
-    if os.path.isdir(path):
+    if check_local(path):
         return path
-    if not is_hub_id(path):
-        raise SpecError(f"model path {path!r} is neither a checkpoint directory nor a Hub id (org/name)")
     try:
         from huggingface_hub import snapshot_download
     except ImportError as e:  # transformers depends on it, so this is a broken install
@@ -34,7 +48,8 @@ def resolve_checkpoint(path: str) -> str:
     try:
         return snapshot_download(path, allow_patterns=_PATTERNS)
     except Exception as e:
-        raise SpecError(f"cannot fetch {path!r} from the Hugging Face Hub ({type(e).__name__}: {e}); "
+        why = " ".join(str(e).split())[:300]        # the Hub's messages span lines; the CLI prints one
+        raise SpecError(f"cannot fetch {path!r} from the Hugging Face Hub ({type(e).__name__}: {why}); "
                         "download it first or give a local checkpoint directory") from e
 
 

@@ -137,3 +137,22 @@ def count_items(spec: InputSpec) -> int:
     if spec.dataset is not None:
         return int(spec.dataset.count())
     return sum(1 for _ in iter_items(spec))
+
+
+def require_items(spec: InputSpec) -> None:
+    """SpecError unless the input yields at least one item: an empty directory, a glob matching
+    nothing or an empty path list is a mistake to say plainly, not a job that 'succeeds' on nothing.
+    Reads one directory listing / glob step, never the whole input."""
+    if spec.items is not None or spec.dataset is not None:
+        if spec.items is not None and not spec.items:
+            raise SpecError("inputs: the list of items is empty")
+        return
+    if next(iter_items(spec), None) is not None:
+        return
+    if spec.directory is not None:
+        where = "under it (subdirectories included)" if spec.recursive else "in it (recursive = false)"
+        raise SpecError(f"no images in {spec.directory!r}: no file with an image extension "
+                        f"({', '.join(spec.extensions)}) {where}")
+    if spec.glob is not None:
+        raise SpecError(f"no files match {spec.glob!r} (a recursive glob needs '**', e.g. 'imgs/**/*.jpg')")
+    raise SpecError(f"inputs.file_list {spec.file_list!r} lists no paths")

@@ -14,6 +14,7 @@ from typing import Mapping
 
 from ..engine.types import SamplingParams
 from .spec import DEFAULT_PROMPT, InputSpec, JobSpec, ModelSpec, PromptSpec, SpecError
+from .validation import build, check_types, unknown_keys
 
 _JOB_KEYS = {f.name for f in fields(JobSpec)}
 _MODEL_KEYS = {f.name for f in fields(ModelSpec)}
@@ -46,16 +47,10 @@ def _read_mapping(path: Path) -> dict:
     return data
 
 
-def _unknown(where: str, got: Mapping, known: set) -> None:
-    extra = set(got) - known
-    if extra:
-        raise SpecError(f"{where}: unknown keys {sorted(extra)}; known keys: {sorted(known)}")
-
-
 def job_from_dict(d: Mapping, base_dir: str | os.PathLike | None = None, **overrides) -> JobSpec:
     """Build a JobSpec from plain data; relative paths resolve against `base_dir`."""
     d = {**d, **{k: v for k, v in overrides.items() if v is not None}}
-    _unknown("job", d, _JOB_KEYS)
+    unknown_keys("job", d, _JOB_KEYS)
     base = Path(base_dir) if base_dir is not None else None
 
     def resolve(p: str) -> str:
@@ -63,7 +58,7 @@ def job_from_dict(d: Mapping, base_dir: str | os.PathLike | None = None, **overr
             return p
         cand = base / p
         # a model path may be a Hub id ("org/name") rather than a directory
-        return str(cand) if cand.exists() or not re.match(r"^[\w.-]+/[\w.-]+$", p) else p
+        return os.path.normpath(cand) if cand.exists() or not re.match(r"^[\w.-]+/[\w.-]+$", p) else p
 
     models = d.get("models")
     if not isinstance(models, list) or not models:
@@ -72,12 +67,13 @@ def job_from_dict(d: Mapping, base_dir: str | os.PathLike | None = None, **overr
     for i, m in enumerate(models):
         if not isinstance(m, Mapping):
             raise SpecError(f"models[{i}] must be a table/mapping")
-        _unknown(f"models[{i}]", m, _MODEL_KEYS)
+        unknown_keys(f"models[{i}]", m, _MODEL_KEYS)
         if "path" not in m:
             raise SpecError(f"models[{i}]: `path` is required")
+        check_types(f"models[{i}]", ModelSpec, m)
         m = dict(m)
-        m.setdefault("name", Path(str(m["path"]).rstrip("/")).name)
-        m["path"] = resolve(str(m["path"]))
+        m.setdefault("name", Path(m["path"].rstrip("/")).name)
+        m["path"] = resolve(m["path"])
         mspecs.append(ModelSpec(**m))
 
     inputs = d.get("inputs")
@@ -85,11 +81,12 @@ def job_from_dict(d: Mapping, base_dir: str | os.PathLike | None = None, **overr
         inputs = {"items": inputs} if isinstance(inputs, list) else {"directory": inputs}
     if not isinstance(inputs, Mapping):
         raise SpecError("job: `inputs` is required (a table with directory, glob, file_list or items)")
-    _unknown("inputs", inputs, _INPUT_KEYS)
+    unknown_keys("inputs", inputs, _INPUT_KEYS)
+    check_types("inputs", InputSpec, inputs)
     inputs = dict(inputs)
     for k in ("directory", "glob", "file_list"):
         if inputs.get(k) is not None:
-            inputs[k] = str(base / inputs[k]) if base is not None and not os.path.isabs(inputs[k]) else inputs[k]
+            inputs[k] = os.path.normpath(base / inputs[k]) if base is not None and not os.path.isabs(inputs[k]) else inputs[k]
     if "extensions" in inputs:
         inputs["extensions"] = tuple(inputs["extensions"])
 
@@ -101,19 +98,32 @@ def job_from_dict(d: Mapping, base_dir: str | os.PathLike | None = None, **overr
     elif isinstance(prompts, Mapping):
         pspecs = tuple(PromptSpec(str(k), v) for k, v in prompts.items())
     elif isinstance(prompts, list):
-        pspecs = tuple(PromptSpec(f"p{i}", p) if isinstance(p, str) else PromptSpec(**p) for i, p in enumerate(prompts))
+        pspecs = tuple(PromptSpec(f"p{i}", p) if isinstance(p, str) else _prompt(f"prompts[{i}]", p)
+                       for i, p in enumerate(prompts))
     else:
         raise SpecError("job: `prompts` must be a string, a list or a table of id -> text")
 
-    try:
-        sampling = SamplingParams.from_dict(d.get("sampling"))
-    except (TypeError, ValueError) as e:
-        raise SpecError(f"sampling: {e}") from e
+    sampling = d.get("sampling") or {}
+    if not isinstance(sampling, Mapping):
+        raise SpecError(f"job: `sampling` must be a table of sampling options, got {sampling!r}")
+    sampling = build("sampling", SamplingParams, sampling)
     rest = {k: v for k, v in d.items() if k not in ("models", "inputs", "prompts", "sampling")}
     if "output_dir" not in rest:
         raise SpecError("job: `output_dir` is required")
-    rest["output_dir"] = str(base / rest["output_dir"]) if base is not None and not os.path.isabs(rest["output_dir"]) else rest["output_dir"]
+    out = rest["output_dir"]
+    if not isinstance(out, str) or not out:
+        raise SpecError(f"job: output_dir must be a non-empty path string, got {out!r}")
+    rest["output_dir"] = os.path.normpath(base / out) if base is not None and not os.path.isabs(out) else out
     return JobSpec(models=tuple(mspecs), inputs=InputSpec(**inputs), prompts=pspecs, sampling=sampling, **rest)
+
+
+def _prompt(where: str, p) -> PromptSpec:
+    if not isinstance(p, Mapping):
+        raise SpecError(f"{where} must be a string or a table with `id` and `text`, got {p!r}")
+    unknown_keys(where, p, {"id", "text"})
+    if "text" not in p:
+        raise SpecError(f"{where}: `text` is required")
+    return PromptSpec(p.get("id", where.replace("prompts[", "p").rstrip("]")), p["text"])
 
 
 def load_job(path: str | os.PathLike, **overrides) -> JobSpec:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from .validation import SpecError
+
 GIB = 1024**3
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
@@ -68,9 +70,16 @@ def _safetensors_files(path: Path) -> list[Path]:
 
 
 def _header(file: Path) -> dict:
-    with open(file, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(n))
+    try:
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a table")
+        return header
+    except (OSError, ValueError, struct.error) as e:   # a truncated download, an HTML error page, ...
+        raise SpecError(f"{file} is not a readable safetensors file ({type(e).__name__}: {e}); "
+                        "the checkpoint is incomplete or corrupt") from e
 
 
 def weights_bytes(path: str | os.PathLike, dtype: str | None) -> int:
@@ -112,7 +121,7 @@ def estimate_memory(path: str | os.PathLike, engine: Mapping | None = None, on_g
     if engine.get("gpu_memory_budget_gib"):
         return MemoryEstimate(int(engine["gpu_memory_budget_gib"] * GIB), 0, 0, 0, source="budget")
     p = Path(path)
-    if not (p / "config.json").is_file():
+    if not (p / "config.json").is_file() or not _safetensors_files(p):   # e.g. weights only as .bin
         return MemoryEstimate(0, 0, 0, 0, source="unknown")
     dtype = engine.get("dtype") or ("bfloat16" if on_gpu else "float32")
     w = weights_bytes(p, dtype)

@@ -122,6 +122,8 @@ class Progress:
 def format_summary(summary: dict[str, dict]) -> str:
     head = f"{'model':<20} {'rows':>6} {'errors':>6} {'img/s':>8} {'load s':>7} {'peak VRAM':>10} {'residual':>9} {'restarts':>8}"
     lines = [head, "-" * len(head)]
+    # a note every model shares (e.g. CPU actors: no VRAM to verify) is said once, under the table
+    shared = set.intersection(*(set(s.get("notes") or ()) for s in summary.values())) if len(summary) > 1 else set()
     for m, s in summary.items():
         res = s.get("reclaim_residual_bytes")
         peak = f"{s['peak_vram_bytes'] / MIB:.0f} MiB" if s["peak_vram_bytes"] else "-"
@@ -129,4 +131,25 @@ def format_summary(summary: dict[str, dict]) -> str:
                      f"{peak:>10} {'-' if res is None else f'{res / MIB:.0f} MiB':>9} {s['restarts']:>8}")
         if s.get("skipped_done"):
             lines.append(f"{'':<20} ({s['skipped_done']} done in an earlier run, skipped)")
+        for note in s.get("notes") or ():       # load failures, deaths, unload problems: say why
+            if note not in shared:
+                lines.append(f"{'':<20} {note}")
+    lines += [f"every model: {note}" for note in sorted(shared)]
     return "\n".join(lines)
+
+
+def describe_outcome(results_path, models: list[str], top: int = 3) -> tuple[list[str], int]:
+    """Lines on the job's error rows (the commonest reasons first) and how many rows are
+    unfinished work (retryable errors: a model failed to load or ran out of restarts), which the
+    same command retries on a rerun. Bad inputs are final error rows, not unfinished work."""
+    import pandas as pd
+    df = pd.read_parquet(results_path, columns=["model", "finish_reason", "error", "retryable"])
+    df = df[df["model"].isin(models)]
+    err = df[df["finish_reason"] == "error"]
+    if err.empty:
+        return [f"{len(df)} rows, no errors"], 0
+    lines = [f"{len(err)} of {len(df)} rows are errors (the `error` column says why); most common:"]
+    for reason, n in err["error"].fillna("(no reason)").value_counts().head(top).items():
+        lines.append(f"  {n:>5} x {reason[:200]}")
+    unfinished = int(err["retryable"].fillna(False).astype(bool).sum())
+    return lines, unfinished

@@ -18,6 +18,7 @@ from .memory import GIB, estimate_memory
 from .planner import ModelDemand, Plan, Placement, plan
 from .hub import resolve_job_paths
 from .progress import Progress, format_summary
+from .resume import check_resume
 from .spec import JobSpec, ModelSpec
 from .store import ResultStore, write_json_atomic
 from .work import ModelWork, Unit, count_pending, failed_row, output_row
@@ -27,16 +28,17 @@ HandleFactory = Callable[[ModelSpec, Placement], Any]
 
 def default_handle_factory(model: ModelSpec, placement: Placement, max_concurrent: int = 64):
     from ..actors import ModelHandle
-    # An actor that names num_gpus holds one CPU for its lifetime unless told otherwise, so a parallel
-    # job of more CPU-only models than the cluster has CPUs would wait forever for a slot. CPU actors
-    # ask for a sliver (still never placed on a node without CPUs); GPU actors keep one CPU each.
-    ray_options = {"num_cpus": 0.01} if placement.num_gpus == 0 else {}
+    # num_cpus left to the handle: its actors hold (almost) no CPU, so parallel CPU models never wait
+    # for each other's slots.
     return ModelHandle(model.path, name=f"{model.name}-{placement.replica}", engine_config=dict(model.engine),
                        num_gpus=placement.num_gpus, gpu_memory_budget_gib=placement.gpu_memory_budget_gib,
-                       max_concurrent_requests=max_concurrent, ray_options=ray_options)
+                       max_concurrent_requests=max_concurrent)
 
 
 def _first_line(e: BaseException) -> str:
+    # a remote failure's text starts with Ray's "ray::Actor.method() (pid=...)" header: say the real error
+    remote = getattr(e, "cause", None) or getattr(e.__cause__, "cause", None)
+    e = remote if isinstance(remote, BaseException) else e
     s = str(e).strip().splitlines()
     return f"{type(e).__name__}: {s[0] if s else ''}"
 
@@ -119,6 +121,8 @@ class JobRunner:
         ensure_ray(self.address)
         self.job = job = resolve_job_paths(self.job)
         out = Path(job.output_dir)
+        for warning in check_resume(job, out):      # SpecError if out holds another job's rows
+            self.log(f"warning: {warning}")
         store = ResultStore(out, retry_errors=job.retry_errors)
         if store.resumed_rows:
             self.log(f"resuming: {store.num_done} key(s) already done in {store.jsonl}"

@@ -27,15 +27,13 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
+from ..engine.config import EngineConfig
 from ..engine.types import SamplingParams
+from .validation import SpecError, build, check_types
 
 MODES = ("sequential", "parallel", "auto")
 DEFAULT_PROMPT = "Describe the image."
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-
-
-class SpecError(ValueError):
-    """A job spec that cannot run; the message says which field and why."""
 
 
 def _check_name(what: str, name: str) -> None:
@@ -79,6 +77,8 @@ class ModelSpec:
         if not isinstance(self.engine, Mapping):
             raise SpecError(f"model {self.name!r}: engine must be a table/dict of EngineConfig options")
         object.__setattr__(self, "engine", dict(self.engine))
+        # the actor builds its EngineConfig from these; a bad option fails here, by name, not in the actor
+        build(f"model {self.name!r}: engine options", EngineConfig, self.engine)
         if self.prompt is not None and not isinstance(self.prompt, (str, Mapping)):
             raise SpecError(f"model {self.name!r}: prompt must be a string or a table of prompt_id -> text")
         if isinstance(self.prompt, Mapping):
@@ -119,6 +119,11 @@ class InputSpec:
             raise SpecError(f"inputs: give exactly one of directory, glob, file_list, items, dataset (got {given or 'none'})")
         if self.items is not None:
             object.__setattr__(self, "items", tuple(self.items))
+        if not isinstance(self.recursive, bool):
+            raise SpecError(f"inputs.recursive must be true or false, got {self.recursive!r}")
+        if isinstance(self.extensions, str) or not all(isinstance(e, str) and e for e in self.extensions):
+            raise SpecError(f"inputs.extensions must be a list of file extensions like ['.jpg', '.png'], "
+                            f"got {self.extensions!r}")
         exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in self.extensions)
         object.__setattr__(self, "extensions", exts)
         for n in ("directory", "glob", "file_list"):
@@ -200,9 +205,11 @@ class JobSpec:
             raise SpecError("sampling must be a SamplingParams")
         if self.mode not in MODES:
             raise SpecError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if not self.output_dir:
-            raise SpecError("output_dir is required")
+        if not isinstance(self.output_dir, (str, os.PathLike)) or not os.fspath(self.output_dir):
+            raise SpecError(f"output_dir must be a non-empty path, got {self.output_dir!r}")
         object.__setattr__(self, "output_dir", os.fspath(self.output_dir))
+        check_types("job", JobSpec, {f.name: getattr(self, f.name) for f in fields(self)},
+                    skip=("models", "inputs", "prompts", "sampling", "output_dir"))
         for n in ("max_in_flight", "max_item_attempts", "report_max_images"):
             if not isinstance(getattr(self, n), int) or getattr(self, n) < 1:
                 raise SpecError(f"{n} must be an integer >= 1, got {getattr(self, n)!r}")

@@ -48,7 +48,8 @@ class FakeEngine:
         return done
 
     def stats(self):
-        return {"running": len(self.running), "waiting": 0, "weights_bytes": 123, "kv_bytes": 456}
+        return {"running": len(self.running), "waiting": 0, "weights_bytes": 123, "kv_bytes": 456,
+                "load_seconds": 1.5, "kv_alloc_seconds": 0.25}
 
     def close(self):
         self.closed = True
@@ -66,6 +67,7 @@ def test_many_callers_share_the_batch_within_the_limit(monkeypatch):
     async def main():
         info = await actor.load()
         assert info["weights_bytes"] == 123 and info["kv_bytes"] == 456 and info["device"] is None
+        assert (info["load_s"], info["kv_alloc_s"]) == (1.5, 0.25) and info["build_s"] >= 0
         outs = await asyncio.gather(*(actor.generate(f"img{i}.png", request_id=f"r{i}") for i in range(16)))
         return outs, await actor.stats()
 

@@ -93,6 +93,13 @@ def ray_local():
             os.environ["RAY_task_events_report_interval_ms"] = old
 
 
+def _fake_ckpt(d):
+    """The fake actors load nothing, but the driver checks a model path is a checkpoint directory."""
+    d.mkdir(exist_ok=True)
+    (d / "config.json").write_text("{}")
+    return str(d)
+
+
 def _peak_rss_of_job(images_dir, out, models=("m1", "m2")) -> int:
     proc = psutil.Process()
     peak = [proc.memory_info().rss]
@@ -105,8 +112,8 @@ def _peak_rss_of_job(images_dir, out, models=("m1", "m2")) -> int:
     t = threading.Thread(target=sample, daemon=True)
     t.start()
     try:
-        # the fake actors load nothing: any existing directory stands in for a checkpoint
-        job = JobSpec(models=tuple(ModelSpec(m, str(images_dir)) for m in models),
+        ckpt = _fake_ckpt(images_dir.parent / "ckpt")
+        job = JobSpec(models=tuple(ModelSpec(m, ckpt) for m in models),
                       inputs=InputSpec(directory=str(images_dir)), output_dir=str(out), mode="parallel",
                       sampling=SamplingParams(max_new_tokens=4), max_in_flight=16, report=False)
         res = run_job(job, progress=False, handle_factory=lambda m, p: FakeHandle(m.name), log=lambda s: None)
@@ -136,7 +143,7 @@ def test_driver_rss_flat_from_200_to_2000_images(ray_local, tmp_path):
 
 def _job(images_dir, out, **kw):
     kw = {"sampling": SamplingParams(max_new_tokens=4), "report": False, **kw}
-    models = kw.pop("models", (ModelSpec("m", str(images_dir)),))
+    models = kw.pop("models", (ModelSpec("m", _fake_ckpt(images_dir.parent / "ckpt")),))
     return JobSpec(models=models, inputs=InputSpec(directory=str(images_dir)), output_dir=str(out), **kw)
 
 
@@ -146,7 +153,7 @@ def _fakes(m, p):
 
 def test_replicas_share_one_models_work(ray_local, tmp_path):
     imgs = _files(tmp_path / "imgs", 60)
-    res = run_job(_job(imgs, tmp_path / "out", models=(ModelSpec("m", str(imgs), replicas=2),), max_in_flight=2),
+    res = run_job(_job(imgs, tmp_path / "out", models=(ModelSpec("m", _fake_ckpt(tmp_path / "ckpt"), replicas=2),), max_in_flight=2),
                   progress=False, handle_factory=_fakes, log=lambda s: None)
     df = pd.read_parquet(res.results_path)
     assert len(df) == 60 and not df.duplicated(["image_id", "model", "prompt_id"]).any()
@@ -191,7 +198,8 @@ class _Unloadable(FakeHandle):
 
 def test_a_model_that_fails_to_load_gets_error_rows_and_the_others_finish(ray_local, tmp_path):
     imgs = _files(tmp_path / "imgs", 5)
-    models = (ModelSpec("good", str(imgs)), ModelSpec("broken", str(imgs)))
+    ckpt = _fake_ckpt(tmp_path / "ckpt")
+    models = (ModelSpec("good", ckpt), ModelSpec("broken", ckpt))
     res = run_job(_job(imgs, tmp_path / "out", models=models, mode="parallel"), progress=False, log=lambda s: None,
                   handle_factory=lambda m, p: (_Unloadable if m.name == "broken" else FakeHandle)(m.name))
     df = pd.read_parquet(res.results_path)
@@ -199,3 +207,15 @@ def test_a_model_that_fails_to_load_gets_error_rows_and_the_others_finish(ray_lo
     assert len(good) == 5 and (good["finish_reason"] != "error").all()
     assert len(broken) == 5 and broken["retryable"].all()
     assert broken["error"].str.contains("failed to load: RuntimeError: spawning model actor 'broken' failed").all()
+
+
+def test_rerun_with_changed_sampling_is_refused_and_keeps_the_rows(ray_local, tmp_path):
+    """run_job itself (not only the CLI) refuses to resume into rows made with other sampling."""
+    from modelyard.orchestration import SpecError
+    imgs = _files(tmp_path / "imgs", 6)
+    run_job(_job(imgs, tmp_path / "out"), progress=False, handle_factory=_fakes, log=lambda s: None)
+    before = (tmp_path / "out" / "results.jsonl").read_bytes()
+    with pytest.raises(SpecError, match="sampling changed: max_new_tokens 4 -> 9"):
+        run_job(_job(imgs, tmp_path / "out", sampling=SamplingParams(max_new_tokens=9)), progress=False,
+                handle_factory=_fakes, log=lambda s: None)
+    assert (tmp_path / "out" / "results.jsonl").read_bytes() == before
