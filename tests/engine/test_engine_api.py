@@ -59,6 +59,7 @@ def test_step_loop_outputs_and_stats(env):
     assert st["kv_blocks_total"] == 256 and st["kv_blocks_used"] == 0
     assert st["kv_bytes"] == 256 * 8 * 2 * 2 * 4 * 16 * 4      # blocks*bs*(K,V)*layers*heads*dim*fp32
     assert st["weights_bytes"] > 0
+    assert 0 < st["load_seconds"] < 60 and 0 <= st["kv_alloc_seconds"] < st["load_seconds"] + 60
     with pytest.raises(ValueError, match="in flight"):
         r = Request(image=env["images"][0], sampling=sp)
         eng.add_request(r)
