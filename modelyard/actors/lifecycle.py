@@ -51,7 +51,12 @@ def start_actor(*, path: str, name: str, actor_name: str, config: EngineConfig, 
         load = ray.get(actor.load.remote(), timeout=timeout)
     except BaseException as e:
         ray.kill(actor, no_restart=True)
-        raise RuntimeError(f"spawning model actor {name!r} from {path} failed: {e}") from e
+        # a RayTaskError's text opens with Ray's "ray::ModelActor.load() (pid=...)" header and a
+        # traceback; its `cause` is the engine's own exception (CheckpointMismatch, ...), which
+        # says what is wrong. A timeout or a dead actor has no cause: it is shown as itself.
+        cause = getattr(e, "cause", None) or e
+        raise RuntimeError(f"spawning model actor {name!r} from {path} failed: "
+                           f"{type(cause).__name__}: {cause}") from e
     spawn_s = time.perf_counter() - t0
     local = load["node_id"] == ray.get_runtime_context().get_node_id()
     gpu = GpuFootprint.from_spawn(load["device"], load["pid"], local, pre_spawn)

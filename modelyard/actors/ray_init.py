@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import logging
 import os
 
 LOOPBACK = "127.0.0.1"
@@ -73,7 +74,7 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, num_g
             ray.init(address=address, namespace=namespace, runtime_env=runtime_env, log_to_driver=log_to_driver,
                      **kw)
     else:
-        with _loopback_node_ip():
+        with _loopback_node_ip(), _quiet_local_start():
             ray.init(namespace=namespace, runtime_env=runtime_env, log_to_driver=log_to_driver, **kw)
     info = _describe(started=not joining)
     if not joining and info["node_ip"] not in (LOOPBACK, "::1"):
@@ -127,6 +128,33 @@ def _loopback_node_ip():
         yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+class _DropLocalStartNoise(logging.Filter):
+    """Ray's two records on every local start that tell a modelyard user nothing: the token-auth
+    notice (ensure_ray keeps token auth on and checks it after init) and the bare start banner
+    (with a dashboard, the banner carries its URL and still shows)."""
+    TOKEN_NOTICE = "Token authentication is enabled for this Ray cluster."
+    BANNER = "Started a local Ray instance."
+    LOGGERS = ("ray._private.authentication.authentication_token_setup", "ray._private.worker")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = str(record.msg)
+        return not (msg.startswith(self.TOKEN_NOTICE) or msg == self.BANNER)
+
+
+@contextlib.contextmanager
+def _quiet_local_start():
+    """Filter exactly those records while ray.init starts a local cluster; every other record of
+    these loggers (errors, other warnings) goes through, and nothing is filtered afterwards."""
+    f = _DropLocalStartNoise()
+    for name in f.LOGGERS:
+        logging.getLogger(name).addFilter(f)
+    try:
+        yield
+    finally:
+        for name in f.LOGGERS:
+            logging.getLogger(name).removeFilter(f)
 
 
 def _describe(started: bool) -> dict:

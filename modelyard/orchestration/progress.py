@@ -23,6 +23,7 @@ class ModelStats:
     unload_s: float = 0.0
     restarts: int = 0
     replicas: int = 0
+    not_loaded: bool = False       # every key was done already: no actor was spawned
     notes: list = field(default_factory=list)
 
     def images_per_s(self) -> float:
@@ -35,7 +36,8 @@ class ModelStats:
                 "images_per_s": round(self.images_per_s(), 3), "load_s": round(self.load_s, 3),
                 "peak_vram_bytes": self.peak_vram_bytes, "reclaim_residual_bytes": self.reclaim_residual_bytes,
                 "reclaimed_bytes": self.reclaimed_bytes, "unload_s": round(self.unload_s, 3),
-                "restarts": self.restarts, "replicas": self.replicas, "notes": list(self.notes)}
+                "restarts": self.restarts, "replicas": self.replicas, "not_loaded": self.not_loaded,
+                "notes": list(self.notes)}
 
 
 def _peak_vram(info: dict | None, stats: dict | None) -> int:
@@ -106,6 +108,12 @@ class Progress:
         if result.get("note"):
             s.notes.append(f"unload: {result['note']}")
 
+    def skipped_load(self, model: str) -> str:
+        """The model had nothing pending, so it was never spawned; returns the line that says so."""
+        s = self.stats[model]
+        s.not_loaded = True
+        return f"{model}: {_all_done(s.skipped + s.rows)}"
+
     def restarted(self, model: str, why: str) -> None:
         self.stats[model].restarts += 1
         self.stats[model].notes.append(f"restart: {why}")
@@ -119,6 +127,10 @@ class Progress:
         return {m: s.as_dict() for m, s in self.stats.items()}
 
 
+def _all_done(rows: int) -> str:
+    return f"all {rows} row{'s' if rows != 1 else ''} already done, not loaded"
+
+
 def format_summary(summary: dict[str, dict]) -> str:
     head = f"{'model':<20} {'rows':>6} {'errors':>6} {'img/s':>8} {'load s':>7} {'peak VRAM':>10} {'residual':>9} {'restarts':>8}"
     lines = [head, "-" * len(head)]
@@ -129,7 +141,9 @@ def format_summary(summary: dict[str, dict]) -> str:
         peak = f"{s['peak_vram_bytes'] / MIB:.0f} MiB" if s["peak_vram_bytes"] else "-"
         lines.append(f"{m:<20} {s['rows']:>6} {s['errors']:>6} {s['images_per_s']:>8.2f} {s['load_s']:>7.2f} "
                      f"{peak:>10} {'-' if res is None else f'{res / MIB:.0f} MiB':>9} {s['restarts']:>8}")
-        if s.get("skipped_done"):
+        if s.get("not_loaded"):
+            lines.append(f"{'':<20} {_all_done(s['skipped_done'] + s['rows'])}")
+        elif s.get("skipped_done"):
             lines.append(f"{'':<20} ({s['skipped_done']} done in an earlier run, skipped)")
         for note in s.get("notes") or ():       # load failures, deaths, unload problems: say why
             if note not in shared:

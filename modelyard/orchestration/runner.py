@@ -5,6 +5,7 @@ The loop keeps at most `max_in_flight` requests per actor and waits on all of th
 lazily, so the driver's memory does not grow with the data set. Actor death: the unfinished units
 of that actor are retried (suspects one at a time, see work.py) on a respawned actor, within a
 per-model restart budget; past it, the model's remaining units become retryable error rows.
+A model whose keys are all in the store already (a resumed job) is not spawned at all.
 """
 from __future__ import annotations
 
@@ -161,6 +162,15 @@ class JobRunner:
         import ray
         job = self.job
         works = {p.model: ModelWork(job, job.model(p.model), store) for p in wave}
+        # A model with nothing pending is not spawned (a load costs seconds to minutes, for no row).
+        # None pending at the start of the run stays none (the done set only grows): no second pass
+        # over the inputs then; otherwise the check stops at the first pending key.
+        for m, work in works.items():
+            if progress.stats[m].total == 0 or not work.has_pending():
+                self.log(progress.skipped_load(m))
+        wave = tuple(p for p in wave if not progress.stats[p.model].not_loaded)
+        if not wave:
+            return
         workers = [_Worker(p.model, p.replica, self.factory(job.model(p.model), p)) for p in wave]
         self._store, self._progress, self._works, self._workers = store, progress, works, workers
         inflight: dict[Any, tuple[_Worker, Unit]] = {}

@@ -34,6 +34,7 @@ class ModelWork:
     def __init__(self, job: JobSpec, model: ModelSpec, store: ResultStore):
         self.job, self.model, self.store = job, model, store
         self._gen: Iterator[Unit] | None = self._pending()
+        self._peeked: Unit | None = None      # read by has_pending(), handed out by the next take()
         self.suspects: deque[Unit] = deque()
         self.in_flight: set[str] = set()
 
@@ -44,10 +45,8 @@ class ModelWork:
                 if not self.store.is_done(key):
                     yield Unit(key, item, p, self.model.prompt_text(p))
 
-    def take(self, allow_suspect: bool) -> Unit | None:
-        """The next unit to submit, or None. Suspects only when the caller can isolate them."""
-        if self.suspects:
-            return self.suspects.popleft() if allow_suspect else None
+    def _next_new(self) -> Unit | None:
+        """The next unit of the inputs that is neither done nor in flight; None once they are read."""
         while self._gen is not None:
             u = next(self._gen, None)
             if u is None:
@@ -56,9 +55,27 @@ class ModelWork:
             # a key may repeat in the input (the same path twice): submit it once
             if u.key in self.in_flight or self.store.is_done(u.key):
                 continue
-            self.in_flight.add(u.key)
             return u
         return None
+
+    def has_pending(self) -> bool:
+        """Whether take() will give a unit. Reads the inputs only up to the first pending key and
+        keeps that one unit, so a model with work answers at once and a finished one costs a pass
+        over its keys, never a list of them."""
+        if self.suspects or self._peeked is not None:
+            return True
+        self._peeked = self._next_new()
+        return self._peeked is not None
+
+    def take(self, allow_suspect: bool) -> Unit | None:
+        """The next unit to submit, or None. Suspects only when the caller can isolate them."""
+        if self.suspects:
+            return self.suspects.popleft() if allow_suspect else None
+        u = self._peeked if self._peeked is not None else self._next_new()
+        self._peeked = None
+        if u is not None:
+            self.in_flight.add(u.key)
+        return u
 
     def put_back(self, unit: Unit) -> None:
         self.suspects.append(unit)
@@ -68,7 +85,7 @@ class ModelWork:
 
     @property
     def exhausted(self) -> bool:
-        return self._gen is None and not self.suspects
+        return self._gen is None and self._peeked is None and not self.suspects
 
     def drain(self) -> Iterator[Unit]:
         """Everything not yet submitted (for error rows when the model cannot run)."""

@@ -150,9 +150,29 @@ def test_more_cpu_actors_than_ray_cpus_all_spawn(ray_session, tiny_ckpt):
 
 def test_failed_load_is_a_clear_error_and_leaves_no_actor(ray_session, tmp_path):
     h = ModelHandle(tmp_path / "no-such-model", name="broken", engine_config=ENGINE, num_gpus=0)
-    with pytest.raises(RuntimeError, match="spawning model actor 'broken'"):
+    with pytest.raises(RuntimeError, match="spawning model actor 'broken'") as err:
         h.spawn()
+    assert "ray::" not in str(err.value)
     assert not h.alive and not [n for n in modelyard_actor_names() if ":broken-" in n]
+
+
+def test_failed_load_names_the_engines_exception_not_rays_header(ray_session, tiny_ckpt, tmp_path):
+    """A checkpoint whose lm_head disagrees with its config: the error says CheckpointMismatch and
+    which tensor, not Ray's "ray::ModelActor.load() (pid=...)" header of the remote traceback."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    bad = shutil.copytree(tiny_ckpt, tmp_path / "bad-lm-head")
+    tensors = load_file(bad / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["lm_head.weight"][:-24].clone()     # [vocab - 24, hidden]
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    h = ModelHandle(bad, name="mismatch", engine_config=ENGINE, num_gpus=0)
+    with pytest.raises(RuntimeError) as err:
+        h.spawn()
+    msg = str(err.value)
+    assert msg.startswith("spawning model actor 'mismatch' from ") and "ray::" not in msg, msg
+    assert "failed: CheckpointMismatch: shape mismatch for 'lm_head.weight'" in msg, msg
+    assert not h.alive and not [n for n in modelyard_actor_names() if ":mismatch-" in n]
 
 
 def test_resource_arguments_are_validated(tiny_ckpt):

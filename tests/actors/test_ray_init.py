@@ -49,3 +49,39 @@ def test_disabled_auth_is_refused_before_anything_starts():
             "try:\n    ensure_ray()\nexcept RuntimeError as e:\n    print('REFUSED', e)\n")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert "REFUSED" in out.stdout and "token authentication" in out.stdout, out.stdout + out.stderr
+
+
+def test_local_start_prints_no_token_notice_or_banner_and_keeps_token_auth():
+    """Ray's "Token authentication is enabled..." warning and its "Started a local Ray instance."
+    banner are dropped while ensure_ray starts the cluster; the cluster still runs with token auth,
+    and the filter is gone afterwards."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+    code = ("import logging, ray\n"
+            "from modelyard.actors import ensure_ray\n"
+            "info = ensure_ray(num_cpus=1)\n"
+            "names = ('ray._private.authentication.authentication_token_setup', 'ray._private.worker')\n"
+            "print('AUTH', info['auth'], 'FILTERS', sum(len(logging.getLogger(n).filters) for n in names))\n"
+            "ray.shutdown()\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    assert "AUTH token FILTERS 0" in out.stdout, out.stdout + out.stderr
+    assert "Token authentication is enabled" not in out.stderr, out.stderr
+    assert "Started a local Ray instance" not in out.stderr, out.stderr
+
+
+def test_the_start_filter_lets_every_other_record_through():
+    import logging
+
+    from modelyard.actors.ray_init import _DropLocalStartNoise
+
+    def record(level, msg, *args):
+        return logging.LogRecord("ray._private.worker", level, __file__, 1, msg, args, None)
+
+    f = _DropLocalStartNoise()
+    assert not f.filter(record(logging.WARNING, "Token authentication is enabled for this Ray cluster. Set "
+                                                "RAY_AUTH_MODE=disabled to opt out."))
+    assert not f.filter(record(logging.INFO, "Started a local Ray instance."))
+    # the banner that carries a dashboard URL, and the real problems, still show
+    assert f.filter(record(logging.INFO, "Started a local Ray instance. View the dashboard at %s", "127.0.0.1:8265"))
+    assert f.filter(record(logging.WARNING, "Token authentication is disabled for this Ray cluster. Anyone ..."))
+    assert f.filter(record(logging.ERROR, "Failed to start the dashboard"))

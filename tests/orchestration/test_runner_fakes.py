@@ -23,7 +23,7 @@ import psutil
 import pytest
 
 from modelyard.engine.types import Output, SamplingParams
-from modelyard.orchestration import InputSpec, JobSpec, ModelSpec, run_job
+from modelyard.orchestration import InputSpec, JobSpec, ModelSpec, PromptSpec, run_job
 
 
 class _Echo:
@@ -219,3 +219,89 @@ def test_rerun_with_changed_sampling_is_refused_and_keeps_the_rows(ray_local, tm
         run_job(_job(imgs, tmp_path / "out", sampling=SamplingParams(max_new_tokens=9)), progress=False,
                 handle_factory=_fakes, log=lambda s: None)
     assert (tmp_path / "out" / "results.jsonl").read_bytes() == before
+
+
+class _Counted(FakeHandle):
+    """A fake whose factory calls, spawns and submissions go into a shared event list."""
+
+    def __init__(self, name, events):
+        super().__init__(name)
+        self.events = events
+        events.append(("made", name))
+
+    def spawn(self, timeout=None):
+        self.events.append(("spawn", self.name))
+        return super().spawn(timeout)
+
+    def submit(self, image, prompt, sampling, request_id=None):
+        self.events.append(("submit", self.name, os.path.basename(image)))
+        return super().submit(image, prompt, sampling, request_id)
+
+
+def _run_counted(job):
+    events, lines = [], []
+    res = run_job(job, progress=False, handle_factory=lambda m, p: _Counted(f"{m.name}#{p.replica}", events),
+                  log=lines.append)
+    return res, events, "\n".join(lines)
+
+
+TWO_PROMPTS = (PromptSpec("default", "Describe the image."), PromptSpec("short", "Caption in a few words."))
+
+
+def test_rerun_of_a_finished_job_spawns_nothing_and_keeps_the_output(ray_local, tmp_path):
+    imgs = _files(tmp_path / "imgs", 6)
+    ckpt = _fake_ckpt(tmp_path / "ckpt")
+    job = _job(imgs, tmp_path / "out", mode="parallel", prompts=TWO_PROMPTS,
+               models=(ModelSpec("m1", ckpt, replicas=2), ModelSpec("m2", ckpt)))
+    first, events, _ = _run_counted(job)
+    assert sorted(n for kind, n, *_ in events if kind == "spawn") == ["m1#0", "m1#1", "m2#0"]
+    jsonl = (tmp_path / "out" / "results.jsonl").read_bytes()
+    before = pd.read_parquet(first.results_path)
+    assert len(before) == 6 * 2 * 2
+
+    again, events, log = _run_counted(job)
+    assert events == []                                # no handle made, no actor spawned, nothing submitted
+    assert "m1: all 12 rows already done, not loaded" in log and "m2: all 12 rows already done, not loaded" in log
+    assert (tmp_path / "out" / "results.jsonl").read_bytes() == jsonl
+    pd.testing.assert_frame_equal(pd.read_parquet(again.results_path), before)
+    for m in ("m1", "m2"):
+        s = again.summary[m]
+        assert s["not_loaded"] and s["rows"] == 0 and s["skipped_done"] == 12 and s["replicas"] == 0
+        assert first.summary[m]["not_loaded"] is False
+
+
+def test_sequential_job_whose_first_model_is_done_goes_straight_to_the_next(ray_local, tmp_path):
+    imgs = _files(tmp_path / "imgs", 5)
+    ckpt = _fake_ckpt(tmp_path / "ckpt")
+    _run_counted(_job(imgs, tmp_path / "out", models=(ModelSpec("a", ckpt),)))
+    a_rows = pd.read_parquet(tmp_path / "out" / "results.parquet")
+    res, events, log = _run_counted(_job(imgs, tmp_path / "out", mode="sequential",
+                                         models=(ModelSpec("a", ckpt), ModelSpec("b", ckpt))))
+    assert len(res.plan.waves) == 2
+    assert [e[:2] for e in events if e[0] != "submit"] == [("made", "b#0"), ("spawn", "b#0")]
+    assert {e[1] for e in events if e[0] == "submit"} == {"b#0"}
+    assert "a: all 5 rows already done, not loaded" in log
+    df = pd.read_parquet(res.results_path)
+    assert len(df) == 10 and (df["finish_reason"] != "error").all()
+    pd.testing.assert_frame_equal(df[df["model"] == "a"].reset_index(drop=True), a_rows)
+    assert res.summary["a"]["not_loaded"] and not res.summary["b"]["not_loaded"]
+
+
+def test_a_model_with_one_key_to_redo_is_loaded_for_that_key_only(ray_local, tmp_path):
+    """The pending check reads up to the first pending key; that unit is the one submitted."""
+    import json
+    imgs = _files(tmp_path / "imgs", 6)
+    ckpt = _fake_ckpt(tmp_path / "ckpt")
+    job = _job(imgs, tmp_path / "out", mode="parallel", models=(ModelSpec("m1", ckpt), ModelSpec("m2", ckpt)))
+    _run_counted(job)
+    # a later retryable error row for one key of m2 (as a failed load would leave): the rerun redoes it
+    from modelyard.orchestration.store import error_row
+    row = error_row("00003.jpg", "m2", "default", "the model failed to load", retryable=True)
+    with open(tmp_path / "out" / "results.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    res, events, log = _run_counted(job)
+    assert [e for e in events if e[0] != "made"] == [("spawn", "m2#0"), ("submit", "m2#0", "00003.jpg")]
+    assert "m1: all 6 rows already done, not loaded" in log and "m2: all" not in log
+    df = pd.read_parquet(res.results_path).set_index(["image_id", "model"])
+    assert len(df) == 12 and (df["finish_reason"] != "error").all()
+    assert res.summary["m2"]["rows"] == 1 and not res.summary["m2"]["not_loaded"]
