@@ -1,8 +1,4 @@
 """The native engine against transformers generate: greedy tokens must be identical (float32, CPU)."""
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 import math
 
 import pytest
@@ -35,18 +31,9 @@ def _hf_reference(path, items, n):
     return out
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls gain nothing from intra-op threads, and on a busy 2-core CI box OpenMP
-    # spin-waiting makes them 10-50x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory, one_thread):
+def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("engine")
     images = testing.make_images(root / "imgs", 8, seed=11)       # varied sizes and aspect ratios
     prompts = [p + " Please answer carefully." * (i % 4) for i, p in enumerate(testing.random_prompts(8, seed=2))]

@@ -1,8 +1,4 @@
 """Engine API behaviour: step loop, stats, seeded sampling, multi-image and text-only, host memory."""
-import os
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 import dataclasses
 import gc
 
@@ -16,14 +12,6 @@ from modelyard.engine import Engine, EngineConfig, Output, Request, SamplingPara
 
 CPU = dict(device="cpu", dtype="float32")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls gain nothing from intra-op threads; on a busy 2-core box they thrash.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
