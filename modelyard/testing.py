@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 import math
 import random
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from .testing_images import awkward_images, broken_images, make_images  # noqa: F401 (re-exported)
+from .testing_weights import InitPlan, special_ids
 
 SHARD_BYTES = 2 * 1024**3   # above this the weights are split into shards with an index, as the Hub does
 
@@ -137,10 +137,10 @@ def make_checkpoint(arch: str, path, size: str = "tiny", seed: int = 0, dtype: s
     cfg.save_pretrained(path)
     _write_generation_config(path, tok_info)
     _write_processor_files(path, vision_type, shape)
-    _write_weights(path, cfg, dtype, seed, device)
+    plan = _write_weights(path, cfg, dtype, seed, device)
     (path / "README.md").write_text(
         f"# Random-weight {arch} checkpoint ({size})\n\nWritten by `modelyard.testing.make_checkpoint`. "
-        "The weights are random: captions are meaningless. For tests and benchmarks only.\n")
+        f"The weights are random: captions are meaningless. For tests and benchmarks only.\n\n{plan.describe()}\n")
     return path
 
 
@@ -195,30 +195,12 @@ def _param_shapes(cfg):
     return [(n, tuple(t.shape)) for n, t in sd.items() if n not in tied]
 
 
-def _init_tensor(name: str, shape, dtype, seed: int, device, std: float):
-    import torch
-    gen = torch.Generator(device=device).manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
-    leaf = name.rsplit(".", 1)[-1]
-    is_norm = any(k in name for k in ("norm", "layrnorm", "layernorm", "ln_"))
-    if leaf == "bias":
-        t = torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * std if not is_norm \
-            else torch.zeros(shape, device=device)
-    elif is_norm:
-        t = torch.ones(shape, device=device)
-    else:
-        # Linear weights at 1/sqrt(fan_in) so every layer moves the residual stream (at 0.02 a tiny
-        # model with tied embeddings just repeats its input token); embeddings at `std`.
-        scale = std if "embed" in name or len(shape) != 2 else shape[1] ** -0.5
-        t = torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * scale
-    return t.to(getattr(torch, dtype)).cpu().contiguous()
-
-
-def _write_weights(path: Path, cfg, dtype: str, seed: int, device: str | None) -> None:
+def _write_weights(path: Path, cfg, dtype: str, seed: int, device: str | None) -> InitPlan:
     import torch
     from safetensors.torch import save_file
     if device is None:
         device = "cuda" if torch.cuda.is_available() and cfg.text_config.hidden_size >= 1024 else "cpu"
-    std = 0.02
+    plan = InitPlan.for_config(cfg, seed, special_ids(path))
     itemsize = torch.tensor([], dtype=getattr(torch, dtype)).element_size()
     shapes = _param_shapes(cfg)
     total = sum(math.prod(s) for _, s in shapes) * itemsize
@@ -233,17 +215,18 @@ def _write_weights(path: Path, cfg, dtype: str, seed: int, device: str | None) -
     groups.append(cur)
     meta = {"format": "pt"}
     if len(groups) == 1:
-        save_file({n: _init_tensor(n, s, dtype, seed, device, std) for n, s in groups[0]},
+        save_file({n: plan.tensor(n, s, dtype, device) for n, s in groups[0]},
                   str(path / "model.safetensors"), metadata=meta)
-        return
+        return plan
     weight_map = {}
     for i, group in enumerate(groups):
         fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        save_file({n: _init_tensor(n, s, dtype, seed, device, std) for n, s in group},
+        save_file({n: plan.tensor(n, s, dtype, device) for n, s in group},
                   str(path / fname), metadata=meta)
         weight_map.update({n: fname for n, _ in group})
     (path / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return plan
 
 
 def checkpoint_summary(path) -> dict:
