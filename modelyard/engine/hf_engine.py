@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from pathlib import Path
 
 from .config import EngineConfig
+from .processor import Processor, read_eos_token_ids
 from .types import Output, Request, SamplingParams
 
 
@@ -24,9 +24,10 @@ class HFEngine:
         self._waiting: deque[tuple[Request, float]] = deque()
         self._finished = 0
         tok = processor.tokenizer
-        gen_eos = getattr(model.generation_config, "eos_token_id", None)
-        eos = gen_eos if gen_eos is not None else tok.eos_token_id
-        self._eos = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+        # The native engine's prompt formatting and stop tokens, so both backends format alike.
+        self._prompts = Processor(processor, int(model.config.image_token_id),
+                                  read_eos_token_ids(path, tok))
+        self._eos = self._prompts.eos_token_ids
         self._pad_id = tok.pad_token_id if tok.pad_token_id is not None else next(iter(self._eos), 0)
         self._weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 
@@ -88,11 +89,6 @@ class HFEngine:
         gc.collect()
 
     # --- internals -------------------------------------------------------------------------------
-    def _prompt_text(self, prompt: str, n_images: int) -> str:
-        content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]
-        return self.processor.apply_chat_template([{"role": "user", "content": content}],
-                                                  add_generation_prompt=True)
-
     def _run_group(self, group) -> list[Output]:
         import torch
         from .images import load_images
@@ -103,7 +99,7 @@ class HFEngine:
         for req, t_arrive in group:
             try:
                 imgs = load_images(req.image)
-                text = self._prompt_text(req.prompt, len(imgs))
+                text = self._prompts.format_prompt(req.prompt, len(imgs))
             except Exception as e:  # one bad request is one error Output; the rest go on
                 outs.append(Output(req.request_id, finish_reason="error", error=f"{type(e).__name__}: {e}"))
                 continue
@@ -158,7 +154,3 @@ class HFEngine:
                                timings={"queue": t0 - t_arrive, "prefill": 0.0, "decode": t1 - t0,
                                         "total": t1 - t_arrive}))
         return outs
-
-
-def is_local_checkpoint(path) -> bool:
-    return Path(path).is_dir() and (Path(path) / "config.json").exists()
