@@ -77,15 +77,18 @@ def paged_case(S, hq, hk, d, block_size, lens, dtype=torch.bfloat16):
     return q, kc, vc, bt, sl
 
 
-def decode_attention(label, S, hq, hk, d, lens, block_size=16, sweep=(1, 2, 4, 8), baselines=True):
+def decode_attention(label, S, hq, hk, d, lens, block_size=16, sweep=(1, 2, 4, 8), baselines=True, fp8=False):
+    """Variants 2 (slot kernel) and 3 (slot kernel + prefetch) and auto; fp8: the e4m3 cache."""
     q, kc, vc, bt, sl = paged_case(S, hq, hk, d, block_size, lens)
+    if fp8:
+        kc, vc = ops.quantize_kv(kc, ops.FP8_KV_DTYPE), ops.quantize_kv(vc, ops.FP8_KV_DTYPE)
     scale = d ** -0.5
     kv_bytes = sum(lens) * hk * d * 2 * kc.element_size()
     io = 2 * q.numel() * q.element_size()
-    group = f"decode {label}"
+    group = f"decode {label}" + (" fp8 KV" if fp8 else "")
     k = kernels.get()
     ref = ops.paged_decode_attention_ref(q, kc, vc, bt, sl, scale)
-    for variant in (0, 1, 2):
+    for variant in (0, 2, 3, 4, 5) if fp8 else (0, 2, 3):
         out = k.paged_decode_attention(q, kc, vc, bt, sl, scale, max(lens), 0, variant)
         err = float((out.double() - ref.double()).norm() / ref.double().norm())
         tag = "auto" if variant == 0 else f"v{variant}"
@@ -95,7 +98,7 @@ def decode_attention(label, S, hq, hk, d, lens, block_size=16, sweep=(1, 2, 4, 8
         for ns in sweep if variant else ():
             row(group, f"csrc v{variant} splits={ns}",
                 timeit(lambda: k.paged_decode_attention(q, kc, vc, bt, sl, scale, -1, ns, variant)), kv_bytes + io)
-    if not baselines:
+    if not baselines or fp8:
         return
     row(group, "torch reference (per-seq loop)",
         timeit(lambda: ops.paged_decode_attention_ref(q, kc, vc, bt, sl, scale), min_ms=20, max_reps=5), kv_bytes + io)
@@ -192,6 +195,7 @@ def prefill_attention():
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
+    ap.add_argument("--decode-only", action="store_true", help="only the decode attention cases")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
@@ -203,13 +207,24 @@ def main() -> int:
     copy = copy_bandwidth()
     gen = torch.Generator().manual_seed(0)
     lens650 = torch.randint(600, 701, (64,), generator=gen).tolist()
-    decode_attention("LLaVA-7B S64 H32/32 D128 ~650", 64, 32, 32, 128, lens650)
-    decode_attention("LLaVA-7B S64 bs32", 64, 32, 32, 128, lens650, block_size=32, sweep=(), baselines=False)
-    decode_attention("Qwen2-VL-7B S64 H28/4 D128 ~650", 64, 28, 4, 128, lens650)
-    decode_attention("S8 H32/8 D128 ctx 8192", 8, 32, 8, 128, [8192] * 8, sweep=(1, 4, 8, 16))
+    lens256 = torch.randint(600, 701, (256,), generator=gen).tolist()
+    quick = args.decode_only
+    decode_attention("LLaVA-7B S64 H32/32 D128 ~650", 64, 32, 32, 128, lens650, baselines=not quick,
+                     sweep=() if quick else (1, 2, 4, 8))
+    decode_attention("LLaVA-7B S256 H32/32 D128 ~650", 256, 32, 32, 128, lens256, sweep=(), baselines=False)
+    decode_attention("LLaVA-7B S64 H32/32 D128 ctx 32", 64, 32, 32, 128, [32] * 64, sweep=(), baselines=False)
+    decode_attention("Qwen2-VL-7B S64 H28/4 D128 ~650", 64, 28, 4, 128, lens650, baselines=not quick,
+                     sweep=() if quick else (1, 2, 4, 8))
+    decode_attention("S8 H32/8 D128 ctx 8192", 8, 32, 8, 128, [8192] * 8, sweep=(1, 4, 8, 16), baselines=not quick)
     decode_attention("S1 H32/32 D128 ctx 650", 1, 32, 32, 128, [650], sweep=(1, 4, 8), baselines=False)
-    small_ops()
-    prefill_attention()
+    for label, S, hq, hk, lens in (("LLaVA-7B S64 H32/32 D128 ~650", 64, 32, 32, lens650),
+                                   ("LLaVA-7B S256 H32/32 D128 ~650", 256, 32, 32, lens256),
+                                   ("Qwen2-VL-7B S64 H28/4 D128 ~650", 64, 28, 4, lens650),
+                                   ("S8 H32/8 D128 ctx 8192", 8, 32, 8, [8192] * 8)):
+        decode_attention(label, S, hq, hk, 128, lens, sweep=(), baselines=False, fp8=True)
+    if not quick:
+        small_ops()
+        prefill_attention()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(env=env, copy_gb_s=copy, rows=ROWS), f, indent=1)

@@ -3,8 +3,10 @@
 
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
 #include <ATen/core/Tensor.h>
@@ -51,6 +53,52 @@ template <typename T, int N>
 struct alignas(sizeof(T) * N) Vec {
   T v[N];
 };
+
+// Sets every element of x to 0.0 (all-zero bits in every supported type) with the widest stores
+// that fit. In place: building a zero vector and returning it made ptxas double the slot kernel's
+// registers.
+template <typename T, int N>
+__device__ __forceinline__ void set_zero(Vec<T, N>& x) {
+  if constexpr (sizeof(x) % 16 == 0) {
+#pragma unroll
+    for (int i = 0; i < static_cast<int>(sizeof(x) / 16); ++i) reinterpret_cast<uint4*>(&x)[i] = make_uint4(0u, 0u, 0u, 0u);
+  } else if constexpr (sizeof(x) % 8 == 0) {
+#pragma unroll
+    for (int i = 0; i < static_cast<int>(sizeof(x) / 8); ++i) reinterpret_cast<uint2*>(&x)[i] = make_uint2(0u, 0u);
+  } else {
+#pragma unroll
+    for (int i = 0; i < static_cast<int>(sizeof(x)); ++i) reinterpret_cast<unsigned char*>(&x)[i] = 0;
+  }
+}
+
+// The fp8 KV cache's element: e4m3 (OCP "fn": no infinities, +-448 max), torch.float8_e4m3fn.
+using fp8_e4m3 = __nv_fp8_e4m3;
+
+// N cache elements -> N floats. 16/32-bit caches convert element by element; fp8 converts pairs
+// with the hardware's e4m3x2 -> f16x2 instruction (exact: every e4m3 value is a half).
+template <typename C, int N>
+__device__ __forceinline__ void cache_to_float(const Vec<C, N>& x, float (&f)[N]) {
+  if constexpr (std::is_same_v<C, fp8_e4m3>) {
+    static_assert(N % 2 == 0, "fp8 vectors convert in pairs");
+    const auto* pairs = reinterpret_cast<const __nv_fp8x2_storage_t*>(&x);
+#pragma unroll
+    for (int i = 0; i < N / 2; ++i) {
+      const float2 v = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(pairs[i], __NV_E4M3)));
+      f[2 * i] = v.x;
+      f[2 * i + 1] = v.y;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) f[i] = to_float(x.v[i]);
+  }
+}
+
+// float -> e4m3, rounded to nearest and saturated at +-448 (torch's cast would give NaN there).
+__device__ __forceinline__ fp8_e4m3 float_to_fp8(float x) {
+  fp8_e4m3 r;
+  r.__x = __nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3);
+  return r;
+}
 
 template <typename T, int N>
 __device__ __forceinline__ Vec<T, N> load_vec(const T* p) {

@@ -10,14 +10,17 @@ namespace modelyard {
 
 // q [S, Hq, D], caches [NB, BS, Hk, D], block_tables [S, MB] int32, seq_lens [S] int32 -> [S, Hq, D].
 // max_seq_len (<= 0: block_tables width * BS), num_splits (0: automatic) and variant (0: automatic,
-// 1: tile kernel, 2: per-slot kernel) only shape the launch; the result does not depend on them.
+// 2: slot kernel, 3: slot kernel with prefetch) only shape the launch; the result does not depend on them.
+// The caches have q's dtype, or float8_e4m3fn (then entries are multiplied by k_scale / v_scale).
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
-                                  int64_t max_seq_len, int64_t num_splits, int64_t variant);
+                                  int64_t max_seq_len, int64_t num_splits, int64_t variant, double k_scale,
+                                  double v_scale);
 
 // key / value [T, Hk, D] -> caches [NB, BS, Hk, D] at slot_mapping [T] int64 (negative slots skipped).
+// A float8_e4m3fn cache stores key / k_scale and value / v_scale, rounded and saturated to e4m3.
 void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_cache, at::Tensor& v_cache,
-                       const at::Tensor& slot_mapping);
+                       const at::Tensor& slot_mapping, double k_scale, double v_scale);
 
 // x [T, H], weight [H] -> [T, H].
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);

@@ -1,8 +1,9 @@
-// __half instantiation of the paged decode kernels (one translation unit per dtype: parallel builds).
+// Instantiation of the paged decode kernels for query __half, cache __half (one translation unit per
+// type pair: parallel builds).
 #include "paged_attention.cuh"
 
 namespace modelyard {
 namespace paged {
-template void run<__half>(const Params<__half>&, int, int, cudaStream_t);
+template void run<__half, __half>(const Params<__half, __half>&, int, int, cudaStream_t);
 }  // namespace paged
 }  // namespace modelyard

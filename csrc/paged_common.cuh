@@ -15,7 +15,6 @@ namespace paged {
 
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
-constexpr int kTile = 128;          // tokens per online-softmax step (their logits sit in smem)
 constexpr int kMaxSplits = 64;
 constexpr int kChunkAlign = 32;     // a split's token range is a multiple of this (except the last)
 constexpr int kMinSplitTokens = 128;  // host heuristic: no more splits than max_len / this
@@ -33,11 +32,12 @@ __device__ __forceinline__ int splits_used(int seq_len, int num_splits) {
   return n > 1 ? n : 1;
 }
 
-template <typename T>
+// T: the query/output type. C: the cache's element type (T, or fp8_e4m3 for the fp8 cache).
+template <typename T, typename C = T>
 struct Params {
   const T* __restrict__ q;                 // [S, Hq, D], strides q_stride_s, q_stride_h, 1
-  const T* __restrict__ k_cache;           // [NB, BS, Hk, D] contiguous
-  const T* __restrict__ v_cache;           // [NB, BS, Hk, D] contiguous
+  const C* __restrict__ k_cache;           // [NB, BS, Hk, D] contiguous
+  const C* __restrict__ v_cache;           // [NB, BS, Hk, D] contiguous
   const int* __restrict__ block_tables;    // [>=S, MB], row stride bt_stride
   const int* __restrict__ seq_lens;        // [S]
   T* __restrict__ out;                     // [S, Hq, D] contiguous
@@ -46,8 +46,9 @@ struct Params {
   float* __restrict__ part_sum;            // [S, Hq, splits]: its softmax denominator
   int64_t q_stride_s, q_stride_h, bt_stride;
   int num_heads, num_kv_heads, head_dim, head_groups, block_shift, num_splits;
-  int variant;                             // 1: tile kernel, 2: slot kernel
-  float scale_log2;                        // softmax scale * log2(e): the kernel uses exp2
+  int variant;                             // 2: slot kernel, 3: slot kernel with the next tile prefetched
+  float scale_log2;                        // softmax scale * k_scale * log2(e): the kernel uses exp2
+  float v_scale;                           // the fp8 cache's value scale (1 otherwise), applied to the output
 };
 
 template <int N>
@@ -57,8 +58,8 @@ struct NextPow2 {
 
 // Combines the splits of one (sequence, head): weights each split's output by its share of the
 // softmax denominator. Sequences that used one split were written directly and are skipped.
-template <typename T>
-__global__ void paged_decode_reduce_kernel(const Params<T> p) {
+template <typename T, typename C>
+__global__ void paged_decode_reduce_kernel(const Params<T, C> p) {
   __shared__ float s_w[kMaxSplits];
   __shared__ float s_inv;
   const int head = blockIdx.x, seq = blockIdx.y;

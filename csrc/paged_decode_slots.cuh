@@ -1,4 +1,4 @@
-// Variant 2, the slot kernel (the default).
+// The paged decode kernel ("slot" kernel).
 #pragma once
 
 #include "paged_common.cuh"
@@ -10,16 +10,28 @@ namespace paged {
 // output accumulators) over its own tokens, so the main loop has no block-wide barrier and no
 // shared-memory logits, and each lane keeps 2U loads (its tokens' K and V rows) in flight.
 // Slots and then warps are merged once at the end.
-template <typename T, int D, int NG>
-__global__ void __launch_bounds__(kThreads) paged_decode_kernel_v2(const Params<T> p) {
-  constexpr int VEC = 16 / sizeof(T);
+// PF (variant 3): the loads of a slot's next U tokens are issued before the current ones are
+// used, so every lane has loads in flight while it computes (variant 2 waits for each tile).
+// C is the cache element: a 16-byte load holds 8 bf16/fp16 or 16 fp8 values; the fp8 cache's
+// k_scale is folded into the query (scale_log2) and its v_scale into the output.
+// Variants 4 and 5 (fp8 cache, at most 2 heads per CTA; being measured): 4 keeps 8 tokens per
+// slot in flight, 5 moves fp8 rows in 8-byte pieces (the bf16 lane layout).
+template <typename T, typename C, int D, int NG, int VARIANT>
+__global__ void __launch_bounds__(kThreads) paged_decode_kernel_v2(const Params<T, C> p) {
+  constexpr bool PF = VARIANT == 3;
+  // Cache elements per lane per row: one 16-byte load, except fp8 with 4+ heads per CTA, where 16
+  // query and accumulator floats per head would not fit in registers (8-byte loads instead).
+  constexpr int VEC = (sizeof(C) == 1 && (NG >= 4 || VARIANT == 5)) ? 8 : 16 / sizeof(C);
   static_assert(D % VEC == 0, "head dim must be a whole number of 16-byte vectors");
   constexpr int NVEC = D / VEC;
   static_assert(NVEC <= 32, "one warp must cover a K/V row");
   constexpr int TPT = NextPow2<NVEC>::value;
   constexpr int TPW = 32 / TPT;
-  constexpr int U = TPW >= 4 ? 2 : 4;        // consecutive tokens per slot per step
+  // consecutive tokens per slot per step
+  constexpr int U = VARIANT == 4 ? 8 : PF ? (NG >= 4 ? 2 : 4) : (TPW >= 4 ? 2 : 4);
   constexpr int NS = kWarps * TPW;           // slots per CTA
+  constexpr int QV = 16 / sizeof(T);         // query elements per 16-byte load
+  static_assert(VEC % QV == 0, "a lane's query slice is a whole number of 16-byte loads");
 
   __shared__ float s_m[kWarps][NG], s_l[kWarps][NG];
   __shared__ float s_acc[kWarps][NG][D];
@@ -47,10 +59,13 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel_v2(const Params<
 #pragma unroll
   for (int g = 0; g < NG; ++g) {
     if (active && g < nh) {
-      const Vec<T, VEC> qv =
-          load_vec<T, VEC>(p.q + seq * p.q_stride_s + (h0 + g) * p.q_stride_h + vi * VEC);
+      const T* qp = p.q + seq * p.q_stride_s + (h0 + g) * p.q_stride_h + vi * VEC;
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) qf[g][i] = to_float(qv.v[i]) * p.scale_log2;
+      for (int j = 0; j < VEC / QV; ++j) {
+        const Vec<T, QV> qv = load_vec<T, QV>(qp + j * QV);
+#pragma unroll
+        for (int i = 0; i < QV; ++i) qf[g][j * QV + i] = to_float(qv.v[i]) * p.scale_log2;
+      }
     } else {
 #pragma unroll
       for (int i = 0; i < VEC; ++i) qf[g][i] = 0.f;
@@ -68,31 +83,48 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel_v2(const Params<
   const int* bt = p.block_tables + seq * p.bt_stride;
   const int bs_mask = (1 << p.block_shift) - 1;
   const int64_t tok_stride = static_cast<int64_t>(p.num_kv_heads) * D;
-  const T* k_base = p.k_cache + kvh * D + vi * VEC;
-  const T* v_base = p.v_cache + kvh * D + vi * VEC;
+  const C* k_base = p.k_cache + kvh * D + vi * VEC;
+  const C* v_base = p.v_cache + kvh * D + vi * VEC;
 
-  // The loop bound depends on the warp only, so every lane runs the same shuffles.
-  for (int t0 = start + warp * TPW * U; t0 < end; t0 += NS * U) {
-    const int tb = t0 + slot * U;
-    Vec<T, VEC> kv[U], vv[U];
+  // This slot's K and V rows for tokens tb .. tb + U - 1 (zeros past the end).
+  auto load_tile = [&](int tb, Vec<C, VEC> (&kv)[U], Vec<C, VEC> (&vv)[U]) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int t = tb + u;
       if (active && t < end) {
         const int64_t row = (static_cast<int64_t>(bt[t >> p.block_shift]) << p.block_shift) + (t & bs_mask);
-        kv[u] = load_vec<T, VEC>(k_base + row * tok_stride);
-        vv[u] = load_vec<T, VEC>(v_base + row * tok_stride);
+        kv[u] = load_vec<C, VEC>(k_base + row * tok_stride);
+        vv[u] = load_vec<C, VEC>(v_base + row * tok_stride);
       } else {
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) kv[u].v[i] = vv[u].v[i] = from_float<T>(0.f);
+        // Real zeros, not garbage: a masked token's V still meets a weight of 0, and 0 * NaN = NaN.
+        set_zero(kv[u]);
+        set_zero(vv[u]);
       }
+    }
+  };
+
+  Vec<C, VEC> kn[U], vn[U];  // PF: the next tile, in flight while the current one is used
+  if constexpr (PF) load_tile(start + warp * TPW * U + slot * U, kn, vn);
+
+  // The loop bound depends on the warp only, so every lane runs the same shuffles.
+  for (int t0 = start + warp * TPW * U; t0 < end; t0 += NS * U) {
+    const int tb = t0 + slot * U;
+    Vec<C, VEC> kv[U], vv[U];
+    if constexpr (PF) {
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        kv[u] = kn[u];
+        vv[u] = vn[u];
+      }
+      load_tile(tb + NS * U, kn, vn);
+    } else {
+      load_tile(tb, kv, vv);
     }
     float s[NG][U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       float kf[VEC];
-#pragma unroll
-      for (int i = 0; i < VEC; ++i) kf[i] = to_float(kv[u].v[i]);
+      cache_to_float<C, VEC>(kv[u], kf);
 #pragma unroll
       for (int g = 0; g < NG; ++g) {
         float d = 0.f;
@@ -103,6 +135,9 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel_v2(const Params<
         s[g][u] = tb + u < end ? d : -INFINITY;
       }
     }
+    float vf[U][VEC];
+#pragma unroll
+    for (int u = 0; u < U; ++u) cache_to_float<C, VEC>(vv[u], vf[u]);
 #pragma unroll
     for (int g = 0; g < NG; ++g) {
       float bmax = s[g][0];
@@ -124,7 +159,7 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel_v2(const Params<
       for (int i = 0; i < VEC; ++i) {
         float a = acc[g][i] * alpha;
 #pragma unroll
-        for (int u = 0; u < U; ++u) a = fmaf(pu[u], to_float(vv[u].v[i]), a);
+        for (int u = 0; u < U; ++u) a = fmaf(pu[u], vf[u][i], a);
         acc[g][i] = a;
       }
     }
@@ -180,7 +215,7 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel_v2(const Params<
         O = fmaf(s_acc[w][g][d], c, O);
       }
     }
-    const float o = L > 0.f ? O / L : 0.f;
+    const float o = L > 0.f ? O / L * p.v_scale : 0.f;
     const int64_t sh = static_cast<int64_t>(seq) * p.num_heads + h0 + g;
     if (single) {
       p.out[sh * D + d] = from_float<T>(o);

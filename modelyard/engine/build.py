@@ -27,6 +27,7 @@ def build_engine_parts(path, config: EngineConfig) -> dict:
 
     device = torch.device(config.resolved_device())
     dtype = config.resolved_dtype()
+    kv_dtype = config.resolved_kv_cache_dtype()     # raises before any weights load if it cannot run here
     t_load = time.perf_counter()
     hf_config = read_config(path)
     max_pos = int(hf_config.text_config.max_position_embeddings)
@@ -44,7 +45,7 @@ def build_engine_parts(path, config: EngineConfig) -> dict:
     load_seconds = time.perf_counter() - t_load
 
     t_kv = time.perf_counter()
-    spec = KVCacheSpec(model.num_layers, model.num_kv_heads, model.head_dim, config.block_size, dtype)
+    spec = KVCacheSpec(model.num_layers, model.num_kv_heads, model.head_dim, config.block_size, kv_dtype)
     num_blocks, sizing = plan_num_blocks(config, spec, device, weights_bytes,
                                          estimate_activation_bytes(hf_config, config, dtype), max_model_len)
     kv_cache = KVCache(spec, num_blocks, device)
@@ -52,7 +53,8 @@ def build_engine_parts(path, config: EngineConfig) -> dict:
         torch.cuda.synchronize(device)  # the pool is zeroed by a kernel: wait for it before timing
     kv_alloc_seconds = time.perf_counter() - t_kv
 
-    attn = get_backend(config.attention_backend, device, head_dim=model.head_dim, dtype=dtype)
+    attn = get_backend(config.attention_backend, device, head_dim=model.head_dim, dtype=dtype,
+                       k_scale=config.kv_cache_k_scale, v_scale=config.kv_cache_v_scale)
     graphs, graphs_note = decode_graphs_for(config, model, kv_cache, attn, device, max_model_len)
     runner = ModelRunner(model, kv_cache, attn, device, config.max_image_batch, graphs=graphs,
                          graphs_note=graphs_note)

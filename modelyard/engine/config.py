@@ -1,10 +1,14 @@
 """EngineConfig: the one object passed down through the engine. Frozen, validated, picklable."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+import math
+from dataclasses import dataclass, replace
 
 _BACKENDS = ("native", "transformers")
 _ATTN = ("auto", "sdpa", "flash", "csrc")
+# "auto": the model dtype. The fp8 names both mean float8_e4m3fn (ops.FP8_KV_DTYPE), as in vLLM.
+FP8_KV_CACHE_DTYPES = ("fp8", "fp8_e4m3")
+KV_CACHE_DTYPES = ("auto", *FP8_KV_CACHE_DTYPES)
 
 
 @dataclass(frozen=True)
@@ -23,6 +27,11 @@ class EngineConfig:
     enforce_eager: bool = False            # True: no CUDA graphs
     seed: int = 0                          # default seed for requests without one
     max_image_batch: int = 64              # images per vision-encoder batch
+    kv_cache_dtype: str = "auto"           # auto (the model dtype) | fp8 | fp8_e4m3 (both float8_e4m3fn)
+    # Per-tensor scales of an fp8 cache, fixed for the engine's life: it stores x / scale, readers
+    # multiply back. 1.0 is vLLM's default without calibration (K/V of typical models fit +-448).
+    kv_cache_k_scale: float = 1.0
+    kv_cache_v_scale: float = 1.0
 
     def __post_init__(self):
         if self.backend not in _BACKENDS:
@@ -42,6 +51,17 @@ class EngineConfig:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
+        for name in ("kv_cache_k_scale", "kv_cache_v_scale"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+            if value != 1.0 and not self.kv_cache_is_fp8:
+                # Scales only mean something for the fp8 cache; ignoring one quietly would hide a typo.
+                raise ValueError(f"{name}={value} only applies to an fp8 KV cache; set kv_cache_dtype=\"fp8\" "
+                                 f"or leave {name} at 1.0")
 
     def resolved_device(self) -> str:
         if self.device is not None:
@@ -54,6 +74,23 @@ class EngineConfig:
         if self.dtype is not None:
             return getattr(torch, self.dtype)
         return torch.bfloat16 if self.resolved_device().startswith("cuda") else torch.float32
+
+    @property
+    def kv_cache_is_fp8(self) -> bool:
+        return self.kv_cache_dtype in FP8_KV_CACHE_DTYPES
+
+    def resolved_kv_cache_dtype(self):
+        """The torch dtype the KV pool is allocated in."""
+        import torch
+        model_dtype = self.resolved_dtype()
+        if not self.kv_cache_is_fp8:
+            return model_dtype
+        if self.resolved_device().startswith("cuda") and model_dtype not in (torch.float16, torch.bfloat16):
+            # csrc/cache_kernels.cu and paged_attention.cu convert to and from e4m3 for 16-bit K/V/q only
+            raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} on CUDA needs a float16 or bfloat16 model "
+                             f"(the CUDA kernels read and write fp8 K/V for 16-bit models only), got {model_dtype}")
+        from .ops import FP8_KV_DTYPE
+        return FP8_KV_DTYPE
 
     def replace(self, **changes) -> "EngineConfig":
         return replace(self, **changes)

@@ -15,9 +15,17 @@ from .processor import Processor, read_eos_token_ids
 from .types import Output, Request, SamplingParams
 
 
+def _check_supported(config: EngineConfig) -> None:
+    if config.kv_cache_dtype != "auto":
+        raise ValueError(f"kv_cache_dtype={config.kv_cache_dtype!r} needs the native engine's paged KV cache; "
+                         "backend=\"transformers\" keeps its KV cache in the model dtype (use "
+                         "kv_cache_dtype=\"auto\")")
+
+
 class HFEngine:
     def __init__(self, model, processor, config: EngineConfig, path: str, load_seconds: float = 0.0):
         import torch
+        _check_supported(config)
         self.model, self.processor, self.config, self.path = model, processor, config, path
         self.load_seconds = load_seconds
         self.device = torch.device(config.resolved_device())
@@ -35,6 +43,7 @@ class HFEngine:
     def from_pretrained(cls, path, config: EngineConfig | None = None) -> "HFEngine":
         from transformers import AutoModelForImageTextToText, AutoProcessor
         config = config or EngineConfig(backend="transformers")
+        _check_supported(config)        # before loading any weights
         path = str(path)
         dtype = config.resolved_dtype()
         t0 = time.perf_counter()

@@ -1,7 +1,9 @@
 """The paged KV pool: one device allocation made at start-up and never grown, and its sizing.
 
 Per decoder layer, K and V are each [num_blocks, block_size, num_kv_heads, head_dim] (the layout
-attention/base.py fixes), all views into one [L, 2, num_blocks, block_size, Hk, D] tensor.
+attention/base.py fixes), all views into one [L, 2, num_blocks, block_size, Hk, D] tensor. Its dtype is the model's, or
+float8_e4m3fn for an fp8 cache (EngineConfig.kv_cache_dtype; 1 byte per element, so the same
+memory holds 2x the blocks of a 16-bit cache, 4x those of float32).
 """
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import ops
 from .config import EngineConfig
 
 GIB = 1024 ** 3
@@ -26,7 +29,7 @@ class KVCacheSpec:
     num_kv_heads: int
     head_dim: int
     block_size: int
-    dtype: torch.dtype
+    dtype: torch.dtype          # the cache's element type (not necessarily the model's)
 
     @property
     def bytes_per_block(self) -> int:
@@ -42,9 +45,13 @@ class KVCache:
         self.num_blocks = num_blocks
         # Zeroed, not empty: masked-out slots still enter attention's value matmul with weight 0,
         # and 0 * NaN from uninitialised memory would poison the output.
-        self.storage = torch.zeros(                       # [L, 2, NB, BS, Hk, D]
-            (spec.num_layers, 2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim),
-            dtype=spec.dtype, device=device)
+        shape = (spec.num_layers, 2, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
+        if ops.is_fp8(spec.dtype):
+            # Zero bytes through a same-width integer view (all-zero bits are +0.0 in e4m3fn): fill
+            # kernels reached the float8 types late and unevenly across torch builds and devices.
+            self.storage = torch.zeros(shape, dtype=torch.uint8, device=device).view(spec.dtype)
+        else:
+            self.storage = torch.zeros(shape, dtype=spec.dtype, device=device)  # [L, 2, NB, BS, Hk, D]
         self.layers: list[tuple[torch.Tensor, torch.Tensor]] = [
             (self.storage[i, 0], self.storage[i, 1]) for i in range(spec.num_layers)]
 

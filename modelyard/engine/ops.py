@@ -7,8 +7,14 @@ Shapes follow vLLM's conventions so the kernels are drop-in:
   rotary_embedding(positions [T], q [T, Hq*D], k [T, Hk*D], head_dim, cos_sin_cache [max_pos, D], is_neox)
       -> in place on q and k; cos_sin_cache rows are [cos(D/2) | sin(D/2)]
   silu_and_mul(x [T, 2I]) -> [T, I]
-  reshape_and_cache(k [T, Hk, D], v [T, Hk, D], k_cache, v_cache [NB, BS, Hk, D], slot_mapping [T])
-  paged_decode_attention(q [S, Hq, D], k_cache, v_cache, block_tables [S, MB], seq_lens [S], scale) -> [S, Hq, D]
+  reshape_and_cache(k [T, Hk, D], v [T, Hk, D], k_cache, v_cache [NB, BS, Hk, D], slot_mapping [T],
+                    k_scale, v_scale)
+  paged_decode_attention(q [S, Hq, D], k_cache, v_cache, block_tables [S, MB], seq_lens [S], scale,
+                         k_scale, v_scale) -> [S, Hq, D]
+
+KV cache dtype: the model's dtype, or float8_e4m3fn (the fp8 cache). An fp8 cache stores
+x / scale rounded to e4m3 and saturated at +-448 (k_scale for keys, v_scale for values, per tensor,
+default 1.0); readers multiply by the scale. `dequantize_kv` is that read for the gather paths.
 
 The CUDA ops (csrc/, torch.ops.modelyard.*) compute the same functions with the same rounding
 points; none of them syncs with the host, so all are usable inside CUDA graph capture.
@@ -106,24 +112,54 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return silu_and_mul_ref(x)
 
 
-def reshape_and_cache_ref(k, v, k_cache, v_cache, slot_mapping):
+FP8_KV_DTYPE = torch.float8_e4m3fn
+_FP8_MAX = 448.0   # largest finite e4m3fn value; the CUDA conversion saturates there too
+
+
+def is_fp8(t_or_dtype) -> bool:
+    dtype = t_or_dtype if isinstance(t_or_dtype, torch.dtype) else t_or_dtype.dtype
+    return dtype == FP8_KV_DTYPE
+
+
+def quantize_kv(x: torch.Tensor, cache_dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """What the cache stores for x: x itself (cast) for a 16/32-bit cache, round(x / scale) saturated
+    to e4m3 for the fp8 cache (torch's own cast would turn out-of-range values into NaN)."""
+    if cache_dtype != FP8_KV_DTYPE:
+        return x.to(cache_dtype)
+    return (x.float() / scale).clamp_(-_FP8_MAX, _FP8_MAX).to(cache_dtype)
+
+
+def dequantize_kv(x: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """Cache entries -> values in `dtype` (the inverse of quantize_kv up to its rounding)."""
+    if x.dtype != FP8_KV_DTYPE:
+        return x.to(dtype)
+    return (x.float() * scale).to(dtype) if scale != 1.0 else x.to(dtype)
+
+
+def reshape_and_cache_ref(k, v, k_cache, v_cache, slot_mapping, k_scale: float = 1.0, v_scale: float = 1.0):
     """Negative slots mark padding rows (e.g. a CUDA graph's unused tail) and are skipped."""
     nb, bs = k_cache.shape[:2]
     if bool((slot_mapping < 0).any()):
         keep = slot_mapping >= 0
         k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
-    k_cache.view(nb * bs, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(nb * bs, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    # index_copy_ has no float8 kernel: scatter through a same-width integer view instead.
+    kq, vq = quantize_kv(k, k_cache.dtype, k_scale), quantize_kv(v, v_cache.dtype, v_scale)
+    kc, vc = k_cache.view(nb * bs, *k_cache.shape[2:]), v_cache.view(nb * bs, *v_cache.shape[2:])
+    if is_fp8(k_cache):
+        kc, vc, kq, vq = kc.view(torch.uint8), vc.view(torch.uint8), kq.view(torch.uint8), vq.view(torch.uint8)
+    kc.index_copy_(0, slot_mapping, kq)
+    vc.index_copy_(0, slot_mapping, vq)
 
 
-def reshape_and_cache(k, v, k_cache, v_cache, slot_mapping):
+def reshape_and_cache(k, v, k_cache, v_cache, slot_mapping, k_scale: float = 1.0, v_scale: float = 1.0):
     kern = _kernels(k)
     if kern is not None:
-        return kern.reshape_and_cache(k, v, k_cache, v_cache, slot_mapping)
-    return reshape_and_cache_ref(k, v, k_cache, v_cache, slot_mapping)
+        return kern.reshape_and_cache(k, v, k_cache, v_cache, slot_mapping, float(k_scale), float(v_scale))
+    return reshape_and_cache_ref(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
-def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale):
+def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale,
+                               k_scale: float = 1.0, v_scale: float = 1.0):
     """Gather each sequence's blocks and attend with plain softmax; float32 math."""
     S, Hq, D = q.shape
     Hk = k_cache.shape[2]
@@ -134,8 +170,8 @@ def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scal
         n = lens[i]
         nblk = (n + bs - 1) // bs
         blocks = block_tables[i, :nblk].long()
-        k = k_cache[blocks].reshape(-1, Hk, D)[:n].float()     # [n, Hk, D]
-        v = v_cache[blocks].reshape(-1, Hk, D)[:n].float()
+        k = dequantize_kv(k_cache[blocks].reshape(-1, Hk, D)[:n], torch.float32, k_scale)  # [n, Hk, D]
+        v = dequantize_kv(v_cache[blocks].reshape(-1, Hk, D)[:n], torch.float32, v_scale)
         k = k.repeat_interleave(Hq // Hk, dim=1)
         v = v.repeat_interleave(Hq // Hk, dim=1)
         scores = torch.einsum("hd,nhd->hn", q[i].float(), k) * scale
@@ -145,12 +181,14 @@ def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scal
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale,
-                           max_seq_len: int | None = None, num_splits: int = 0):
+                           max_seq_len: int | None = None, num_splits: int = 0,
+                           k_scale: float = 1.0, v_scale: float = 1.0):
     """max_seq_len (a hint: the longest seq_len, or None for block_tables' width) and num_splits
     (0: automatic) only choose the CUDA kernel's split-KV parallelism; results do not depend on them.
     Pass max_seq_len=None under CUDA graph capture so the launch shape is fixed by tensor shapes."""
     kern = _kernels(q)
     if kern is not None:
         return kern.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale,
-                                           -1 if max_seq_len is None else int(max_seq_len), int(num_splits))
-    return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale)
+                                           -1 if max_seq_len is None else int(max_seq_len), int(num_splits),
+                                           0, float(k_scale), float(v_scale))
+    return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale, v_scale)

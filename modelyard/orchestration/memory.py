@@ -2,8 +2,8 @@
 
 Weights: the checkpoint's tensors at the engine's dtype (read from the 8-byte-length + JSON headers
 of its safetensors files; nothing is loaded). KV budget: per-token K/V bytes of every decoder layer
-x the tokens the pool should hold. Plus an activation margin (a fraction of the weights, at least a
-floor) and the CUDA context / library workspaces.
+(1 byte per element for an fp8 KV cache) x the tokens the pool should hold. Plus an activation
+margin (a fraction of the weights, at least a floor) and the CUDA context / library workspaces.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from ..engine.config import FP8_KV_CACHE_DTYPES
 from .validation import SpecError
 
 GIB = 1024**3
@@ -131,6 +132,8 @@ def estimate_memory(path: str | os.PathLike, engine: Mapping | None = None, on_g
     else:
         seqs = min(int(engine.get("max_batch_size", cfg.max_kv_seqs)), cfg.max_kv_seqs)
         tokens = seqs * cfg.kv_tokens_per_seq
-    kv = tokens * kv_bytes_per_token(config, _ENGINE_DTYPE_BYTES[dtype])
+    # an fp8 KV cache (engine kv_cache_dtype) takes 1 byte per element whatever the model dtype
+    kv_width = 1 if engine.get("kv_cache_dtype") in FP8_KV_CACHE_DTYPES else _ENGINE_DTYPE_BYTES[dtype]
+    kv = tokens * kv_bytes_per_token(config, kv_width)
     act = max(int(w * cfg.activation_fraction), cfg.activation_floor_bytes)
     return MemoryEstimate(w, kv, act, cfg.context_bytes if on_gpu else 0)

@@ -16,7 +16,7 @@ from pathlib import Path
 from .spec import JobSpec
 from .validation import SpecError
 
-_WARN_ENGINE_KEYS = ("dtype", "backend", "attention_backend")
+_WARN_ENGINE_KEYS = ("dtype", "backend", "attention_backend", "kv_cache_dtype", "kv_cache_k_scale", "kv_cache_v_scale")
 
 
 def _same_path(a: str, b: str) -> bool:

@@ -237,3 +237,25 @@ def test_auto_uses_kernels_and_graphs_in_bf16(ckpt64, images):
         assert all(o.ok and len(o.token_ids) == 8 + i for i, o in enumerate(outs))
     finally:
         eng.close()
+
+
+@requires_cuda
+def test_fp8_cache_engine_with_graphs(ckpt64, images):
+    """bf16 model, e4m3 pool: the kernels write and read fp8 inside the captured graphs."""
+    base = dict(dtype="bfloat16", num_kv_blocks=256, max_batch_size=8, kv_cache_dtype="fp8",
+                kv_cache_k_scale=0.5, kv_cache_v_scale=2.0)
+    outs, stats = [], []
+    for eager in (True, False):
+        eng = Engine.from_pretrained(ckpt64, EngineConfig(**base, enforce_eager=eager))
+        try:
+            outs.append(eng.generate(_requests(images, 5, max_new=10)))
+            stats.append(eng.stats())
+            assert eng.kv_cache.storage.dtype == ops.FP8_KV_DTYPE
+            assert eng.kv_cache.storage.view(torch.uint8).any()     # the pool was written
+        finally:
+            eng.close()
+    assert all(s["kv_cache_dtype"] == "float8_e4m3fn" for s in stats)
+    assert stats[1]["cuda_graphs"].startswith("on") and stats[1]["decode_steps"] > 0
+    for eager_outs, graph_outs in zip(*outs):
+        assert eager_outs.ok and graph_outs.ok and len(graph_outs.token_ids) == len(eager_outs.token_ids)
+        assert graph_outs.token_ids[0] == eager_outs.token_ids[0]   # from the same prefill

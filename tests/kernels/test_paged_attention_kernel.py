@@ -1,5 +1,5 @@
 """csrc paged decode attention against the torch reference: dtypes, head dims, block sizes, GQA
-ratios, ragged and long lengths, forced split counts, and CUDA graph replay."""
+ratios, ragged and long lengths, forced split counts, CUDA graph replay, and the fp8 cache."""
 from __future__ import annotations
 
 import os
@@ -25,17 +25,22 @@ def _case(seq_lens, hq, hk, d, block_size, dtype, seed):
     return q, kc, vc, bt, torch.tensor(seq_lens, dtype=torch.int32, device="cuda")
 
 
-def _check(q, kc, vc, bt, sl, scale, dtype, **kw):
-    ref = ops.paged_decode_attention_ref(q, kc, vc, bt, sl, scale)
+def _check(q, kc, vc, bt, sl, scale, dtype, k_scale=1.0, v_scale=1.0, **kw):
+    ref = ops.paged_decode_attention_ref(q, kc, vc, bt, sl, scale, k_scale, v_scale)
     poison_next_alloc(q.shape, dtype, "cuda")
     out = kernels.get().paged_decode_attention(q, kc, vc, bt, sl, scale, kw.get("max_seq_len", -1),
-                                               kw.get("num_splits", 0), kw.get("variant", 0))
+                                               kw.get("num_splits", 0), kw.get("variant", 0), k_scale, v_scale)
     err = rel_err(out, ref)
     assert err < TOL[dtype], f"rel err {err:.2e}"
     return out
 
 
-@pytest.mark.parametrize("variant", [1, 2])
+def _to_fp8(kc, vc, k_scale, v_scale):
+    """The cache an fp8 engine would hold for these K/V values (the reference then reads it too)."""
+    return ops.quantize_kv(kc, ops.FP8_KV_DTYPE, k_scale), ops.quantize_kv(vc, ops.FP8_KV_DTYPE, v_scale)
+
+
+@pytest.mark.parametrize("variant", [2, 3])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("d", [64, 80, 128])
 @pytest.mark.parametrize("block_size", [16, 32])
@@ -46,7 +51,7 @@ def test_matches_reference(variant, dtype, d, block_size, hq, hk):
     _check(q, kc, vc, bt, sl, d ** -0.5, dtype, variant=variant)
 
 
-@pytest.mark.parametrize("variant", [1, 2])
+@pytest.mark.parametrize("variant", [2, 3])
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 7, 64])
 def test_result_does_not_depend_on_split_count(variant, num_splits):
     seq_lens = [5, 129, 700, 2100]
@@ -54,10 +59,37 @@ def test_result_does_not_depend_on_split_count(variant, num_splits):
     _check(q, kc, vc, bt, sl, 0.1, torch.float32, num_splits=num_splits, variant=variant)
 
 
-@pytest.mark.parametrize("variant", [1, 2])
+@pytest.mark.parametrize("variant", [2, 3])
 def test_head_dim_256_and_odd_scale(variant):
     q, kc, vc, bt, sl = _case([3, 250, 513], 8, 1, 256, 16, torch.bfloat16, seed=12)
     _check(q, kc, vc, bt, sl, 0.37, torch.bfloat16, variant=variant)
+
+
+@pytest.mark.parametrize("variant", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [64, 80, 128, 256])
+@pytest.mark.parametrize("hq,hk", [(8, 8), (8, 4), (28, 4), (16, 1)])
+def test_fp8_cache_matches_reference(variant, dtype, d, hq, hk):
+    """Same rounded cache contents for both sides; scales fold into q and the output in the kernel."""
+    seq_lens = [1, 15, 16, 17, 200, 1000]
+    q, kc, vc, bt, sl = _case(seq_lens, hq, hk, d, 16, dtype, seed=d + hq)
+    k_scale, v_scale = 0.5, 1.7
+    kc8, vc8 = _to_fp8(kc * 3, vc, k_scale, v_scale)
+    _check(q, kc8, vc8, bt, sl, d ** -0.5, dtype, k_scale=k_scale, v_scale=v_scale, variant=variant)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 64])
+def test_fp8_cache_split_count(num_splits):
+    seq_lens = [5, 129, 700, 2100]
+    q, kc, vc, bt, sl = _case(seq_lens, 32, 32, 128, 16, torch.bfloat16, seed=21)
+    kc8, vc8 = _to_fp8(kc, vc, 1.0, 1.0)
+    _check(q, kc8, vc8, bt, sl, 0.1, torch.bfloat16, num_splits=num_splits)
+
+
+def test_scales_rejected_for_16bit_cache():
+    q, kc, vc, bt, sl = _case([10], 8, 8, 64, 16, torch.bfloat16, seed=22)
+    with pytest.raises(RuntimeError, match="fp8 cache only"):
+        kernels.get().paged_decode_attention(q, kc, vc, bt, sl, 0.1, -1, 0, 0, 2.0, 1.0)
 
 
 def test_strided_query_view():
@@ -71,7 +103,7 @@ def test_strided_query_view():
     _check(q, kc, vc, bt, sl, d ** -0.5, torch.bfloat16)
 
 
-@pytest.mark.parametrize("variant", [1, 2])
+@pytest.mark.parametrize("variant", [2, 3])
 def test_cuda_graph_replay_with_new_lengths(variant):
     """Captured once with max_seq_len unknown; replayed for other lengths and contents."""
     hq, hk, d, bs = 8, 2, 128, 16

@@ -37,6 +37,33 @@ def test_reshape_and_cache(dtype, hk, d, block_size):
     assert torch.equal(kc, kr) and torch.equal(vc, vr)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k_scale,v_scale", [(1.0, 1.0), (0.25, 4.0), (0.37, 1.3)])
+@pytest.mark.parametrize("aligned", [True, False])
+def test_reshape_and_cache_fp8(dtype, k_scale, v_scale, aligned):
+    """Stores e4m3(x / scale), saturated at +-448; the vector and the scalar (unaligned) paths."""
+    nb, bs, hk, T = 20, 16, 4, 29
+    d = 128 if aligned else 72
+    qkv = torch.randn(T, (2 + 2 * hk) * d + (0 if aligned else 1), device="cuda", dtype=dtype) * 4
+    qkv[3, 2 * d] = 5000.0                                   # saturates (k_scale <= 1)
+    k = qkv[:, 2 * d:(2 + hk) * d].view(T, hk, d)
+    v = qkv[:, (2 + hk) * d:(2 + 2 * hk) * d].view(T, hk, d)
+    slots = torch.randperm(nb * bs, device="cuda")[:T]
+    slots[7] = -1
+    kc = torch.zeros(nb, bs, hk, d, device="cuda", dtype=ops.FP8_KV_DTYPE)
+    vc = torch.zeros_like(kc)
+    kr, vr = kc.clone(), vc.clone()
+    kernels.get().reshape_and_cache(k, v, kc, vc, slots, k_scale, v_scale)
+    ops.reshape_and_cache_ref(k, v, kr, vr, slots, k_scale, v_scale)
+    # x * (1 / s) in the kernel vs x / s in the reference: equal except within a float ulp of a tie.
+    for got, want in ((kc, kr), (vc, vr)):
+        g, w = got.float(), want.float()
+        assert not g.isnan().any()
+        assert (g != w).float().mean().item() < 1e-3
+        assert torch.allclose(g, w, rtol=0.13, atol=0)    # one e4m3 step at most
+    assert kc.float().abs().max().item() == 448.0
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T,H", [(1, 4096), (37, 896), (64, 3584), (5, 100)])  # 100: unaligned scalar path
 def test_rms_norm_and_fused_add(dtype, T, H):

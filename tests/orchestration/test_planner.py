@@ -43,6 +43,19 @@ def test_estimate_components(ckpt):
     assert estimate_memory(ckpt / "nope").source == "unknown"
 
 
+def test_fp8_kv_cache_estimate_takes_one_byte_per_element(ckpt):
+    c = PlannerConfig(kv_tokens_per_seq=100, max_kv_seqs=4, activation_floor_bytes=10, context_bytes=5)
+    per_token_fp8 = kv_bytes_per_token(json.loads((ckpt / "config.json").read_text()), 1)
+    for dtype, width in (("bfloat16", 2), ("float32", 4)):
+        base = estimate_memory(ckpt, {"max_batch_size": 2, "dtype": dtype}, cfg=c)
+        for name in ("fp8", "fp8_e4m3"):
+            fp8 = estimate_memory(ckpt, {"max_batch_size": 2, "dtype": dtype, "kv_cache_dtype": name}, cfg=c)
+            assert fp8.kv_bytes == 2 * 100 * per_token_fp8 == base.kv_bytes // width
+            assert fp8.weights_bytes == base.weights_bytes      # the weights keep the model dtype
+    auto = estimate_memory(ckpt, {"max_batch_size": 2, "kv_cache_dtype": "auto"}, cfg=c)
+    assert auto.kv_bytes == estimate_memory(ckpt, {"max_batch_size": 2}, cfg=c).kv_bytes
+
+
 def _d(name, gib, replicas=1, gpus=None):
     return ModelDemand(name, replicas, gpus, MemoryEstimate(int(gib * GIB), 0, 0, 0))
 

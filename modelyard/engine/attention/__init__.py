@@ -2,7 +2,7 @@
 
 Backends are imported only when asked for, so a missing optional dependency (flash-attn, the
 compiled csrc ops) only matters to the one backend that needs it. Each backend class is constructed
-with no arguments.
+with keyword arguments only: the fp8 KV cache's k_scale / v_scale (defaults 1.0).
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import importlib
 
 import torch
 
-from .base import AttentionBackend, AttentionMetadata
+from .base import AttentionBackend, AttentionMetadata, gather_kv
 
 # name -> (module relative to this package, class name)
 _BACKENDS = {
@@ -61,8 +61,9 @@ def resolve_backend_name(name: str, device, *, head_dim: int | None = None,
     return _auto(torch.device(device), head_dim, dtype) if name == "auto" else name
 
 
-def get_backend(name: str, device, *, head_dim: int | None = None,
-                dtype: torch.dtype | None = None) -> AttentionBackend:
+def get_backend(name: str, device, *, head_dim: int | None = None, dtype: torch.dtype | None = None,
+                k_scale: float = 1.0, v_scale: float = 1.0) -> AttentionBackend:
+    """dtype: the model's (queries'); k_scale / v_scale: the fp8 KV cache's scales, if it is one."""
     resolved = resolve_backend_name(name, device, head_dim=head_dim, dtype=dtype)
     module_name, class_name = _BACKENDS[resolved]
     try:
@@ -72,7 +73,7 @@ def get_backend(name: str, device, *, head_dim: int | None = None,
             f"attention backend {resolved!r} is not available ({type(e).__name__}: {e}); "
             f"use attention_backend=\"sdpa\" or \"auto\"") from e
     try:
-        backend = getattr(module, class_name)()
+        backend = getattr(module, class_name)(k_scale=k_scale, v_scale=v_scale)
     except BackendUnavailable as e:     # the constructor's reason, with the backend named
         raise BackendUnavailable(f"attention backend {resolved!r} is not available: {e}") from e
     if (head_dim is not None and getattr(backend, "csrc_decode", resolved == "csrc")
@@ -94,10 +95,11 @@ def describe_backend(backend: AttentionBackend) -> dict:
         if csrc_decode:
             decode = "csrc paged split-KV"
         else:   # FlashBackend with MODELYARD_KERNELS=0
-            decode = f"varlen {varlen.name} paged if the block size allows, else the torch reference"
+            decode = (f"varlen {varlen.name} paged if the block size allows (not with an fp8 cache), "
+                      "else the torch reference")
     return {"attention_backend": backend.name, "prefill_attention": prefill, "decode_attention": decode,
             "attention_graph_safe": bool(getattr(backend, "cuda_graph_safe", False))}
 
 
 __all__ = ["AttentionBackend", "AttentionMetadata", "BackendUnavailable", "BACKEND_NAMES", "csrc_decode_supports",
-           "describe_backend", "get_backend", "resolve_backend_name"]
+           "describe_backend", "gather_kv", "get_backend", "resolve_backend_name"]

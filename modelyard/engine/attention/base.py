@@ -4,12 +4,19 @@ KV cache layout, per decoder layer, two tensors (K and V), each
     [num_blocks, block_size, num_kv_heads, head_dim]
 the FlashAttention / torch varlen paged layout, so every backend reads the same pool.
 A token's slot is block_id * block_size + offset; slot_mapping lists one slot per packed token.
+
+The cache holds the model's dtype or float8_e4m3fn (an fp8 cache: x / scale rounded, per-tensor
+k_scale / v_scale fixed when the backend is built). Every backend writes through `write_kv` and
+every path that reads cache rows back in torch goes through `gather_kv`, which dequantizes.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+from .. import ops
 
 
 @dataclass
@@ -36,10 +43,37 @@ class AttentionMetadata:
         return len(self.seq_lens_cpu)
 
 
+def gather_kv(cache: torch.Tensor, index: torch.Tensor, dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """cache[index] (indexing the first dim) as `dtype` values: dequantized for an fp8 cache.
+
+    A float8 cache is indexed through a same-width integer view: index kernels for the float8
+    types are missing in some torch builds and devices, and the gather only moves bytes.
+    """
+    if ops.is_fp8(cache):
+        rows = cache.view(torch.uint8)[index].view(cache.dtype)
+    else:
+        rows = cache[index]
+    return ops.dequantize_kv(rows, dtype, scale)
+
+
 class AttentionBackend:
-    """Writes the new K/V into the paged cache, then attends over the cache (prefix + new)."""
+    """Writes the new K/V into the paged cache, then attends over the cache (prefix + new).
+
+    k_scale / v_scale: the fp8 cache's per-tensor scales (ignored by a 16/32-bit cache). Plain
+    floats fixed for the backend's life, so they are baked into captured CUDA graphs safely.
+    """
 
     name = "base"
+
+    def __init__(self, *, k_scale: float = 1.0, v_scale: float = 1.0):
+        for what, value in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{what} must be a finite number > 0, got {value!r}")
+        self.k_scale, self.v_scale = float(k_scale), float(v_scale)
+
+    def write_kv(self, k, v, k_cache, v_cache, meta: AttentionMetadata) -> None:
+        """The step's new K/V [T, Hk, D] into their slots (quantized for an fp8 cache)."""
+        ops.reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
 
     def forward(
         self,

@@ -8,7 +8,9 @@ Their signatures differ between releases, so every call is built from the functi
 parameters and passed by keyword. A prefill whose sequences have no cached prefix attends over the
 step's packed K/V directly (the common case: a fresh prompt); with a prefix (chunked prefill) it
 reads the paged cache through block_table where the implementation accepts this block size, and
-otherwise gathers the context rows into packed K/V first.
+otherwise gathers the context rows into packed K/V first. None of these implementations reads an
+fp8 cache, so with one the prefix case always gathers and dequantizes (fresh prompts are unaffected:
+they attend over the step's own 16-bit K/V), and the kernels-off decode takes the torch reference.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 
 from .. import kernels, ops
 from . import BackendUnavailable
-from .base import AttentionBackend, AttentionMetadata
+from .base import AttentionBackend, AttentionMetadata, gather_kv
 
 VARLEN_ENV = "MODELYARD_VARLEN"
 
@@ -139,20 +141,21 @@ def decode_len_hint(meta: AttentionMetadata) -> int | None:
     return None if capturing else meta.max_seq_len
 
 
-def prefill_varlen(impl: VarlenImpl, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+def prefill_varlen(impl: VarlenImpl, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+                   k_scale: float = 1.0, v_scale: float = 1.0):
     """q [T, Hq, D], k/v [T, Hk, D] (already in the cache) -> [T, Hq, D]."""
     cu_q = meta.query_start_loc
     if list(meta.query_lens_cpu) == list(meta.seq_lens_cpu):  # no cached prefix anywhere
         return impl(q, k, v, cu_q, cu_q, meta.max_query_len, meta.max_query_len, scale)
     block_size = k_cache.shape[1]
     cu_k = cu_seqlens(meta.seq_lens)
-    if impl.supports_paged(block_size):
+    if impl.supports_paged(block_size) and not ops.is_fp8(k_cache):
         return impl(q, k_cache, v_cache, cu_q, cu_k, meta.max_query_len, meta.max_seq_len, scale,
                     seqused_k=meta.seq_lens, block_table=meta.block_tables)
     slots = context_slots(meta.block_tables, meta.seq_lens_cpu, block_size)
     hk, d = k_cache.shape[2], k_cache.shape[3]
-    k_ctx = k_cache.view(-1, hk, d).index_select(0, slots)   # [sum(seq_lens), Hk, D]
-    v_ctx = v_cache.view(-1, hk, d).index_select(0, slots)
+    k_ctx = gather_kv(k_cache.view(-1, hk, d), slots, q.dtype, k_scale)   # [sum(seq_lens), Hk, D]
+    v_ctx = gather_kv(v_cache.view(-1, hk, d), slots, q.dtype, v_scale)
     return impl(q, k_ctx, v_ctx, cu_q, cu_k, meta.max_query_len, meta.max_seq_len, scale)
 
 
@@ -162,7 +165,8 @@ class FlashBackend(AttentionBackend):
 
     name = "flash"
 
-    def __init__(self, varlen: VarlenImpl | None = None):
+    def __init__(self, varlen: VarlenImpl | None = None, *, k_scale: float = 1.0, v_scale: float = 1.0):
+        super().__init__(k_scale=k_scale, v_scale=v_scale)
         if not torch.cuda.is_available():
             raise BackendUnavailable("FlashAttention needs a CUDA device")
         self.varlen = varlen or select_varlen()
@@ -178,16 +182,19 @@ class FlashBackend(AttentionBackend):
         if q.dtype not in (torch.float16, torch.bfloat16):
             raise ValueError(f"FlashAttention runs float16/bfloat16, got {q.dtype}; use attention_backend='csrc' "
                              "or 'sdpa' for float32")
-        ops.reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        self.write_kv(k, v, k_cache, v_cache, meta)
         if not meta.is_decode:
-            return prefill_varlen(self.varlen, q, k, v, k_cache, v_cache, meta, scale)
+            return prefill_varlen(self.varlen, q, k, v, k_cache, v_cache, meta, scale,
+                                  k_scale=self.k_scale, v_scale=self.v_scale)
         if self.csrc_decode:
             return ops.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
-                                              max_seq_len=decode_len_hint(meta))
-        if self.varlen.supports_paged(k_cache.shape[1]):
+                                              max_seq_len=decode_len_hint(meta),
+                                              k_scale=self.k_scale, v_scale=self.v_scale)
+        if self.varlen.supports_paged(k_cache.shape[1]) and not ops.is_fp8(k_cache):
             return self.varlen(q, k_cache, v_cache, meta.query_start_loc, cu_seqlens(meta.seq_lens), 1,
                                meta.max_seq_len, scale, seqused_k=meta.seq_lens, block_table=meta.block_tables)
-        return ops.paged_decode_attention_ref(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
+        return ops.paged_decode_attention_ref(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
+                                              self.k_scale, self.v_scale)
 
 
 def auto_backend_name() -> str:

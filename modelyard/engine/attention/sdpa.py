@@ -3,20 +3,15 @@
 Runs anywhere torch runs (the CPU path and the oracle the fast backends are tested against).
 Prefill and mixed batches go sequence by sequence (each query block sits at the end of its
 sequence, so the causal mask is offset by the cached prefix); pure decode batches are gathered
-into one padded batch with a key-length mask.
+into one padded batch with a key-length mask. Both read every key and value back from the
+cache (gather_kv: dequantized for an fp8 cache), the step's own rows included.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .. import ops
-from .base import AttentionBackend, AttentionMetadata
-
-
-def _gather(cache: torch.Tensor, blocks: torch.Tensor, n: int) -> torch.Tensor:
-    """[num_blocks, bs, Hk, D] pool, a sequence's block ids -> its first n entries [n, Hk, D]."""
-    return cache[blocks].flatten(0, 1)[:n]
+from .base import AttentionBackend, AttentionMetadata, gather_kv
 
 
 def _expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -28,7 +23,7 @@ class SdpaBackend(AttentionBackend):
     name = "sdpa"
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        ops.reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        self.write_kv(k, v, k_cache, v_cache, meta)
         if meta.is_decode:
             return self._decode(q, k_cache, v_cache, meta, scale)
         return self._varlen(q, k_cache, v_cache, meta, scale)
@@ -44,8 +39,10 @@ class SdpaBackend(AttentionBackend):
             if q_len > n:
                 raise ValueError(f"sequence {i}: query_len {q_len} > seq_len {n}")
             blocks = meta.block_tables[i, : (n + bs - 1) // bs].long()
-            key = _expand_kv(_gather(k_cache, blocks, n).transpose(0, 1), Hq // Hk)    # [Hq, n, D]
-            val = _expand_kv(_gather(v_cache, blocks, n).transpose(0, 1), Hq // Hk)
+            key = gather_kv(k_cache, blocks, q.dtype, self.k_scale).flatten(0, 1)[:n]   # [n, Hk, D]
+            val = gather_kv(v_cache, blocks, q.dtype, self.v_scale).flatten(0, 1)[:n]
+            key = _expand_kv(key.transpose(0, 1), Hq // Hk)                             # [Hq, n, D]
+            val = _expand_kv(val.transpose(0, 1), Hq // Hk)
             query = q[start:start + q_len].transpose(0, 1)                             # [Hq, q_len, D]
             mask, causal = None, False
             if q_len == n:
@@ -54,8 +51,7 @@ class SdpaBackend(AttentionBackend):
                 # Query j sits at absolute position n - q_len + j and sees keys 0 .. n - q_len + j.
                 mask = torch.ones(q_len, n, dtype=torch.bool, device=q.device).tril(diagonal=n - q_len)
             # (q_len == 1 with a prefix: the one new token sees the whole sequence, no mask)
-            o = F.scaled_dot_product_attention(query, key.to(q.dtype), val.to(q.dtype), attn_mask=mask,
-                                               is_causal=causal, scale=scale)
+            o = F.scaled_dot_product_attention(query, key, val, attn_mask=mask, is_causal=causal, scale=scale)
             out[start:start + q_len] = o.transpose(0, 1)
             start += q_len
         if start != T:
@@ -67,12 +63,12 @@ class SdpaBackend(AttentionBackend):
         Hk, bs = k_cache.shape[2], k_cache.shape[1]
         max_blocks = (meta.max_seq_len + bs - 1) // bs
         blocks = meta.block_tables[:, :max_blocks].long()                                 # [S, MB]
-        key = k_cache[blocks].flatten(1, 2).transpose(1, 2)                               # [S, Hk, L, D]
-        val = v_cache[blocks].flatten(1, 2).transpose(1, 2)
+        key = gather_kv(k_cache, blocks, q.dtype, self.k_scale).flatten(1, 2).transpose(1, 2)  # [S, Hk, L, D]
+        val = gather_kv(v_cache, blocks, q.dtype, self.v_scale).flatten(1, 2).transpose(1, 2)
         L = key.shape[2]
         valid = torch.arange(L, device=q.device)[None, :] < meta.seq_lens.to(q.device)[:, None]  # [S, L]
         o = F.scaled_dot_product_attention(
             q[:, :, None, :],                                                              # [S, Hq, 1, D]
-            _expand_kv(key, Hq // Hk).to(q.dtype), _expand_kv(val, Hq // Hk).to(q.dtype),
+            _expand_kv(key, Hq // Hk), _expand_kv(val, Hq // Hk),
             attn_mask=valid[:, None, None, :], scale=scale)
         return o[:, :, 0, :]                                                               # [S, Hq, D]
