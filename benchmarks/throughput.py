@@ -215,6 +215,26 @@ def profile_decode_step(eng, batch: int, context: int, path: Path) -> None:
         f.write(f"== eager decode step, batch {batch}, context {context}, 3 steps ==\n{table}\n")
 
 
+def profile_prefill(eng, images, prompt, path: Path, n_images: int = 26) -> None:
+    """Kernel times of prefilling n_images prompts (about one 16k-token step) plus one sampled token."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from modelyard.engine import Request, SamplingParams
+    sp = SamplingParams(max_new_tokens=1, ignore_eos=True)
+    reqs = [Request(image=str(p), prompt=prompt, sampling=sp) for p in images[:n_images]]
+    eng.generate(reqs)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        eng.generate([Request(image=str(p), prompt=prompt, sampling=sp) for p in images[:n_images]])
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(f"== prefill of {n_images} images + 1 token, wall {wall * 1e3:.1f} ms (profiled) ==\n{table}\n")
+
+
 def run_modelyard(path, images, prompt, n_new, engine_kw, copy_gbps, profile_dir=None):
     from modelyard.engine import Engine, EngineConfig, Request, SamplingParams
     t0 = time.perf_counter()
@@ -252,6 +272,10 @@ def run_modelyard(path, images, prompt, n_new, engine_kw, copy_gbps, profile_dir
                 res["decode_step"].append({"batch": batch, "context": ctx, "error": f"{type(e).__name__}: {e}"})
             log("decode step " + json.dumps(res["decode_step"][-1]))
         if profile_dir is not None:
+            try:
+                profile_prefill(eng, images, prompt, Path(profile_dir, "profile-prefill.txt"))
+            except Exception as e:
+                log(f"prefill profile failed: {type(e).__name__}: {e}")
             for batch, ctx in ((64, 32), (64, res["prompt_tokens"] + n_new // 2)):
                 try:
                     profile_decode_step(eng, batch, ctx, Path(profile_dir, "profile-decode.txt"))
