@@ -111,8 +111,8 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
               "paged_decode_attention: q rows must be 16-byte aligned with a contiguous head dim");
   TORCH_CHECK(num_splits >= 0 && num_splits <= paged::kMaxSplits, "paged_decode_attention: num_splits must be in [0, ",
               num(paged::kMaxSplits), "], got ", num(num_splits));
-  TORCH_CHECK(variant == 0 || (variant >= 2 && variant <= 5),
-              "paged_decode_attention: variant must be 0 (auto) or 2..5, got ", num(variant));
+  TORCH_CHECK(variant == 0 || variant == 2 || variant == 3,
+              "paged_decode_attention: variant must be 0 (auto), 2 or 3, got ", num(variant));
   TORCH_CHECK(D == 64 || D == 80 || D == 96 || D == 128 || (D == 256 && q.element_size() == 2),
               "paged_decode_attention: head_dim ", num(D), " is not compiled (64, 80, 96, 128 and, for 16-bit types, 256 are)");
 

@@ -13,13 +13,8 @@ namespace paged {
 template <typename T, typename C, int D, int NG>
 void launch_main(const Params<T, C>& p, int num_seqs, cudaStream_t stream) {
   const dim3 grid(p.num_kv_heads * p.head_groups, num_seqs, p.num_splits);
-  constexpr bool kFp8Small = sizeof(C) == 1 && NG <= 2;
   if (p.variant == 3) {
     paged_decode_kernel_v2<T, C, D, NG, 3><<<grid, kThreads, 0, stream>>>(p);
-  } else if (kFp8Small && p.variant == 4) {
-    if constexpr (kFp8Small) paged_decode_kernel_v2<T, C, D, NG, 4><<<grid, kThreads, 0, stream>>>(p);
-  } else if (kFp8Small && p.variant == 5) {
-    if constexpr (kFp8Small) paged_decode_kernel_v2<T, C, D, NG, 5><<<grid, kThreads, 0, stream>>>(p);
   } else {
     paged_decode_kernel_v2<T, C, D, NG, 2><<<grid, kThreads, 0, stream>>>(p);
   }

@@ -14,21 +14,19 @@ namespace paged {
 // used, so every lane has loads in flight while it computes (variant 2 waits for each tile).
 // C is the cache element: a 16-byte load holds 8 bf16/fp16 or 16 fp8 values; the fp8 cache's
 // k_scale is folded into the query (scale_log2) and its v_scale into the output.
-// Variants 4 and 5 (fp8 cache, at most 2 heads per CTA; being measured): 4 keeps 8 tokens per
-// slot in flight, 5 moves fp8 rows in 8-byte pieces (the bf16 lane layout).
 template <typename T, typename C, int D, int NG, int VARIANT>
 __global__ void __launch_bounds__(kThreads) paged_decode_kernel_v2(const Params<T, C> p) {
   constexpr bool PF = VARIANT == 3;
   // Cache elements per lane per row: one 16-byte load, except fp8 with 4+ heads per CTA, where 16
   // query and accumulator floats per head would not fit in registers (8-byte loads instead).
-  constexpr int VEC = (sizeof(C) == 1 && (NG >= 4 || VARIANT == 5)) ? 8 : 16 / sizeof(C);
+  constexpr int VEC = (sizeof(C) == 1 && NG >= 4) ? 8 : 16 / sizeof(C);
   static_assert(D % VEC == 0, "head dim must be a whole number of 16-byte vectors");
   constexpr int NVEC = D / VEC;
   static_assert(NVEC <= 32, "one warp must cover a K/V row");
   constexpr int TPT = NextPow2<NVEC>::value;
   constexpr int TPW = 32 / TPT;
   // consecutive tokens per slot per step
-  constexpr int U = VARIANT == 4 ? 8 : PF ? (NG >= 4 ? 2 : 4) : (TPW >= 4 ? 2 : 4);
+  constexpr int U = PF ? (NG >= 4 ? 2 : 4) : (TPW >= 4 ? 2 : 4);
   constexpr int NS = kWarps * TPW;           // slots per CTA
   constexpr int QV = 16 / sizeof(T);         // query elements per 16-byte load
   static_assert(VEC % QV == 0, "a lane's query slice is a whole number of 16-byte loads");
