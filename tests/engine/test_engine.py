@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from hf_reference import hf_greedy
 from modelyard import testing
 from modelyard.engine import Engine, EngineConfig, Request, SamplingParams
 from modelyard.engine.images import load_images
@@ -11,25 +12,6 @@ from modelyard.engine.processor import Processor
 
 ARCHS = ("llava", "llava-qwen2")
 NEW = 32
-
-
-def _hf_reference(path, items, n):
-    """Greedy tokens from transformers generate, one request at a time (no padding effects)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-    proc = AutoProcessor.from_pretrained(path)
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
-    out = []
-    for image, prompt in items:
-        imgs = load_images(image)
-        content = [{"type": "image"} for _ in imgs] + [{"type": "text", "text": prompt}]
-        text = proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-        inputs = proc(text=text, images=imgs or None, return_tensors="pt")
-        with torch.inference_mode():
-            seq = model.generate(**inputs, do_sample=False, max_new_tokens=n, min_new_tokens=n,
-                                 pad_token_id=proc.tokenizer.pad_token_id)
-        out.append(seq[0, inputs["input_ids"].shape[1]:].tolist())
-    return out
-
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +22,7 @@ def env(tmp_path_factory):
     data = {"root": root, "images": images, "prompts": prompts}
     for arch in ARCHS:
         path = testing.make_checkpoint(arch, root / arch)
-        data[arch] = {"path": path, "ref": _hf_reference(path, list(zip(images, prompts)), NEW)}
+        data[arch] = {"path": path, "ref": hf_greedy(path, list(zip(images, prompts)), NEW)}
     return data
 
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
+from hf_reference import hf_greedy
 from modelyard import testing
 from modelyard.engine import Engine, EngineConfig, Output, Request, SamplingParams
 
 CPU = dict(device="cpu", dtype="float32")
-
 
 
 @pytest.fixture(scope="module")
@@ -92,19 +92,6 @@ def test_seeded_sampling_does_not_depend_on_the_batch(env):
     assert reseeded.token_ids != alone
 
 
-def _hf_greedy(path, images, prompt, n):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-    proc = AutoProcessor.from_pretrained(path)
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
-    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
-    text = proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    inputs = proc(text=text, images=images or None, return_tensors="pt")
-    with torch.inference_mode():
-        seq = model.generate(**inputs, do_sample=False, max_new_tokens=n, min_new_tokens=n,
-                             pad_token_id=proc.tokenizer.pad_token_id)
-    return seq[0, inputs["input_ids"].shape[1]:].tolist()
-
-
 def test_several_images_and_text_only_match_transformers(env):
     eng = env["eng"]
     sp = SamplingParams(max_new_tokens=12, ignore_eos=True)
@@ -112,8 +99,9 @@ def test_several_images_and_text_only_match_transformers(env):
     outs = eng.generate([Request(image=[env["images"][0], env["images"][1]], prompt="Compare.", sampling=sp),
                          Request(image=None, prompt="Tell me a story.", sampling=sp)])
     assert outs[0].num_image_tokens == 32 and outs[1].num_image_tokens == 0
-    assert outs[0].token_ids == _hf_greedy(env["path"], pair, "Compare.", 12)
-    assert outs[1].token_ids == _hf_greedy(env["path"], [], "Tell me a story.", 12)
+    want = hf_greedy(env["path"], [(pair, "Compare."), (None, "Tell me a story.")], 12)
+    assert outs[0].token_ids == want[0]
+    assert outs[1].token_ids == want[1]
 
 
 def test_config_checks_and_backend_dispatch(env):

@@ -50,6 +50,11 @@ class VarlenImpl:
     def supports_paged(self, block_size: int) -> bool:
         return self.paged_block_multiple is not None and block_size % self.paged_block_multiple == 0
 
+    def reads_cache(self, k_cache: torch.Tensor) -> bool:
+        """Whether this pool can be passed as-is with a block_table: the block size allows it and
+        the elements are the model's (no implementation reads an fp8 cache)."""
+        return self.supports_paged(k_cache.shape[1]) and not ops.is_fp8(k_cache)
+
     def __call__(self, q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float,
                  seqused_k=None, block_table=None) -> torch.Tensor:
         """Causal attention, bottom-right aligned when a sequence has more keys than queries."""
@@ -149,7 +154,7 @@ def prefill_varlen(impl: VarlenImpl, q, k, v, k_cache, v_cache, meta: AttentionM
         return impl(q, k, v, cu_q, cu_q, meta.max_query_len, meta.max_query_len, scale)
     block_size = k_cache.shape[1]
     cu_k = cu_seqlens(meta.seq_lens)
-    if impl.supports_paged(block_size) and not ops.is_fp8(k_cache):
+    if impl.reads_cache(k_cache):
         return impl(q, k_cache, v_cache, cu_q, cu_k, meta.max_query_len, meta.max_seq_len, scale,
                     seqused_k=meta.seq_lens, block_table=meta.block_tables)
     slots = context_slots(meta.block_tables, meta.seq_lens_cpu, block_size)
@@ -190,7 +195,7 @@ class FlashBackend(AttentionBackend):
             return ops.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
                                               max_seq_len=decode_len_hint(meta),
                                               k_scale=self.k_scale, v_scale=self.v_scale)
-        if self.varlen.supports_paged(k_cache.shape[1]) and not ops.is_fp8(k_cache):
+        if self.varlen.reads_cache(k_cache):
             return self.varlen(q, k_cache, v_cache, meta.query_start_loc, cu_seqlens(meta.seq_lens), 1,
                                meta.max_seq_len, scale, seqused_k=meta.seq_lens, block_table=meta.block_tables)
         return ops.paged_decode_attention_ref(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,

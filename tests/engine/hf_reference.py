@@ -1,0 +1,23 @@
+"""The oracle the engine tests compare against: greedy tokens from transformers `generate`."""
+import torch
+
+from modelyard.engine.images import load_images
+
+
+def hf_greedy(path, items, n: int) -> list[list[int]]:
+    """items: (image source(s) or None, prompt) pairs -> exactly n greedy tokens for each, from
+    transformers generate in float32, one request at a time (no padding effects)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    proc = AutoProcessor.from_pretrained(path)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    out = []
+    for image, prompt in items:
+        imgs = load_images(image)
+        content = [{"type": "image"} for _ in imgs] + [{"type": "text", "text": prompt}]
+        text = proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        inputs = proc(text=text, images=imgs or None, return_tensors="pt")
+        with torch.inference_mode():
+            seq = model.generate(**inputs, do_sample=False, max_new_tokens=n, min_new_tokens=n,
+                                 pad_token_id=proc.tokenizer.pad_token_id)
+        out.append(seq[0, inputs["input_ids"].shape[1]:].tolist())
+    return out
