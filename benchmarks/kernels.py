@@ -192,10 +192,38 @@ def prefill_attention():
     row("prefill 8x650 H32 D128", "torch SDPA per-sequence loop", ms, None, tflops=f"{flops / ms / 1e9:.0f}")
 
 
+def gemms():
+    """The LLaVA-7B decoder projections: bf16 matmul against the fp8 path (csrc per-token quantizer +
+    torch._scaled_mm row-wise), at a prefill step (16k tokens) and decode batches 64 and 256."""
+    from modelyard.engine.quant import fp8_linear
+    k = kernels.get()
+    for K, N, name in ((4096, 12288, "qkv"), (4096, 4096, "o"), (4096, 22016, "gate_up"), (11008, 4096, "down")):
+        w = (torch.randn(N, K, device="cuda") * K ** -0.5).to(torch.bfloat16)
+        wq, ws = k.per_token_quant_fp8(w)
+        ws = ws.view(1, -1)
+        for M in (64, 256, 16384):
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            flops = 2 * M * N * K
+            ms = timeit(lambda: x @ w.t())
+            row(f"gemm {name} {K}->{N}", f"bf16 M={M}", ms, 2 * (N * K + M * K + M * N),
+                tflops=f"{flops / ms / 1e9:.0f}")
+            ms = timeit(lambda: fp8_linear(x, wq, ws, None, torch.bfloat16))
+            row(f"gemm {name} {K}->{N}", f"fp8 quant+scaled_mm M={M}", ms, N * K + 3 * M * K + 2 * M * N,
+                tflops=f"{flops / ms / 1e9:.0f}")
+            xq, xs = k.per_token_quant_fp8(x)
+            ms = timeit(lambda: torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws, out_dtype=torch.bfloat16))
+            row(f"gemm {name} {K}->{N}", f"fp8 scaled_mm only M={M}", ms, N * K + M * K + 2 * M * N,
+                tflops=f"{flops / ms / 1e9:.0f}")
+            if M == 16384:
+                row(f"gemm {name} {K}->{N}", f"per_token_quant_fp8 M={M}", timeit(lambda: k.per_token_quant_fp8(x)),
+                    3 * M * K)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
     ap.add_argument("--decode-only", action="store_true", help="only the decode attention cases")
+    ap.add_argument("--gemm-only", action="store_true", help="only the bf16 / fp8 projection GEMMs")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
@@ -205,10 +233,20 @@ def main() -> int:
     print(json.dumps(env), flush=True)
     kernels.get()
     copy = copy_bandwidth()
+    if args.gemm_only:
+        gemms()
+    else:
+        attention_and_small_ops(args.decode_only)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(env=env, copy_gb_s=copy, rows=ROWS), f, indent=1)
+    return 0
+
+
+def attention_and_small_ops(quick: bool) -> None:
     gen = torch.Generator().manual_seed(0)
     lens650 = torch.randint(600, 701, (64,), generator=gen).tolist()
     lens256 = torch.randint(600, 701, (256,), generator=gen).tolist()
-    quick = args.decode_only
     decode_attention("LLaVA-7B S64 H32/32 D128 ~650", 64, 32, 32, 128, lens650, baselines=not quick,
                      sweep=() if quick else (1, 2, 4, 8))
     decode_attention("LLaVA-7B S256 H32/32 D128 ~650", 256, 32, 32, 128, lens256, sweep=(), baselines=False)
@@ -225,10 +263,6 @@ def main() -> int:
     if not quick:
         small_ops()
         prefill_attention()
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(env=env, copy_gb_s=copy, rows=ROWS), f, indent=1)
-    return 0
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import argparse
 import gc
 import json
 import platform
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -140,7 +141,9 @@ def decode_weight_bytes(model) -> int:
     """Bytes one decode step must read: every decoder weight and the LM head (the embedding table
     is gathered, not read, unless it is the tied LM head)."""
     lm = model.language_model
-    n = sum(p.numel() * p.element_size() for name, p in lm.named_parameters() if not name.startswith("embed_tokens"))
+    # fp8 layers (quantization="fp8") hold their weights and scales as buffers; the rope table is not read
+    tensors = [*lm.named_parameters(), *((n, b) for n, b in lm.named_buffers() if n != "cos_sin_cache")]
+    n = sum(t.numel() * t.element_size() for name, t in tensors if not name.startswith("embed_tokens"))
     head = lm.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
     return n + head.numel() * head.element_size()
 
@@ -215,24 +218,24 @@ def profile_decode_step(eng, batch: int, context: int, path: Path) -> None:
         f.write(f"== eager decode step, batch {batch}, context {context}, 3 steps ==\n{table}\n")
 
 
-def profile_prefill(eng, images, prompt, path: Path, n_images: int = 26) -> None:
-    """Kernel times of prefilling n_images prompts (about one 16k-token step) plus one sampled token."""
-    from torch.profiler import ProfilerActivity, profile
+def profile_prefill(eng, images, prompt, out_dir: Path, n_images: int = 64) -> None:
+    """n_images prompts (~2.5 16k-token prefill steps) plus one sampled token each, through
+    generate() with its preprocessing threads, under the profiler: the kernel table, and the GPU's
+    idle gaps with what the host was doing in each (timeline.py; the trace is kept, gzipped)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from timeline import format_report, profile_timeline
 
     from modelyard.engine import Request, SamplingParams
     sp = SamplingParams(max_new_tokens=1, ignore_eos=True)
-    reqs = [Request(image=str(p), prompt=prompt, sampling=sp) for p in images[:n_images]]
-    eng.generate(reqs)
+    reqs = lambda: [Request(image=str(p), prompt=prompt, sampling=sp) for p in images[:n_images]]  # noqa: E731
+    eng.generate(reqs())
     torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        eng.generate([Request(image=str(p), prompt=prompt, sampling=sp) for p in images[:n_images]])
-        torch.cuda.synchronize()
-    wall = time.perf_counter() - t0
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(f"== prefill of {n_images} images + 1 token, wall {wall * 1e3:.1f} ms (profiled) ==\n{table}\n")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    res = profile_timeline(lambda: eng.generate(reqs()), out_dir / "prefill-trace.json.gz", engine=eng)
+    with open(out_dir / "profile-prefill.txt", "a") as f:
+        f.write(f"== prefill of {n_images} images + 1 token (generate, profiled), config {json.dumps(eng.config.__dict__, default=str)} ==\n")
+        f.write(format_report(res) + "\n")
+    log(f"prefill timeline: wall {res['wall_ms']:.0f} ms, GPU busy {res['busy_ms']:.0f} ms, idle {res['idle_ms']:.0f} ms")
 
 
 def run_modelyard(path, images, prompt, n_new, engine_kw, copy_gbps, profile_dir=None):
@@ -273,7 +276,7 @@ def run_modelyard(path, images, prompt, n_new, engine_kw, copy_gbps, profile_dir
             log("decode step " + json.dumps(res["decode_step"][-1]))
         if profile_dir is not None:
             try:
-                profile_prefill(eng, images, prompt, Path(profile_dir, "profile-prefill.txt"))
+                profile_prefill(eng, images, prompt, Path(profile_dir))
             except Exception as e:
                 log(f"prefill profile failed: {type(e).__name__}: {e}")
             for batch, ctx in ((64, 32), (64, res["prompt_tokens"] + n_new // 2)):

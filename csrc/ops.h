@@ -37,4 +37,8 @@ void rotary_embedding(const at::Tensor& positions, at::Tensor& query, at::Tensor
 // x [..., 2I] -> silu(x[..., :I]) * x[..., I:]  [..., I].
 at::Tensor silu_and_mul(const at::Tensor& x);
 
+// x [M, K] (float32 / float16 / bfloat16, contiguous last dim) -> (q [M, K] float8_e4m3fn,
+// scales [M, 1] float32) with x ~= q * scales row by row: scale = max(|x_row|, 1e-12) / 448.
+std::tuple<at::Tensor, at::Tensor> per_token_quant_fp8(const at::Tensor& x);
+
 }  // namespace modelyard

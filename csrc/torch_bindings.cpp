@@ -17,6 +17,7 @@ TORCH_LIBRARY(modelyard, m) {
       "rotary_embedding(Tensor positions, Tensor(a!) query, Tensor(b!) key, int head_dim, Tensor cos_sin_cache, "
       "bool is_neox) -> ()");
   m.def("silu_and_mul(Tensor x) -> Tensor");
+  m.def("per_token_quant_fp8(Tensor x) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(modelyard, CUDA, m) {
@@ -26,4 +27,5 @@ TORCH_LIBRARY_IMPL(modelyard, CUDA, m) {
   m.impl("fused_add_rms_norm", &modelyard::fused_add_rms_norm);
   m.impl("rotary_embedding", &modelyard::rotary_embedding);
   m.impl("silu_and_mul", &modelyard::silu_and_mul);
+  m.impl("per_token_quant_fp8", &modelyard::per_token_quant_fp8);
 }

@@ -23,11 +23,13 @@ def build_engine_parts(path, config: EngineConfig) -> dict:
     from .cuda_graphs import decode_graphs_for
     from .kv_cache import KVCache, KVCacheSpec, estimate_activation_bytes, plan_num_blocks
     from .loader import load_model, read_config
+    from .quant import check_quantization, quantize_model
     from .runner import ModelRunner
 
     device = torch.device(config.resolved_device())
     dtype = config.resolved_dtype()
     kv_dtype = config.resolved_kv_cache_dtype()     # raises before any weights load if it cannot run here
+    check_quantization(config.quantization, device, dtype)
     t_load = time.perf_counter()
     hf_config = read_config(path)
     max_pos = int(hf_config.text_config.max_position_embeddings)
@@ -36,6 +38,8 @@ def build_engine_parts(path, config: EngineConfig) -> dict:
         raise ValueError(f"max_model_len {max_model_len} exceeds the checkpoint's max_position_embeddings "
                          f"{max_pos}")
     model = load_model(path, dtype, device, max_model_len)
+    if config.quantization is not None:
+        quantize_model(model, config.quantization)
     weights_bytes = sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(),
                                                                              model.buffers()))
     processor = Processor.from_pretrained(path, image_token_id=model.image_token_id)

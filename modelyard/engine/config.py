@@ -9,6 +9,7 @@ _ATTN = ("auto", "sdpa", "flash", "csrc")
 # "auto": the model dtype. The fp8 names both mean float8_e4m3fn (ops.FP8_KV_DTYPE), as in vLLM.
 FP8_KV_CACHE_DTYPES = ("fp8", "fp8_e4m3")
 KV_CACHE_DTYPES = ("auto", *FP8_KV_CACHE_DTYPES)
+QUANTIZATION_METHODS = (None, "fp8")   # the methods themselves live in quant.py
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,9 @@ class EngineConfig:
     # multiply back. 1.0 is vLLM's default without calibration (K/V of typical models fit +-448).
     kv_cache_k_scale: float = 1.0
     kv_cache_v_scale: float = 1.0
+    # None: the checkpoint's weights as loaded. "fp8": the decoder's linear layers run e4m3 weights
+    # (per-row scales, quantized at load) and e4m3 activations (per-token scales); see quant.py.
+    quantization: str | None = None
 
     def __post_init__(self):
         if self.backend not in _BACKENDS:
@@ -53,6 +57,8 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
+        if self.quantization not in QUANTIZATION_METHODS:
+            raise ValueError(f"quantization must be one of {QUANTIZATION_METHODS}, got {self.quantization!r}")
         for name in ("kv_cache_k_scale", "kv_cache_v_scale"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (

@@ -20,6 +20,9 @@ def _check_supported(config: EngineConfig) -> None:
         raise ValueError(f"kv_cache_dtype={config.kv_cache_dtype!r} needs the native engine's paged KV cache; "
                          "backend=\"transformers\" keeps its KV cache in the model dtype (use "
                          "kv_cache_dtype=\"auto\")")
+    if config.quantization is not None:
+        raise ValueError(f"quantization={config.quantization!r} is the native engine's (its fp8 linear layers); "
+                         "backend=\"transformers\" runs the checkpoint's weights as loaded (use quantization=None)")
 
 
 class HFEngine:

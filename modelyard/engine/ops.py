@@ -11,6 +11,7 @@ Shapes follow vLLM's conventions so the kernels are drop-in:
                     k_scale, v_scale)
   paged_decode_attention(q [S, Hq, D], k_cache, v_cache, block_tables [S, MB], seq_lens [S], scale,
                          k_scale, v_scale) -> [S, Hq, D]
+  per_token_quant_fp8(x [M, K]) -> (q [M, K] float8_e4m3fn, scales [M, 1] float32)
 
 KV cache dtype: the model's dtype, or float8_e4m3fn (the fp8 cache). An fp8 cache stores
 x / scale rounded to e4m3 and saturated at +-448 (k_scale for keys, v_scale for values, per tensor,
@@ -192,3 +193,24 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale,
                                            -1 if max_seq_len is None else int(max_seq_len), int(num_splits),
                                            0, float(k_scale), float(v_scale))
     return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale, v_scale)
+
+
+_MIN_AMAX = 1e-12  # an all-zero row still gets a positive scale (csrc/quant_kernels.cu: kMinAmax)
+
+
+def per_token_quant_fp8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (q [M, K] e4m3, scales [M, 1] float32), x ~= q * scales per row.
+    scale = max|x_row| / 448, so every row uses e4m3's full range; q rounds to nearest, saturated."""
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1, keepdim=True).clamp_min(_MIN_AMAX)                  # [M, 1]
+    # Divide by a device tensor, not a Python float: CUDA turns division by a host scalar into a
+    # multiplication by its reciprocal, which is not the correctly rounded quotient the kernel computes.
+    scales = amax / amax.new_full((), _FP8_MAX)
+    return (xf / scales).clamp_(-_FP8_MAX, _FP8_MAX).to(FP8_KV_DTYPE), scales
+
+
+def per_token_quant_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    kern = _kernels(x)
+    if kern is not None:
+        return kern.per_token_quant_fp8(x)
+    return per_token_quant_fp8_ref(x)

@@ -86,6 +86,7 @@ class DecoderAttention(nn.Module):
         q_rows, kv_rows = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
         self.qkv_proj = MergedLinear(spec.hidden_size, {"q_proj": q_rows, "k_proj": kv_rows, "v_proj": kv_rows},
                                      bias=spec.qkv_bias)
+        self.qkv_sizes = [q_rows, kv_rows, kv_rows]    # kept here: quantization may replace qkv_proj
         self.o_proj = nn.Linear(q_rows, spec.hidden_size, bias=spec.o_bias)
         self.scale = spec.head_dim ** -0.5
 
@@ -94,7 +95,7 @@ class DecoderAttention(nn.Module):
         qkv = self.qkv_proj(hidden)                                       # [T, (Hq + 2 Hk) * D]
         # Views into qkv, no copies (three fewer kernels per layer): rotary (in place), the cache
         # write and the attention kernels all take a row stride with dense heads within the row.
-        q, k, v = qkv.split(self.qkv_proj.split_sizes(), dim=-1)         # [T, H * D], row stride of qkv
+        q, k, v = qkv.split(self.qkv_sizes, dim=-1)         # [T, H * D], row stride of qkv
         ops.rotary_embedding(positions, q, k, self.head_dim, cos_sin, True)
         out = attn.forward(
             q.view(T, self.num_heads, self.head_dim),

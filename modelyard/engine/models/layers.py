@@ -23,9 +23,6 @@ class MergedLinear(nn.Linear):
             self.parts[name] = (offset, rows)
             offset += rows
 
-    def split_sizes(self) -> list[int]:
-        return [rows for _, rows in self.parts.values()]
-
 
 def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
