@@ -1,5 +1,12 @@
 // silu_and_mul: the gated MLP activation, silu(gate) * up, over rows [gate (I) | up (I)].
 // Rounding matches the torch reference: silu is rounded to the dtype before the multiply.
+//
+// silu_and_mul_quant_fp8 feeds an fp8 down_proj (EngineConfig(quantization="fp8")): it writes the
+// per-token e4m3 quantization of that product (q, scale), bit-identical to
+// per_token_quant_fp8(silu_and_mul(x)). The scale needs the whole row's maximum before any element
+// can be written, so it runs one CTA per row and keeps the row's products (rounded to the dtype) in
+// registers: x is read once and only e4m3 is written. Rows wider than the registers hold (I > 32768)
+// and unaligned rows take a simpler two-pass kernel that reads x twice and recomputes the products.
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -8,6 +15,23 @@
 
 namespace modelyard {
 namespace {
+
+// The per-token quantizer's constants (quant_kernels.cu), kept equal for bit-identical results.
+constexpr float kFp8Max = 448.f;
+constexpr float kMinAmax = 1e-12f;
+// Elements of the row one thread of the fused register kernel holds (kHeld / VEC vectors): up to
+// 1024 threads then cover I <= 32768 (Llama-70B: 28672, Qwen2-72B: 29568); wider rows go two-pass.
+constexpr int kHeld = 32;
+constexpr int kTwoPassThreads = 256;
+
+// silu(a) * b with both roundings of the reference. Both kernels use this one expression so the
+// fused and plain results agree bit for bit.
+template <typename T>
+__device__ __forceinline__ T silu_mul(T a, T b) {
+  const float g = to_float(a);
+  const float s = to_float(from_float<T>(g / (1.f + __expf(-g))));
+  return from_float<T>(s * to_float(b));
+}
 
 template <typename T, int VEC>
 __global__ void silu_and_mul_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t x_stride, int inter) {
@@ -19,23 +43,111 @@ __global__ void silu_and_mul_kernel(const T* __restrict__ x, T* __restrict__ out
   const Vec<T, VEC> b = load_vec<T, VEC>(gate + inter + i);
   Vec<T, VEC> o;
 #pragma unroll
-  for (int k = 0; k < VEC; ++k) {
-    const float g = to_float(a.v[k]);
-    const float s = to_float(from_float<T>(g / (1.f + __expf(-g))));
-    o.v[k] = from_float<T>(s * to_float(b.v[k]));
-  }
+  for (int k = 0; k < VEC; ++k) o.v[k] = silu_mul(a.v[k], b.v[k]);
   store_vec<T, VEC>(out + row * inter + i, o);
+}
+
+// Max over the whole block; every thread gets the result. `scratch` holds 32 floats.
+__device__ __forceinline__ float block_max(float x, float* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int nwarps = (blockDim.x + 31) >> 5;
+  x = warp_max(x);
+  if (lane == 0) scratch[warp] = x;
+  __syncthreads();
+  x = lane < nwarps ? scratch[lane] : 0.f;
+  return warp_max(x);
+}
+
+// The row's scale from each thread's partial |max| (quant_kernels.cu's formula); thread 0 stores it.
+__device__ __forceinline__ float row_scale(float amax, float* scratch, float* scales, int64_t row) {
+  amax = block_max(amax, scratch);
+  const float scale = __fdiv_rn(fmaxf(amax, kMinAmax), kFp8Max);
+  if (threadIdx.x == 0) scales[row] = scale;
+  return scale;
+}
+
+// The row stays in registers: one CTA per row, each thread holding kPer vectors of products
+// (rounded to T); the launch guarantees blockDim.x * kPer * VEC >= inter. The launch bound makes
+// ptxas fit 1024-thread CTAs (the widest rows).
+template <typename T, int VEC, int kPer>
+__global__ void __launch_bounds__(1024) silu_and_mul_quant_fp8_kernel(
+    const T* __restrict__ x, fp8_e4m3* __restrict__ q, float* __restrict__ scales, int64_t x_stride, int inter) {
+  __shared__ float scratch[32];
+  const int64_t row = blockIdx.x;
+  const T* gate = x + row * x_stride;
+  const int nvec = inter / VEC;
+  Vec<T, VEC> o[kPer];
+  float amax = 0.f;
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) {
+    const int i = threadIdx.x + j * blockDim.x;
+    if (i < nvec) {
+      const Vec<T, VEC> a = load_vec<T, VEC>(gate + i * VEC);
+      const Vec<T, VEC> b = load_vec<T, VEC>(gate + inter + i * VEC);
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) {
+        o[j].v[k] = silu_mul(a.v[k], b.v[k]);
+        amax = fmaxf(amax, fabsf(to_float(o[j].v[k])));
+      }
+    }
+  }
+  const float scale = row_scale(amax, scratch, scales, row);
+  fp8_e4m3* out = q + row * inter;
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) {
+    const int i = threadIdx.x + j * blockDim.x;
+    if (i < nvec) {
+      Vec<fp8_e4m3, VEC> r;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) r.v[k] = float_to_fp8(__fdiv_rn(to_float(o[j].v[k]), scale));
+      store_vec<fp8_e4m3, VEC>(out + i * VEC, r);
+    }
+  }
+}
+
+// Any width: one CTA per row, a strided loop finds the maximum, a second one reads the row again
+// (mostly from L2) and recomputes the products to quantize them. For rows too wide for registers
+// and the scalar (unaligned) path, which the model never takes: gate_up_proj's output is dense.
+template <typename T, int VEC>
+__global__ void silu_and_mul_quant_fp8_twopass_kernel(const T* __restrict__ x, fp8_e4m3* __restrict__ q,
+                                                      float* __restrict__ scales, int64_t x_stride, int inter) {
+  __shared__ float scratch[32];
+  const int64_t row = blockIdx.x;
+  const T* gate = x + row * x_stride;
+  const int nvec = inter / VEC;
+  float amax = 0.f;
+  for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
+    const Vec<T, VEC> a = load_vec<T, VEC>(gate + i * VEC);
+    const Vec<T, VEC> b = load_vec<T, VEC>(gate + inter + i * VEC);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) amax = fmaxf(amax, fabsf(to_float(silu_mul(a.v[k], b.v[k]))));
+  }
+  const float scale = row_scale(amax, scratch, scales, row);
+  fp8_e4m3* out = q + row * inter;
+  for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
+    const Vec<T, VEC> a = load_vec<T, VEC>(gate + i * VEC);
+    const Vec<T, VEC> b = load_vec<T, VEC>(gate + inter + i * VEC);
+    Vec<fp8_e4m3, VEC> r;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) r.v[k] = float_to_fp8(__fdiv_rn(to_float(silu_mul(a.v[k], b.v[k])), scale));
+    store_vec<fp8_e4m3, VEC>(out + i * VEC, r);
+  }
+}
+
+// x [..., 2I] -> x as [rows, 2I] with evenly strided rows. Checks what both ops need.
+at::Tensor silu_rows(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.is_cuda(), name, ": x must be on CUDA");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) % 2 == 0, name, ": last dim must be even, got ", shape(x.sizes()));
+  TORCH_CHECK(x.stride(-1) == 1, name, ": last dim must be contiguous");
+  // Rows of a >2-d input must be evenly strided; reshape copies only when they are not.
+  return x.dim() == 2 ? x : x.reshape({-1, x.size(-1)});
 }
 
 }  // namespace
 
 at::Tensor silu_and_mul(const at::Tensor& x) {
-  TORCH_CHECK(x.is_cuda(), "silu_and_mul: x must be on CUDA");
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) % 2 == 0, "silu_and_mul: last dim must be even, got ", shape(x.sizes()));
-  TORCH_CHECK(x.stride(-1) == 1, "silu_and_mul: last dim must be contiguous");
-  const int64_t width = x.size(-1), inter = width / 2;
-  // Rows of a >2-d input must be evenly strided; reshape copies only when they are not.
-  const at::Tensor x2 = x.dim() == 2 ? x : x.reshape({-1, width});
+  const at::Tensor x2 = silu_rows(x, "silu_and_mul");
+  const int64_t inter = x2.size(1) / 2;
   const int64_t rows = x2.size(0);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = inter;
@@ -61,6 +173,47 @@ at::Tensor silu_and_mul(const at::Tensor& x) {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> silu_and_mul_quant_fp8(const at::Tensor& x) {
+  const at::Tensor x2 = silu_rows(x, "silu_and_mul_quant_fp8");
+  const int64_t inter = x2.size(1) / 2;
+  const int64_t rows = x2.size(0);
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = inter;
+  at::Tensor q = at::empty(out_shape, x.options().dtype(at::kFloat8_e4m3fn));
+  out_shape.back() = 1;
+  at::Tensor scales = at::empty(out_shape, x.options().dtype(at::kFloat));
+  if (rows == 0) return {q, scales};  // an empty row (inter == 0) still gets its scale below
+  TORCH_CHECK(inter <= (int64_t{1} << 30), "silu_and_mul_quant_fp8: row width ", num(inter), " is too large");
+
+  const c10::cuda::OptionalCUDAGuard guard(x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  // 16-byte input vectors where the row start, row stride and I allow it; the e4m3 stores are then
+  // 4 or 8 bytes, aligned because I is a multiple of the vector.
+  const bool vectorized = vec_elems(x2, {x2.stride(0), inter}, inter) > 1;
+  MODELYARD_DISPATCH_FLOAT_TYPES(x.scalar_type(), "silu_and_mul_quant_fp8", [&] {
+    constexpr int V = 16 / sizeof(scalar_t);
+    constexpr int kPer = kHeld / V;
+    const auto* xp = reinterpret_cast<const scalar_t*>(x2.data_ptr());
+    auto* qp = reinterpret_cast<fp8_e4m3*>(q.data_ptr());
+    auto* sp = scales.data_ptr<float>();
+    const auto blocks = static_cast<unsigned>(rows);
+    const int64_t nvec = inter / V;
+    const int64_t held_threads = std::max<int64_t>(32, ceil_div(ceil_div(nvec, kPer), 32) * 32);
+    if (vectorized && held_threads <= 1024) {
+      silu_and_mul_quant_fp8_kernel<scalar_t, V, kPer><<<blocks, static_cast<unsigned>(held_threads), 0, stream>>>(
+          xp, qp, sp, x2.stride(0), static_cast<int>(inter));
+    } else if (vectorized) {
+      silu_and_mul_quant_fp8_twopass_kernel<scalar_t, V><<<blocks, kTwoPassThreads, 0, stream>>>(
+          xp, qp, sp, x2.stride(0), static_cast<int>(inter));
+    } else {
+      silu_and_mul_quant_fp8_twopass_kernel<scalar_t, 1><<<blocks, kTwoPassThreads, 0, stream>>>(
+          xp, qp, sp, x2.stride(0), static_cast<int>(inter));
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {q, scales};
 }
 
 }  // namespace modelyard

@@ -29,6 +29,16 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm(const at::Tensor& x, const at::Tensor& residual,
                                                       const at::Tensor& weight, double eps);
 
+// The fp8 linear layers' inputs straight from the norm (EngineConfig(quantization="fp8")): the same
+// results as per_token_quant_fp8(rms_norm(x, weight, eps)), bit for bit, without the 16-bit row in
+// memory -> (q [T, H] float8_e4m3fn, scales [T, 1] float32).
+std::tuple<at::Tensor, at::Tensor> rms_norm_quant_fp8(const at::Tensor& x, const at::Tensor& weight, double eps);
+
+// -> (q, scales) of per_token_quant_fp8(rms_norm(x + residual)), and x + residual [T, H].
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_add_rms_norm_quant_fp8(const at::Tensor& x,
+                                                                            const at::Tensor& residual,
+                                                                            const at::Tensor& weight, double eps);
+
 // In place on query [T, Hq*D] / [T, Hq, D] and key [T, Hk*D] / [T, Hk, D];
 // cos_sin_cache [max_pos, D] float32 rows [cos | sin].
 void rotary_embedding(const at::Tensor& positions, at::Tensor& query, at::Tensor& key, int64_t head_dim,
@@ -36,6 +46,10 @@ void rotary_embedding(const at::Tensor& positions, at::Tensor& query, at::Tensor
 
 // x [..., 2I] -> silu(x[..., :I]) * x[..., I:]  [..., I].
 at::Tensor silu_and_mul(const at::Tensor& x);
+
+// x [..., 2I] -> per_token_quant_fp8(silu_and_mul(x)) bit for bit: (q [..., I] float8_e4m3fn,
+// scales [..., 1] float32).
+std::tuple<at::Tensor, at::Tensor> silu_and_mul_quant_fp8(const at::Tensor& x);
 
 // x [M, K] (float32 / float16 / bfloat16, contiguous last dim) -> (q [M, K] float8_e4m3fn,
 // scales [M, 1] float32) with x ~= q * scales row by row: scale = max(|x_row|, 1e-12) / 448.

@@ -18,6 +18,9 @@ TORCH_LIBRARY(modelyard, m) {
       "bool is_neox) -> ()");
   m.def("silu_and_mul(Tensor x) -> Tensor");
   m.def("per_token_quant_fp8(Tensor x) -> (Tensor, Tensor)");
+  m.def("rms_norm_quant_fp8(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)");
+  m.def("fused_add_rms_norm_quant_fp8(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("silu_and_mul_quant_fp8(Tensor x) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(modelyard, CUDA, m) {
@@ -28,4 +31,7 @@ TORCH_LIBRARY_IMPL(modelyard, CUDA, m) {
   m.impl("rotary_embedding", &modelyard::rotary_embedding);
   m.impl("silu_and_mul", &modelyard::silu_and_mul);
   m.impl("per_token_quant_fp8", &modelyard::per_token_quant_fp8);
+  m.impl("rms_norm_quant_fp8", &modelyard::rms_norm_quant_fp8);
+  m.impl("fused_add_rms_norm_quant_fp8", &modelyard::fused_add_rms_norm_quant_fp8);
+  m.impl("silu_and_mul_quant_fp8", &modelyard::silu_and_mul_quant_fp8);
 }

@@ -65,6 +65,8 @@ class Engine:
         # Preprocessing threads for generate(): on CUDA the host work would otherwise serialize with
         # the GPU's (512 images x a few ms each is seconds). 0 keeps the CPU path strictly serial.
         self._prep_workers = _PREP_WORKERS if runner.device.type == "cuda" else 0
+        self._pixel_dtype = config.resolved_dtype()
+        self._pin_pixels = runner.device.type == "cuda"
         self._step_time = {"prefill": 0.0, "decode": 0.0}
         self._step_count = {"prefill": 0, "decode": 0}
         self._step_tokens = {"prefill": 0, "decode": 0}
@@ -251,6 +253,14 @@ class Engine:
             raise ValueError(f"the processor expanded {processed.num_images} image(s) into "
                              f"{processed.num_image_tokens} placeholder tokens but the model produces "
                              f"{per_image} feature rows per image")
+        if processed.pixel_values is not None:
+            # The vision tower casts its input to the model dtype first, so casting here (same
+            # rounding) changes nothing but halves the bytes held and copied; on CUDA the pixels go
+            # to pinned memory, here on the preprocessing thread, so the step that encodes them
+            # issues asynchronous copies instead of stacking and copying pageable memory while the
+            # GPU waits (timeline.py measured ~15 ms per 16k-token prefill step doing that).
+            pixels = processed.pixel_values.to(self._pixel_dtype)
+            processed.pixel_values = pixels.pin_memory() if self._pin_pixels else pixels
         return processed
 
     def _encode_new_images(self, out: SchedulerOutput, outputs: list[Output]) -> SchedulerOutput:

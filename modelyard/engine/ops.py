@@ -12,6 +12,9 @@ Shapes follow vLLM's conventions so the kernels are drop-in:
   paged_decode_attention(q [S, Hq, D], k_cache, v_cache, block_tables [S, MB], seq_lens [S], scale,
                          k_scale, v_scale) -> [S, Hq, D]
   per_token_quant_fp8(x [M, K]) -> (q [M, K] float8_e4m3fn, scales [M, 1] float32)
+  rms_norm_quant_fp8(x [T, H], weight, eps) -> per_token_quant_fp8(rms_norm(x, weight, eps))
+  fused_add_rms_norm_quant_fp8(x, residual, weight, eps) -> (q [T, H], scales [T, 1], new_residual [T, H])
+  silu_and_mul_quant_fp8(x [T, 2I]) -> per_token_quant_fp8(silu_and_mul(x))
 
 KV cache dtype: the model's dtype, or float8_e4m3fn (the fp8 cache). An fp8 cache stores
 x / scale rounded to e4m3 and saturated at +-448 (k_scale for keys, v_scale for values, per tensor,
@@ -214,3 +217,49 @@ def per_token_quant_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if kern is not None:
         return kern.per_token_quant_fp8(x)
     return per_token_quant_fp8_ref(x)
+
+
+# The fp8 linear layers' inputs straight from the producing kernel: one pass writes e4m3 and the
+# per-token scales instead of a 16-bit tensor that per_token_quant_fp8 then reads back. The CUDA ops
+# are bit-identical to the CUDA composition (same rounding of the 16-bit values, then the same
+# quantization); the references are literally the composition of the references.
+
+def rms_norm_quant_fp8_ref(x, weight, eps):
+    return per_token_quant_fp8_ref(rms_norm_ref(x, weight, eps))
+
+
+def rms_norm_quant_fp8(x, weight, eps):
+    """x [..., H] -> (q [..., H] e4m3, scales [..., 1] float32) of rms_norm(x, weight, eps)."""
+    k = _kernels(x)
+    if k is not None:
+        q, scales = k.rms_norm_quant_fp8(x.reshape(-1, x.shape[-1]), weight, eps)
+        return q.view(x.shape), scales.view(*x.shape[:-1], 1)
+    return rms_norm_quant_fp8_ref(x, weight, eps)
+
+
+def fused_add_rms_norm_quant_fp8_ref(x, residual, weight, eps):
+    normed, residual = fused_add_rms_norm_ref(x, residual, weight, eps)
+    return (*per_token_quant_fp8_ref(normed), residual)
+
+
+def fused_add_rms_norm_quant_fp8(x, residual, weight, eps):
+    """-> (q, scales) of rms_norm(x + residual), and x + residual; neither input is modified."""
+    k = _kernels(x)
+    if k is not None:
+        h = x.shape[-1]
+        q, scales, new_residual = k.fused_add_rms_norm_quant_fp8(x.reshape(-1, h), residual.reshape(-1, h),
+                                                                 weight, eps)
+        return q.view(x.shape), scales.view(*x.shape[:-1], 1), new_residual.view(x.shape)
+    return fused_add_rms_norm_quant_fp8_ref(x, residual, weight, eps)
+
+
+def silu_and_mul_quant_fp8_ref(x):
+    return per_token_quant_fp8_ref(silu_and_mul_ref(x))
+
+
+def silu_and_mul_quant_fp8(x):
+    """x [..., 2I] -> (q [..., I] e4m3, scales [..., 1] float32) of silu_and_mul(x)."""
+    k = _kernels(x)
+    if k is not None:
+        return k.silu_and_mul_quant_fp8(x)
+    return silu_and_mul_quant_fp8_ref(x)

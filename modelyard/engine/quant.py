@@ -8,6 +8,12 @@ tensor cores and applies sx * sw to the float32 accumulator before rounding to b
 (torch._scaled_mm with row-wise scales). On the CPU the same quantized math runs in float32, which
 is what the tests check the plumbing against.
 
+Three of the four inputs come straight out of a csrc kernel, which then writes them quantized
+(e4m3 plus [T, 1] scales, a QuantizedInput) instead of in bf16 for a separate quantize pass to read
+back: qkv_proj's from the input norm, gate_up_proj's from the post-attention norm (RMSNorm.quant_out),
+down_proj's from silu_and_mul (DecoderMLP.quant_act). The fused kernels are bit-identical to
+quantizing the 16-bit output, so this changes speed only. o_proj quantizes its attention input itself.
+
 What it buys: half the weight bytes (decode steps read them all), and e4m3 tensor-core throughput
 for the prefill GEMMs. What it costs: quantization error, so outputs differ from the 16-bit model;
 measure agreement on your model before relying on it. The vision tower, projector, embeddings, norms
@@ -19,7 +25,8 @@ import torch
 from torch import nn
 
 from . import ops
-from .models.decoder import DecoderAttention, DecoderMLP
+from .models.decoder import DecoderAttention, DecoderLayer, DecoderMLP
+from .models.layers import QuantizedInput
 
 QUANTIZATION_METHODS = ("fp8",)
 _MIN_CAPABILITY = (8, 9)     # e4m3 tensor cores: Ada and Hopper onwards
@@ -47,7 +54,14 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
                out_dtype: torch.dtype) -> torch.Tensor:
     """x [M, K] 16/32-bit, weight [N, K] e4m3, weight_scale [1, N] float32 -> [M, N] out_dtype."""
     xq, xs = ops.per_token_quant_fp8(x)                                       # [M, K] e4m3, [M, 1]
-    if x.device.type == "cuda":
+    return fp8_scaled_mm(xq, xs, weight, weight_scale, bias, out_dtype)
+
+
+def fp8_scaled_mm(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                  bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """xq [M, K] e4m3 with per-row scales xs [M, 1] float32, weight [N, K] e4m3 with weight_scale
+    [1, N] float32 -> (xq * xs) (weight * weight_scale)^T (+ bias) [M, N] out_dtype."""
+    if xq.device.type == "cuda":
         out = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=weight_scale, out_dtype=out_dtype)
     else:
         # e4m3 x e4m3 products are exact in float32; scale the accumulator, as the GPU epilogue does
@@ -79,10 +93,15 @@ class Fp8Linear(nn.Module):
         bias = linear.bias.detach() if linear.bias is not None else None
         return cls(q, scales.reshape(1, -1).contiguous(), bias, w.dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        out = fp8_linear(x.reshape(-1, self.in_features), self.weight, self.weight_scale, self.bias,
-                         self.out_dtype)
+    def forward(self, x: torch.Tensor | QuantizedInput) -> torch.Tensor:
+        """x [..., K] in any float dtype, or already quantized by the kernel that produced it."""
+        if isinstance(x, QuantizedInput):
+            lead = x.q.shape[:-1]
+            xq, xs = x.q.reshape(-1, self.in_features), x.scale.reshape(-1, 1)    # [M, K] e4m3, [M, 1]
+        else:
+            lead = x.shape[:-1]
+            xq, xs = ops.per_token_quant_fp8(x.reshape(-1, self.in_features))
+        out = fp8_scaled_mm(xq, xs, self.weight, self.weight_scale, self.bias, self.out_dtype)
         return out.view(*lead, self.out_features)
 
     def extra_repr(self) -> str:
@@ -104,4 +123,12 @@ def quantize_model(model: nn.Module, method: str) -> int:
                 replaced += 1
     if replaced == 0:
         raise ValueError(f"quantization={method!r}: the model has no decoder projections to quantize")
+    # Let the kernels that produce an fp8 projection's input write it quantized. Only these three:
+    # the final norm feeds the 16-bit LM head, and o_proj's input comes from the attention backend.
+    for module in model.modules():
+        if isinstance(module, DecoderLayer):
+            module.input_layernorm.quant_out = isinstance(module.self_attn.qkv_proj, Fp8Linear)
+            module.post_attention_layernorm.quant_out = isinstance(module.mlp.gate_up_proj, Fp8Linear)
+        elif isinstance(module, DecoderMLP):
+            module.quant_act = isinstance(module.down_proj, Fp8Linear)
     return replaced

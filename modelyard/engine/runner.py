@@ -68,7 +68,12 @@ class ModelRunner:
         for items in by_shape.values():
             for i in range(0, len(items), self.max_image_batch):
                 chunk = items[i:i + self.max_image_batch]
-                pixels = torch.stack([p for _, _, p in chunk]).to(self.device, non_blocking=True)
+                # One asynchronous copy per image straight into the batch (pinned sources on
+                # CUDA): no host-side stack, and the host never waits on a pageable transfer.
+                pixels = torch.empty((len(chunk), *chunk[0][2].shape), dtype=chunk[0][2].dtype,
+                                     device=self.device)                  # [n, 3, H, W]
+                for k, (_, _, p) in enumerate(chunk):
+                    pixels[k].copy_(p, non_blocking=True)
                 feats = self.model.encode_images(pixels)                 # [n, tokens, hidden]
                 for (seq_id, j, _), f in zip(chunk, feats):
                     per_seq.setdefault(seq_id, []).append((j, f))

@@ -210,15 +210,17 @@ def _fake_varlen(paged_block_multiple):
 @pytest.mark.parametrize("k_scale,v_scale", SCALES)
 def test_varlen_prefill_gathers_an_fp8_prefix_instead_of_paging_it(k_scale, v_scale):
     impl, calls = _fake_varlen(paged_block_multiple=4)       # would page this block size if it could
-    q, k, v, kc, vc, meta, rounded, _ = fp8_step([4, 1, 6], [13, 9, 6], k_scale, v_scale,
-                                                 dtype=torch.bfloat16, seed=2)
+    q, k, v, kc, vc, meta, rounded, exact = fp8_step([4, 1, 6], [13, 9, 6], k_scale, v_scale,
+                                                     dtype=torch.bfloat16, seed=2)
     AttentionBackend(k_scale=k_scale, v_scale=v_scale).write_kv(k, v, kc, vc, meta)
     out = flash.prefill_varlen(impl, q, k, v, kc, vc, meta, 0.3, k_scale=k_scale, v_scale=v_scale)
-    assert calls == [{"k_dtype": torch.bfloat16, "paged": False}]
-    check_against(out, q, meta, rounded, 0.3, 2e-2)
+    # the two prefixed sequences gather from the cache (fp8-rounded); the fresh last one attends over
+    # its own 16-bit K/V, as it would in a step of fresh prompts only
+    assert calls == [{"k_dtype": torch.bfloat16, "paged": False}] * 2
+    check_against(out, q, meta, rounded[:2] + exact[2:], 0.3, 2e-2)
     # a 16-bit cache still goes through block_table (the routing change is fp8-only)
     flash.prefill_varlen(impl, q, k, v, kc.float().bfloat16(), vc.float().bfloat16(), meta, 0.3)
-    assert calls[-1]["paged"]
+    assert calls[-2]["paged"] and not calls[-1]["paged"]
 
 
 def _flash_backend_without_cuda(impl, k_scale, v_scale):

@@ -1,7 +1,10 @@
 """EngineConfig(quantization="fp8") on the CPU: the per-token quantizer against a hand-written oracle,
-Fp8Linear's math, which modules get converted, and the whole engine against a fake-quant oracle model
-(every decoder projection an F.linear over hand-rounded fp8 inputs and weights)."""
+Fp8Linear's math, which modules get converted, the norm / activation ops that write the projections'
+inputs already quantized, and the whole engine against a fake-quant oracle model (every decoder
+projection an F.linear over hand-rounded fp8 inputs and weights)."""
 from __future__ import annotations
+
+from collections import Counter
 
 import pytest
 import torch
@@ -11,7 +14,8 @@ from torch import nn
 from modelyard import testing
 from modelyard.engine import Engine, EngineConfig, Request, SamplingParams
 from modelyard.engine import ops
-from modelyard.engine.models.decoder import DecoderAttention, DecoderMLP
+from modelyard.engine.models.decoder import DecoderAttention, DecoderLayer, DecoderMLP
+from modelyard.engine.models.layers import QuantizedInput, RMSNorm
 from modelyard.engine.quant import Fp8Linear, check_quantization, quantize_model
 
 E4M3 = torch.float8_e4m3fn
@@ -68,6 +72,37 @@ def test_fp8_linear_math_and_bias():
     assert (y - exact).norm() / exact.norm() < 0.06                # quantization error, not garbage
 
 
+def assert_same_quant(got, want):
+    (q, s), (wq, ws) = got, want
+    assert q.dtype == E4M3 and s.dtype == torch.float32 and s.shape == (*q.shape[:-1], 1)
+    assert torch.equal(s, ws)
+    assert torch.equal(q.view(torch.uint8), wq.view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fused_quant_ops_equal_unfused_composition(dtype):
+    """The quantizing norm / activation ops (CPU: their references) = the 16-bit op, then the oracle."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(9, 40, generator=g) * torch.logspace(-3, 3, 9).view(-1, 1)).to(dtype)
+    r = torch.randn(9, 40, generator=g).to(dtype)
+    w = (1 + 0.1 * torch.randn(40, generator=g)).to(dtype)
+    gate_up = (torch.randn(9, 80, generator=g) * 3).to(dtype)
+    x[4], r[4], gate_up[4] = 0.0, 0.0, 0.0                       # all-zero rows
+    assert_same_quant(ops.rms_norm_quant_fp8(x, w, 1e-6), oracle_quant_rows(ops.rms_norm_ref(x, w, 1e-6)))
+    q, s, res = ops.fused_add_rms_norm_quant_fp8(x, r, w, 1e-5)
+    normed, want_res = ops.fused_add_rms_norm_ref(x, r, w, 1e-5)
+    assert_same_quant((q, s), oracle_quant_rows(normed))
+    assert torch.equal(res, want_res) and res.dtype == dtype
+    assert_same_quant(ops.silu_and_mul_quant_fp8(gate_up), oracle_quant_rows(ops.silu_and_mul_ref(gate_up)))
+    # leading dims are kept, as by the 16-bit ops
+    q, s = ops.rms_norm_quant_fp8(x.view(3, 3, 40), w, 1e-6)
+    assert q.shape == (3, 3, 40) and s.shape == (3, 3, 1)
+    q, s, res = ops.fused_add_rms_norm_quant_fp8(x.view(3, 3, 40), r.view(3, 3, 40), w, 1e-6)
+    assert q.shape == res.shape == (3, 3, 40) and s.shape == (3, 3, 1)
+    q, s = ops.silu_and_mul_quant_fp8(gate_up.view(3, 3, 80))
+    assert q.shape == (3, 3, 40) and s.shape == (3, 3, 1)
+
+
 class FakeQuantLinear(nn.Module):
     """The oracle's projection: float32 F.linear of hand-rounded fp8 input and weight."""
 
@@ -102,6 +137,61 @@ def test_quantize_model_converts_only_decoder_projections(ckpt):
     assert left == before - fp8 and left, "vision tower / projector / LM head stay in the model dtype"
     with pytest.raises(ValueError, match="quantization must be one of"):
         quantize_model(model, "int4")
+
+
+def test_quantize_model_fuses_input_quantization_into_decoder_norms(ckpt):
+    from modelyard.engine.loader import load_model
+    model = load_model(ckpt["path"], torch.float32, "cpu")
+    norms = {n: m for n, m in model.named_modules() if isinstance(m, RMSNorm)}
+    assert not any(m.quant_out for m in norms.values())
+    quantize_model(model, "fp8")
+    layers = [m for m in model.modules() if isinstance(m, DecoderLayer)]
+    flagged = {n for n, m in norms.items() if m.quant_out}
+    want = {n for n in norms if n.rsplit(".", 1)[-1] in ("input_layernorm", "post_attention_layernorm")}
+    assert flagged == want and len(want) == 2 * len(layers)
+    assert set(norms) - flagged, "the final norm feeds the 16-bit LM head and stays unquantized"
+    assert all(m.quant_act for m in model.modules() if isinstance(m, DecoderMLP))
+
+    # A quantized input feeds the projection exactly like the 16-bit one it quantizes itself
+    layer = layers[0]
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(5, layer.input_layernorm.weight.shape[0], generator=g)
+    res = torch.randn(x.shape, generator=g)
+    fused = layer.input_layernorm(x)
+    assert isinstance(fused, QuantizedInput)
+    fused_add, fused_res = layer.post_attention_layernorm(x, res)
+    fused_mlp = layer.mlp(x)
+    layer.input_layernorm.quant_out = layer.post_attention_layernorm.quant_out = layer.mlp.quant_act = False
+    assert torch.equal(layer.self_attn.qkv_proj(fused), layer.self_attn.qkv_proj(layer.input_layernorm(x)))
+    plain_add, plain_res = layer.post_attention_layernorm(x, res)
+    assert torch.equal(layer.mlp(fused_add), layer.mlp(plain_add)) and torch.equal(fused_res, plain_res)
+    assert torch.equal(fused_mlp, layer.mlp(x))
+
+
+def test_engine_fp8_takes_projection_inputs_from_fused_ops(ckpt, monkeypatch):
+    """Per forward step only o_proj quantizes its own input; the norms and silu_and_mul write the rest."""
+    from modelyard.engine.loader import read_config
+    num_layers = read_config(ckpt["path"]).text_config.num_hidden_layers
+    cfg = EngineConfig(device="cpu", dtype="float32", num_kv_blocks=64, max_batch_size=4, quantization="fp8")
+    eng = Engine.from_pretrained(ckpt["path"], cfg)
+    calls = Counter()
+    for name in ("per_token_quant_fp8", "rms_norm_quant_fp8", "fused_add_rms_norm_quant_fp8", "silu_and_mul_quant_fp8",
+                 "rms_norm", "fused_add_rms_norm", "silu_and_mul"):
+        fn = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _fn=fn, _name=name: (calls.update([_name]), _fn(*a))[1])
+    try:
+        sp = SamplingParams(max_new_tokens=3, ignore_eos=True)
+        outs = eng.generate([Request(image=str(ckpt["images"][0]), prompt="Describe the image.", sampling=sp)])
+        assert outs[0].error is None, outs[0].error
+    finally:
+        eng.close()
+    steps = calls["rms_norm_quant_fp8"]                     # the first layer's input norm, once per step
+    assert steps >= 3
+    assert calls["fused_add_rms_norm_quant_fp8"] == (2 * num_layers - 1) * steps
+    assert calls["silu_and_mul_quant_fp8"] == num_layers * steps
+    assert calls["per_token_quant_fp8"] == num_layers * steps
+    assert calls["fused_add_rms_norm"] == steps             # the final norm
+    assert calls["rms_norm"] == calls["silu_and_mul"] == 0
 
 
 def _gen(path, images, cfg):

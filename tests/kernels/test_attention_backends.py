@@ -56,10 +56,16 @@ def test_fresh_prefill(kind, hq, hk, block_size):
     _run_step(_backend(kind), lens, lens, hq, hk, 128, block_size, torch.bfloat16, seed=hq + block_size)
 
 
+# (seq_lens, query_lens): prefixed sequences last; leading then a fresh tail (the flash backend
+# splits the step there); prefixed in the middle (split after it)
+CHUNKED = [([300, 40, 17], [64, 40, 1]), ([300, 40, 17], [64, 40, 17]), ([40, 300, 17, 9], [40, 64, 17, 9])]
+
+
 @pytest.mark.parametrize("kind", ["flash", "csrc"])
 @pytest.mark.parametrize("hq,hk", [(8, 8), (28, 4)])
-def test_chunked_prefill_over_cached_prefix(kind, hq, hk):
-    _run_step(_backend(kind), [300, 40, 17], [64, 40, 1], hq, hk, 128, 16, torch.bfloat16, seed=hq)
+@pytest.mark.parametrize("lens,qlens", CHUNKED)
+def test_chunked_prefill_over_cached_prefix(kind, hq, hk, lens, qlens):
+    _run_step(_backend(kind), lens, qlens, hq, hk, 128, 16, torch.bfloat16, seed=hq)
 
 
 @pytest.mark.parametrize("kind", ["flash", "csrc"])
@@ -76,7 +82,8 @@ def test_fp8_cache_decode_and_chunked_prefill(kind, hq, hk, d, scales):
     backend = _backend(kind, k_scale=scales[0], v_scale=scales[1])
     lens = [1, 33, 650, 1200]
     _run_step(backend, lens, [1] * len(lens), hq, hk, d, 16, torch.bfloat16, seed=d + hq, fp8_scales=scales)
-    _run_step(backend, [300, 40, 17], [64, 40, 1], hq, hk, d, 16, torch.bfloat16, seed=hq, fp8_scales=scales)
+    for lens, qlens in CHUNKED:
+        _run_step(backend, lens, qlens, hq, hk, d, 16, torch.bfloat16, seed=hq, fp8_scales=scales)
 
 
 def test_csrc_backend_float32_uses_sdpa_prefill():

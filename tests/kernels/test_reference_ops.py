@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from kernel_helpers import dense_attention, make_meta, make_paged_kv, rel_err
 from modelyard.engine import kernels, ops
@@ -89,10 +90,63 @@ def test_norm_and_activation_refs():
 
 def test_context_slots_follow_block_tables():
     bt = torch.tensor([[5, 2, 0], [1, 7, 3]], dtype=torch.int32)
-    slots = flash.context_slots(bt, [20, 35], 16)
+    slots = flash.context_slots(bt, torch.tensor([20, 35], dtype=torch.int32), [20, 35], 16)
     want = [5 * 16 + t for t in range(16)] + [2 * 16 + t for t in range(4)]
     want += [1 * 16 + t for t in range(16)] + [7 * 16 + t for t in range(16)] + [3 * 16 + t for t in range(3)]
     assert slots.tolist() == want
+
+
+@pytest.mark.parametrize("lens,qlens,calls", [
+    ([30, 8, 5], [30, 8, 5], [("direct", 43)]),                          # all fresh: one direct call
+    ([50, 8, 5], [20, 8, 5], [("cache", 50), ("direct", 13)]),          # leading chunk, fresh tail: split
+    ([8, 50, 5], [8, 20, 5], [("cache", 58), ("direct", 5)]),           # prefixed in the middle
+    ([8, 5, 50], [8, 5, 20], [("cache", 63)]),                          # prefixed last: all from the cache
+])
+def test_prefill_varlen_reads_the_cache_only_where_needed(lens, qlens, calls):
+    """flash.prefill_varlen on the CPU with a dense stand-in for FlashAttention: same attention
+    whichever way the step is split, and fresh sequences after the last prefixed one attend over the
+    step's own K/V."""
+    gen = torch.Generator().manual_seed(7)
+    hq = hk = 2
+    d, bs = 16, 16
+    nblk = [-(-n // bs) for n in lens]
+    bt = torch.zeros(len(lens), max(nblk), dtype=torch.int32)
+    perm = torch.randperm(sum(nblk) + 2, generator=gen)
+    off = 0
+    for i, b in enumerate(nblk):
+        bt[i, :b] = perm[off:off + b].to(torch.int32)
+        off += b
+    kc = torch.randn(sum(nblk) + 2, bs, hk, d, generator=gen)
+    vc = torch.randn_like(kc)
+    dense = [(torch.stack([kc[bt[i, t // bs], t % bs] for t in range(n)]),
+              torch.stack([vc[bt[i, t // bs], t % bs] for t in range(n)])) for i, n in enumerate(lens)]
+    k_new = torch.cat([k[n - q:] for (k, _), n, q in zip(dense, lens, qlens)])
+    v_new = torch.cat([v[n - q:] for (_, v), n, q in zip(dense, lens, qlens)])
+    q = torch.randn(sum(qlens), hq, d, generator=gen)
+    seen = []
+
+    def fake_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+        direct = k.untyped_storage().data_ptr() == k_new.untyped_storage().data_ptr()
+        seen.append(("direct" if direct else "cache", k.shape[0]))
+        out = torch.empty_like(q)
+        for i in range(len(cu_seqlens_q) - 1):
+            a, b = int(cu_seqlens_q[i]), int(cu_seqlens_q[i + 1])
+            c, e = int(cu_seqlens_k[i]), int(cu_seqlens_k[i + 1])
+            mask = torch.ones(b - a, e - c, dtype=torch.bool).tril(e - c - (b - a))
+            out[a:b] = F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[c:e].transpose(0, 1),
+                                                      v[c:e].transpose(0, 1), attn_mask=mask,
+                                                      scale=softmax_scale).transpose(0, 1)
+        return out
+
+    impl = flash.VarlenImpl("fake", fake_varlen, frozenset(), None)
+    meta = make_meta(bt, lens, qlens, bs, "cpu")
+    out = flash.prefill_varlen(impl, q, k_new, v_new, kc, vc, meta, d ** -0.5)
+    assert seen == calls
+    start = 0
+    for i, (n, ql) in enumerate(zip(lens, qlens)):
+        ref = dense_attention(q[start:start + ql], *dense[i], d ** -0.5, causal_offset=n - ql)
+        assert torch.allclose(out[start:start + ql].double(), ref.double(), atol=1e-5), i
+        start += ql
 
 
 @pytest.mark.parametrize("hq,hk", [(4, 4), (6, 2)])

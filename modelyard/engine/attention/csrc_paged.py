@@ -16,7 +16,7 @@ def sdpa_prefill(q, k_cache, v_cache, meta: AttentionMetadata, scale: float,
                  k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """q [T, Hq, D] over each sequence's cached context (new tokens included) -> [T, Hq, D]."""
     block_size, hk, d = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
-    slots = context_slots(meta.block_tables, meta.seq_lens_cpu, block_size)
+    slots = context_slots(meta.block_tables, meta.seq_lens, meta.seq_lens_cpu, block_size)
     k_ctx = gather_kv(k_cache.view(-1, hk, d), slots, q.dtype, k_scale)     # [sum(seq_lens), Hk, D]
     v_ctx = gather_kv(v_cache.view(-1, hk, d), slots, q.dtype, v_scale)
     group = q.shape[1] // hk

@@ -129,13 +129,16 @@ def cu_seqlens(lens: torch.Tensor) -> torch.Tensor:
     return F.pad(torch.cumsum(lens, 0, dtype=torch.int32), (1, 0))
 
 
-def context_slots(block_tables: torch.Tensor, seq_lens: list[int], block_size: int) -> torch.Tensor:
-    """Cache slots of every context token, sequences concatenated: [sum(seq_lens)] int64."""
+def context_slots(block_tables: torch.Tensor, seq_lens: torch.Tensor, seq_lens_cpu: list[int],
+                  block_size: int) -> torch.Tensor:
+    """Cache slots of every context token, sequences concatenated: [sum(seq_lens)] int64.
+    seq_lens [S] (device) and its host copy: the host one sizes the outputs, so nothing syncs."""
     dev = block_tables.device
-    lens = torch.tensor(seq_lens, dtype=torch.int64, device=dev)
-    seq_ids = torch.repeat_interleave(torch.arange(len(seq_lens), device=dev), lens)   # [N]
+    lens = seq_lens.to(torch.int64)
+    n = int(sum(seq_lens_cpu))
+    seq_ids = torch.repeat_interleave(torch.arange(len(seq_lens_cpu), device=dev), lens, output_size=n)  # [N]
     starts = torch.cumsum(lens, 0) - lens                                              # [S]
-    pos = torch.arange(int(sum(seq_lens)), device=dev) - starts[seq_ids]               # [N]
+    pos = torch.arange(n, device=dev) - starts[seq_ids]                                # [N]
     blocks = block_tables[seq_ids, pos // block_size].to(torch.int64)
     return blocks * block_size + pos % block_size
 
@@ -148,16 +151,44 @@ def decode_len_hint(meta: AttentionMetadata) -> int | None:
 
 def prefill_varlen(impl: VarlenImpl, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float,
                    k_scale: float = 1.0, v_scale: float = 1.0):
-    """q [T, Hq, D], k/v [T, Hk, D] (already in the cache) -> [T, Hq, D]."""
-    cu_q = meta.query_start_loc
-    if list(meta.query_lens_cpu) == list(meta.seq_lens_cpu):  # no cached prefix anywhere
+    """q [T, Hq, D], k/v [T, Hk, D] (already in the cache) -> [T, Hq, D].
+
+    Fresh prompts attend over the step's own K/V. Sequences with a cached prefix (a chunked prompt's
+    later chunks) read their context from the cache. The scheduler lists those first, so a step
+    that mixes both is split: the leading prefixed sequences take the cache path, the fresh tail
+    the direct one, instead of gathering every sequence's K/V from the cache because one needs it."""
+    q_lens, seq_lens = meta.query_lens_cpu, meta.seq_lens_cpu
+    fresh = [ql == sl for ql, sl in zip(q_lens, seq_lens)]
+    if all(fresh):
+        cu_q = meta.query_start_loc
         return impl(q, k, v, cu_q, cu_q, meta.max_query_len, meta.max_query_len, scale)
+    p = len(fresh)
+    while p > 0 and fresh[p - 1]:
+        p -= 1                                      # sequences p.. are fresh; some before p are not
+    if p == len(fresh):
+        return _prefill_from_cache(impl, q, k_cache, v_cache, meta, scale, k_scale, v_scale)
+    r = sum(q_lens[:p])                             # query rows of the leading sequences
+    head = AttentionMetadata(
+        slot_mapping=meta.slot_mapping[:r], block_tables=meta.block_tables[:p], seq_lens=meta.seq_lens[:p],
+        query_start_loc=meta.query_start_loc[:p + 1], max_query_len=max(q_lens[:p]),
+        max_seq_len=max(seq_lens[:p]), seq_lens_cpu=seq_lens[:p], query_lens_cpu=q_lens[:p], is_decode=False)
+    out_head = _prefill_from_cache(impl, q[:r], k_cache, v_cache, head, scale, k_scale, v_scale)
+    cu_tail = meta.query_start_loc[p:] - r          # [S - p + 1]
+    max_tail = max(q_lens[p:])
+    out_tail = impl(q[r:], k[r:], v[r:], cu_tail, cu_tail, max_tail, max_tail, scale)
+    return torch.cat([out_head, out_tail])
+
+
+def _prefill_from_cache(impl: VarlenImpl, q, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+                        k_scale: float, v_scale: float):
+    """Every sequence attends over its whole context as the cache holds it (new rows included)."""
+    cu_q = meta.query_start_loc
     block_size = k_cache.shape[1]
     cu_k = cu_seqlens(meta.seq_lens)
     if impl.reads_cache(k_cache):
         return impl(q, k_cache, v_cache, cu_q, cu_k, meta.max_query_len, meta.max_seq_len, scale,
                     seqused_k=meta.seq_lens, block_table=meta.block_tables)
-    slots = context_slots(meta.block_tables, meta.seq_lens_cpu, block_size)
+    slots = context_slots(meta.block_tables, meta.seq_lens, meta.seq_lens_cpu, block_size)
     hk, d = k_cache.shape[2], k_cache.shape[3]
     k_ctx = gather_kv(k_cache.view(-1, hk, d), slots, q.dtype, k_scale)   # [sum(seq_lens), Hk, D]
     v_ctx = gather_kv(v_cache.view(-1, hk, d), slots, q.dtype, v_scale)

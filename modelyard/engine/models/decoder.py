@@ -14,7 +14,7 @@ from torch import nn
 
 from .. import ops
 from ..attention.base import AttentionBackend, AttentionMetadata
-from .layers import MergedLinear, RMSNorm
+from .layers import MergedLinear, QuantizedInput, RMSNorm
 from .registry import UnsupportedArchitecture
 from .rope import RopeSpec, cos_sin_cache
 
@@ -91,8 +91,8 @@ class DecoderAttention(nn.Module):
         self.scale = spec.head_dim ** -0.5
 
     def forward(self, positions, hidden, cos_sin, kv_cache, meta: AttentionMetadata, attn: AttentionBackend):
-        T = hidden.shape[0]
-        qkv = self.qkv_proj(hidden)                                       # [T, (Hq + 2 Hk) * D]
+        qkv = self.qkv_proj(hidden)     # hidden: [T, H], or a QuantizedInput -> [T, (Hq + 2 Hk) * D]
+        T = qkv.shape[0]
         # Views into qkv, no copies (three fewer kernels per layer): rotary (in place), the cache
         # write and the attention kernels all take a row stride with dense heads within the row.
         q, k, v = qkv.split(self.qkv_sizes, dim=-1)         # [T, H * D], row stride of qkv
@@ -113,9 +113,15 @@ class DecoderMLP(nn.Module):
         self.gate_up_proj = MergedLinear(spec.hidden_size, {"gate_proj": inter, "up_proj": inter},
                                          bias=spec.mlp_bias)
         self.down_proj = nn.Linear(inter, spec.hidden_size, bias=spec.mlp_bias)
+        # down_proj is fp8 (set by quant.quantize_model): the activation kernel writes its input
+        # quantized, so the [T, I] activation never exists in the model dtype.
+        self.quant_act = False
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor | QuantizedInput) -> torch.Tensor:
+        gate_up = self.gate_up_proj(x)                                   # [T, 2I]
+        if self.quant_act:
+            return self.down_proj(QuantizedInput(*ops.silu_and_mul_quant_fp8(gate_up)))
+        return self.down_proj(ops.silu_and_mul(gate_up))
 
 
 class DecoderLayer(nn.Module):

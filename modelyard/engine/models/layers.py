@@ -1,11 +1,20 @@
 """Small building blocks shared by the native models: merged linears, activations, RMSNorm."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+
+
+class QuantizedInput(NamedTuple):
+    """A linear layer's input already quantized per token (x ~= q * scale row by row), produced by the
+    kernel that computed x (quant.Fp8Linear's consumers: the decoder norms and silu_and_mul)."""
+    q: torch.Tensor       # [..., K] float8_e4m3fn
+    scale: torch.Tensor   # [..., 1] float32
 
 
 class MergedLinear(nn.Linear):
@@ -49,15 +58,28 @@ def activation(name: str):
 
 
 class RMSNorm(nn.Module):
-    """Holds the weight; the math lives in ops (fused CUDA kernel or the torch reference)."""
+    """Holds the weight; the math lives in ops (fused CUDA kernel or the torch reference).
+
+    quant_out: the output feeds only an fp8 linear layer, so the norm kernel writes it quantized
+    (a QuantizedInput) instead of in the model dtype; quant.quantize_model sets it."""
 
     def __init__(self, hidden_size: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        self.quant_out = False
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """Without residual: norm(x). With residual: (norm(x + residual), x + residual)."""
+        """Without residual: norm(x). With residual: (norm(x + residual), x + residual).
+        norm(...) is a QuantizedInput when quant_out is set."""
+        if self.quant_out:
+            if residual is None:
+                return QuantizedInput(*ops.rms_norm_quant_fp8(x, self.weight, self.eps))
+            q, scale, residual = ops.fused_add_rms_norm_quant_fp8(x, residual, self.weight, self.eps)
+            return QuantizedInput(q, scale), residual
         if residual is None:
             return ops.rms_norm(x, self.weight, self.eps)
         return ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}" + (", quant_out=fp8" if self.quant_out else "")
