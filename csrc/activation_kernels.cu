@@ -16,9 +16,6 @@
 namespace modelyard {
 namespace {
 
-// The per-token quantizer's constants (quant_kernels.cu), kept equal for bit-identical results.
-constexpr float kFp8Max = 448.f;
-constexpr float kMinAmax = 1e-12f;
 // Elements of the row one thread of the fused register kernel holds (kHeld / VEC vectors): up to
 // 1024 threads then cover I <= 32768 (Llama-70B: 28672, Qwen2-72B: 29568); wider rows go two-pass.
 constexpr int kHeld = 32;
@@ -47,21 +44,11 @@ __global__ void silu_and_mul_kernel(const T* __restrict__ x, T* __restrict__ out
   store_vec<T, VEC>(out + row * inter + i, o);
 }
 
-// Max over the whole block; every thread gets the result. `scratch` holds 32 floats.
-__device__ __forceinline__ float block_max(float x, float* scratch) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int nwarps = (blockDim.x + 31) >> 5;
-  x = warp_max(x);
-  if (lane == 0) scratch[warp] = x;
-  __syncthreads();
-  x = lane < nwarps ? scratch[lane] : 0.f;
-  return warp_max(x);
-}
 
 // The row's scale from each thread's partial |max| (quant_kernels.cu's formula); thread 0 stores it.
 __device__ __forceinline__ float row_scale(float amax, float* scratch, float* scales, int64_t row) {
   amax = block_max(amax, scratch);
-  const float scale = __fdiv_rn(fmaxf(amax, kMinAmax), kFp8Max);
+  const float scale = fp8_row_scale(amax);
   if (threadIdx.x == 0) scales[row] = scale;
   return scale;
 }
@@ -99,7 +86,7 @@ __global__ void __launch_bounds__(1024) silu_and_mul_quant_fp8_kernel(
     if (i < nvec) {
       Vec<fp8_e4m3, VEC> r;
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) r.v[k] = float_to_fp8(__fdiv_rn(to_float(o[j].v[k]), scale));
+      for (int k = 0; k < VEC; ++k) r.v[k] = fp8_quantize(to_float(o[j].v[k]), scale);
       store_vec<fp8_e4m3, VEC>(out + i * VEC, r);
     }
   }
@@ -129,7 +116,7 @@ __global__ void silu_and_mul_quant_fp8_twopass_kernel(const T* __restrict__ x, f
     const Vec<T, VEC> b = load_vec<T, VEC>(gate + inter + i * VEC);
     Vec<fp8_e4m3, VEC> r;
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) r.v[k] = float_to_fp8(__fdiv_rn(to_float(silu_mul(a.v[k], b.v[k])), scale));
+    for (int k = 0; k < VEC; ++k) r.v[k] = fp8_quantize(to_float(silu_mul(a.v[k], b.v[k])), scale);
     store_vec<fp8_e4m3, VEC>(out + i * VEC, r);
   }
 }

@@ -134,6 +134,31 @@ __device__ __forceinline__ float block_sum(float x, float* scratch) {
   return warp_sum(x);
 }
 
+// Max over the whole block; every thread gets the result. `scratch` holds 32 floats and may have
+// been used by a block_sum / block_max just before (hence the leading barrier).
+__device__ __forceinline__ float block_max(float x, float* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int nwarps = (blockDim.x + 31) >> 5;
+  x = warp_max(x);
+  __syncthreads();
+  if (lane == 0) scratch[warp] = x;
+  __syncthreads();
+  x = lane < nwarps ? scratch[lane] : 0.f;
+  return warp_max(x);
+}
+
+// Dynamic per-token fp8 quantization (quantization="fp8"), shared by the standalone quantizer and
+// the kernels that write their output quantized, so all give the same bits as
+// ops.per_token_quant_fp8_ref: scale = max(|row|, kFp8MinAmax) / 448, q = e4m3(x / scale), both
+// divisions correctly rounded whatever --use_fast_math does. A row holding NaN gets a finite scale
+// here (fmaxf drops NaN) where the reference's would be NaN.
+constexpr float kFp8Max = 448.f;
+constexpr float kFp8MinAmax = 1e-12f;  // an all-zero row gets a tiny positive scale, never 0 or NaN
+
+__device__ __forceinline__ float fp8_row_scale(float amax) { return __fdiv_rn(fmaxf(amax, kFp8MinAmax), kFp8Max); }
+
+__device__ __forceinline__ fp8_e4m3 fp8_quantize(float x, float scale) { return float_to_fp8(__fdiv_rn(x, scale)); }
+
 // Elements per 16-byte vector for a tensor, or 1 when its pointer or strides are not 16-byte aligned.
 inline int vec_elems(const at::Tensor& t, std::initializer_list<int64_t> strides_elems, int64_t inner) {
   const int n = 16 / static_cast<int>(t.element_size());

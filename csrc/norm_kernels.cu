@@ -18,23 +18,6 @@ namespace modelyard {
 namespace {
 
 constexpr int kPerThread = 4;  // vectors of the row each thread holds
-// The per-token quantizer's constants and math (quant_kernels.cu); kept equal so the fused result
-// is bit-identical to the unfused composition.
-constexpr float kFp8Max = 448.f;
-constexpr float kMinAmax = 1e-12f;
-
-// Max over the whole block; every thread gets the result. `scratch` holds 32 floats and may have
-// been used by a block_sum just before (hence the leading barrier).
-__device__ __forceinline__ float block_max(float x, float* scratch) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int nwarps = (blockDim.x + 31) >> 5;
-  x = warp_max(x);
-  __syncthreads();
-  if (lane == 0) scratch[warp] = x;
-  __syncthreads();
-  x = lane < nwarps ? scratch[lane] : 0.f;
-  return warp_max(x);
-}
 
 // kQuant: `out` is e4m3 [T, hidden] and `scales` [T] float32 receives each row's scale; otherwise
 // `out` is the normed row in T and `scales` is unused.
@@ -85,7 +68,7 @@ __global__ void rms_norm_kernel(const T* __restrict__ x, const T* __restrict__ r
   }
   if constexpr (kQuant) {
     amax = block_max(amax, scratch);
-    const float scale = __fdiv_rn(fmaxf(amax, kMinAmax), kFp8Max);
+    const float scale = fp8_row_scale(amax);
     if (threadIdx.x == 0) scales[row] = scale;
 #pragma unroll
     for (int j = 0; j < kPerThread; ++j) {
@@ -93,7 +76,7 @@ __global__ void rms_norm_kernel(const T* __restrict__ x, const T* __restrict__ r
       if (i < nvec) {
         Vec<fp8_e4m3, VEC> q;
 #pragma unroll
-        for (int k = 0; k < VEC; ++k) q.v[k] = float_to_fp8(__fdiv_rn(to_float(h[j].v[k]), scale));
+        for (int k = 0; k < VEC; ++k) q.v[k] = fp8_quantize(to_float(h[j].v[k]), scale);
         store_vec<fp8_e4m3, VEC>(out + row * hidden + i * VEC, q);
       }
     }

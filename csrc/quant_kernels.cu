@@ -1,5 +1,5 @@
 // Dynamic per-token fp8 (e4m3) quantization of activations, the input side of the fp8 linear layers
-// (EngineConfig(quantization="fp8")): for every row, scale = max(|x|, kMinAmax) / 448 and
+// (EngineConfig(quantization="fp8")): for every row, scale = max(|x|, kFp8MinAmax) / 448 and
 // q = e4m3(x / scale), rounded to nearest and saturated. One CTA per row: the first pass finds the
 // row's absolute maximum, the second re-reads the row (L1/L2-resident: a row is at most a few tens
 // of KB) and writes e4m3. Divisions use __fdiv_rn so --use_fast_math does not change them: the
@@ -13,18 +13,6 @@
 namespace modelyard {
 namespace {
 
-constexpr float kFp8Max = 448.f;
-constexpr float kMinAmax = 1e-12f;  // an all-zero row gets a tiny positive scale, never 0 or NaN
-
-__device__ __forceinline__ float block_max(float x, float* scratch) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int nwarps = (blockDim.x + 31) >> 5;
-  x = warp_max(x);
-  if (lane == 0) scratch[warp] = x;
-  __syncthreads();
-  x = lane < nwarps ? scratch[lane] : 0.f;
-  return warp_max(x);
-}
 
 template <typename T, int VEC>
 __global__ void per_token_quant_fp8_kernel(const T* __restrict__ x, fp8_e4m3* __restrict__ q,
@@ -40,13 +28,13 @@ __global__ void per_token_quant_fp8_kernel(const T* __restrict__ x, fp8_e4m3* __
     for (int k = 0; k < VEC; ++k) amax = fmaxf(amax, fabsf(to_float(v.v[k])));
   }
   amax = block_max(amax, scratch);
-  const float scale = __fdiv_rn(fmaxf(amax, kMinAmax), kFp8Max);
+  const float scale = fp8_row_scale(amax);
   if (threadIdx.x == 0) scales[blockIdx.x] = scale;
   for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
     const Vec<T, VEC> v = load_vec<T, VEC>(row + i * VEC);
     Vec<fp8_e4m3, VEC> o;
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) o.v[k] = float_to_fp8(__fdiv_rn(to_float(v.v[k]), scale));
+    for (int k = 0; k < VEC; ++k) o.v[k] = fp8_quantize(to_float(v.v[k]), scale);
     store_vec<fp8_e4m3, VEC>(out + i * VEC, o);
   }
 }
@@ -60,7 +48,8 @@ std::tuple<at::Tensor, at::Tensor> per_token_quant_fp8(const at::Tensor& x) {
   const int64_t M = x.size(0), K = x.size(1);
   at::Tensor q = at::empty({M, K}, x.options().dtype(at::kFloat8_e4m3fn));
   at::Tensor scales = at::empty({M, 1}, x.options().dtype(at::kFloat));
-  if (M == 0 || K == 0) return {q, scales};
+  TORCH_CHECK(K > 0, "per_token_quant_fp8: rows must not be empty (a scale needs at least one element)");
+  if (M == 0) return {q, scales};
   TORCH_CHECK(K <= (int64_t{1} << 30), "per_token_quant_fp8: row width ", num(K), " is too large");
 
   const c10::cuda::OptionalCUDAGuard guard(x.device());

@@ -34,6 +34,7 @@ from .types import Output, Request, SamplingParams
 
 _PREP_WORKERS = 2        # PIL decode / resize and torch normalize release the GIL
 _PREP_FIRST_BATCH = 8    # requests an idle engine waits for before its first step
+_PREP_LOOKAHEAD = 128    # requests preprocessed ahead of admission: bounds the pinned pixels held
 
 
 @dataclass
@@ -41,7 +42,7 @@ class _Entry:
     request: Request
     seq: Sequence
     num_image_tokens: int
-    pixel_values: torch.Tensor | None     # host; None once encoded (or for text-only requests)
+    pixel_values: torch.Tensor | None     # host, model dtype (pinned on CUDA); None once encoded or text-only
     has_images: bool
 
 
@@ -194,7 +195,7 @@ class Engine:
         admit_overlapped(requests, prepare=self._process_or_error,
                          admit=lambda req, processed, error: self._admit(req, processed, error, arrival),
                          step=self.step, has_unfinished=self.has_unfinished, collect=collect,
-                         workers=self._prep_workers, first_batch=_PREP_FIRST_BATCH)
+                         workers=self._prep_workers, first_batch=_PREP_FIRST_BATCH, lookahead=_PREP_LOOKAHEAD)
 
     def stats(self) -> dict:
         bm = self.scheduler.block_manager
@@ -259,8 +260,10 @@ class Engine:
             # to pinned memory, here on the preprocessing thread, so the step that encodes them
             # issues asynchronous copies instead of stacking and copying pageable memory while the
             # GPU waits (timeline.py measured ~15 ms per 16k-token prefill step doing that).
-            pixels = processed.pixel_values.to(self._pixel_dtype)
-            processed.pixel_values = pixels.pin_memory() if self._pin_pixels else pixels
+            src = processed.pixel_values                               # [n, 3, H, W] float32
+            pixels = torch.empty(src.shape, dtype=self._pixel_dtype, pin_memory=self._pin_pixels)
+            pixels.copy_(src)                                          # cast and pin in one copy
+            processed = dataclasses.replace(processed, pixel_values=pixels)
         return processed
 
     def _encode_new_images(self, out: SchedulerOutput, outputs: list[Output]) -> SchedulerOutput:

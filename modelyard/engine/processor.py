@@ -17,7 +17,8 @@ from PIL import Image
 @dataclass
 class ProcessedInputs:
     input_ids: list[int]
-    pixel_values: torch.Tensor | None     # [num_images, 3, H, W] float32, host memory
+    pixel_values: torch.Tensor | None     # [num_images, 3, H, W] host memory: float32 from the
+                                          # processor; Engine._process casts to the model dtype (pinned on CUDA)
     num_images: int
     num_image_tokens: int                 # placeholder positions in input_ids
 

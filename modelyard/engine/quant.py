@@ -25,10 +25,11 @@ import torch
 from torch import nn
 
 from . import ops
+from .config import QUANTIZATION_METHODS as _CONFIG_METHODS
 from .models.decoder import DecoderAttention, DecoderLayer, DecoderMLP
 from .models.layers import QuantizedInput
 
-QUANTIZATION_METHODS = ("fp8",)
+QUANTIZATION_METHODS = tuple(m for m in _CONFIG_METHODS if m is not None)   # ("fp8",)
 _MIN_CAPABILITY = (8, 9)     # e4m3 tensor cores: Ada and Hopper onwards
 _ALIGN = 16                  # torch._scaled_mm: K and N multiples of 16
 
@@ -110,13 +111,13 @@ class Fp8Linear(nn.Module):
 
 def quantize_model(model: nn.Module, method: str) -> int:
     """Replace the decoder layers' projections in place; returns how many were replaced.
-    The 16-bit weights are dropped as each layer is converted, so peak memory grows by one layer."""
+    Each module's 16-bit weights are dropped once its projections are converted (nothing else holds
+    them), so peak memory grows by one module's projections, not by the decoder's."""
     if method not in QUANTIZATION_METHODS:
         raise ValueError(f"quantization must be one of {QUANTIZATION_METHODS}, got {method!r}")
     replaced = 0
-    for module in list(model.modules()):
-        if not isinstance(module, (DecoderAttention, DecoderMLP)):
-            continue
+    targets = [m for m in model.modules() if isinstance(m, (DecoderAttention, DecoderMLP))]
+    for module in targets:
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(module, name, Fp8Linear.from_linear(child))

@@ -16,6 +16,7 @@ import torch
 from modelyard.engine import Engine, EngineConfig, Request, SamplingParams
 from modelyard.engine import attention
 from modelyard.engine import ops
+from modelyard.engine.images import load_images
 from modelyard.engine.cuda_graphs import PAD_SLOT, DecodeGraphs, DecodeStaging, graph_batch_sizes, pick_bucket
 from modelyard.engine.scheduler import ScheduledSeq
 from modelyard.testing import make_checkpoint, make_images
@@ -286,3 +287,50 @@ def test_fp8_quantized_engine_with_graphs(ckpt64, images):
 def test_fp8_quantization_refuses_float16(ckpt64):
     with pytest.raises(ValueError, match="bfloat16"):
         Engine.from_pretrained(ckpt64, EngineConfig(dtype="float16", quantization="fp8", num_kv_blocks=64))
+
+
+def test_prefetch_bounds_requests_prepared_ahead():
+    """admit_overlapped never holds more than `lookahead` prepared-but-unadmitted requests, and
+    admits every request in order."""
+    import threading
+
+    from modelyard.engine.prefetch import admit_overlapped
+    lock = threading.Lock()
+    started, admitted, worst = [0], [], [0]
+
+    def prepare(req):
+        with lock:
+            started[0] += 1
+            worst[0] = max(worst[0], started[0] - len(admitted))
+        return req * 10, None
+
+    admit_overlapped(list(range(40)), prepare=prepare, admit=lambda req, value, err: admitted.append(value),
+                     step=lambda: [], has_unfinished=lambda: False, collect=lambda outs: None, workers=3,
+                     first_batch=2, lookahead=5)
+    assert admitted == [i * 10 for i in range(40)]
+    assert 1 <= worst[0] <= 5
+    with pytest.raises(ValueError, match="lookahead"):
+        admit_overlapped([1], prepare=prepare, admit=lambda *a: None, step=lambda: [], has_unfinished=lambda: False,
+                         collect=lambda outs: None, workers=1, first_batch=4, lookahead=2)
+
+
+def test_pixels_held_in_the_model_dtype(ckpt64, images):
+    """The processor's float32 pixels are cast once, on admission, to what the vision tower runs in."""
+    eng = Engine.from_pretrained(ckpt64, EngineConfig(device="cpu", dtype="bfloat16", num_kv_blocks=64))
+    try:
+        processed = eng._process(_requests(images, 1)[0])
+        assert processed.pixel_values.dtype == torch.bfloat16 and not processed.pixel_values.is_pinned()
+        raw = eng.processor("Describe the image.", load_images(str(images[0])))
+        assert torch.equal(processed.pixel_values, raw.pixel_values.to(torch.bfloat16))
+    finally:
+        eng.close()
+
+
+@requires_cuda
+def test_pixels_pinned_on_cuda(ckpt64, images):
+    eng = Engine.from_pretrained(ckpt64, EngineConfig(dtype="bfloat16", num_kv_blocks=64))
+    try:
+        processed = eng._process(_requests(images, 1)[0])
+        assert processed.pixel_values.dtype == torch.bfloat16 and processed.pixel_values.is_pinned()
+    finally:
+        eng.close()

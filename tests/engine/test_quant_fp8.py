@@ -129,7 +129,22 @@ def test_quantize_model_converts_only_decoder_projections(ckpt):
     model = load_model(ckpt["path"], torch.float32, "cpu")
     before = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     n_layers = sum(isinstance(m, DecoderAttention) for m in model.modules())
-    assert quantize_model(model, "fp8") == 4 * n_layers
+    import weakref
+    old = [weakref.ref(m.weight) for m in model.modules() if isinstance(m, (DecoderAttention, DecoderMLP))
+           for m in m.children() if isinstance(m, nn.Linear)]
+    dead_at_call = []
+    real = Fp8Linear.from_linear.__func__
+
+    def counting(cls, linear):
+        dead_at_call.append(sum(r() is None for r in old))
+        return real(cls, linear)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Fp8Linear, "from_linear", classmethod(counting))
+        assert quantize_model(model, "fp8") == 4 * n_layers
+    assert len(old) == 4 * n_layers and all(r() is None for r in old), "16-bit weights still held"
+    # peak memory: by the k-th conversion all but the current module's projections are freed
+    assert all(dead >= k - 2 for k, dead in enumerate(dead_at_call)), dead_at_call
     fp8 = {n for n, m in model.named_modules() if isinstance(m, Fp8Linear)}
     assert len(fp8) == 4 * n_layers
     assert all(n.rsplit(".", 1)[-1] in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj") for n in fp8)
