@@ -45,14 +45,6 @@ __global__ void silu_and_mul_kernel(const T* __restrict__ x, T* __restrict__ out
 }
 
 
-// The row's scale from each thread's partial |max| (quant_kernels.cu's formula); thread 0 stores it.
-__device__ __forceinline__ float row_scale(float amax, float* scratch, float* scales, int64_t row) {
-  amax = block_max(amax, scratch);
-  const float scale = fp8_row_scale(amax);
-  if (threadIdx.x == 0) scales[row] = scale;
-  return scale;
-}
-
 // The row stays in registers: one CTA per row, each thread holding kPer vectors of products
 // (rounded to T); the launch guarantees blockDim.x * kPer * VEC >= inter. The launch bound makes
 // ptxas fit 1024-thread CTAs (the widest rows).
@@ -78,18 +70,8 @@ __global__ void __launch_bounds__(1024) silu_and_mul_quant_fp8_kernel(
       }
     }
   }
-  const float scale = row_scale(amax, scratch, scales, row);
-  fp8_e4m3* out = q + row * inter;
-#pragma unroll
-  for (int j = 0; j < kPer; ++j) {
-    const int i = threadIdx.x + j * blockDim.x;
-    if (i < nvec) {
-      Vec<fp8_e4m3, VEC> r;
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) r.v[k] = fp8_quantize(to_float(o[j].v[k]), scale);
-      store_vec<fp8_e4m3, VEC>(out + i * VEC, r);
-    }
-  }
+  const float scale = fp8_block_row_scale(amax, scratch, scales + row);
+  store_row_fp8<T, VEC, kPer>(o, nvec, scale, q + row * inter);
 }
 
 // Any width: one CTA per row, a strided loop finds the maximum, a second one reads the row again
@@ -109,15 +91,15 @@ __global__ void silu_and_mul_quant_fp8_twopass_kernel(const T* __restrict__ x, f
 #pragma unroll
     for (int k = 0; k < VEC; ++k) amax = fmaxf(amax, fabsf(to_float(silu_mul(a.v[k], b.v[k]))));
   }
-  const float scale = row_scale(amax, scratch, scales, row);
+  const float scale = fp8_block_row_scale(amax, scratch, scales + row);
   fp8_e4m3* out = q + row * inter;
   for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
     const Vec<T, VEC> a = load_vec<T, VEC>(gate + i * VEC);
     const Vec<T, VEC> b = load_vec<T, VEC>(gate + inter + i * VEC);
-    Vec<fp8_e4m3, VEC> r;
+    Vec<T, VEC> o;
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) r.v[k] = fp8_quantize(to_float(silu_mul(a.v[k], b.v[k])), scale);
-    store_vec<fp8_e4m3, VEC>(out + i * VEC, r);
+    for (int k = 0; k < VEC; ++k) o.v[k] = silu_mul(a.v[k], b.v[k]);
+    store_vec<fp8_e4m3, VEC>(out + i * VEC, fp8_quantize<T, VEC>(o, scale));
   }
 }
 

@@ -155,9 +155,31 @@ __device__ __forceinline__ float block_max(float x, float* scratch) {
 constexpr float kFp8Max = 448.f;
 constexpr float kFp8MinAmax = 1e-12f;  // an all-zero row gets a tiny positive scale, never 0 or NaN
 
-__device__ __forceinline__ float fp8_row_scale(float amax) { return __fdiv_rn(fmaxf(amax, kFp8MinAmax), kFp8Max); }
+// The row's scale from each thread's partial max |x| (one CTA per row); thread 0 stores it.
+__device__ __forceinline__ float fp8_block_row_scale(float thread_amax, float* scratch, float* scale_out) {
+  const float scale = __fdiv_rn(fmaxf(block_max(thread_amax, scratch), kFp8MinAmax), kFp8Max);
+  if (threadIdx.x == 0) *scale_out = scale;
+  return scale;
+}
 
-__device__ __forceinline__ fp8_e4m3 fp8_quantize(float x, float scale) { return float_to_fp8(__fdiv_rn(x, scale)); }
+template <typename T, int VEC>
+__device__ __forceinline__ Vec<fp8_e4m3, VEC> fp8_quantize(const Vec<T, VEC>& x, float scale) {
+  Vec<fp8_e4m3, VEC> q;
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) q.v[k] = float_to_fp8(__fdiv_rn(to_float(x.v[k]), scale));
+  return q;
+}
+
+// Stores a row held in registers as e4m3: thread t holds vectors t + j * blockDim.x (those < nvec).
+template <typename T, int VEC, int kPer>
+__device__ __forceinline__ void store_row_fp8(const Vec<T, VEC> (&row)[kPer], int nvec, float scale,
+                                              fp8_e4m3* __restrict__ out) {
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) {
+    const int i = threadIdx.x + j * blockDim.x;
+    if (i < nvec) store_vec<fp8_e4m3, VEC>(out + i * VEC, fp8_quantize<T, VEC>(row[j], scale));
+  }
+}
 
 // Elements per 16-byte vector for a tensor, or 1 when its pointer or strides are not 16-byte aligned.
 inline int vec_elems(const at::Tensor& t, std::initializer_list<int64_t> strides_elems, int64_t inner) {

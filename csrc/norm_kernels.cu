@@ -67,19 +67,8 @@ __global__ void rms_norm_kernel(const T* __restrict__ x, const T* __restrict__ r
     }
   }
   if constexpr (kQuant) {
-    amax = block_max(amax, scratch);
-    const float scale = fp8_row_scale(amax);
-    if (threadIdx.x == 0) scales[row] = scale;
-#pragma unroll
-    for (int j = 0; j < kPerThread; ++j) {
-      const int i = threadIdx.x + j * blockDim.x;
-      if (i < nvec) {
-        Vec<fp8_e4m3, VEC> q;
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) q.v[k] = fp8_quantize(to_float(h[j].v[k]), scale);
-        store_vec<fp8_e4m3, VEC>(out + row * hidden + i * VEC, q);
-      }
-    }
+    const float scale = fp8_block_row_scale(amax, scratch, scales + row);
+    store_row_fp8<T, VEC, kPerThread>(h, nvec, scale, out + row * hidden);
   }
 }
 

@@ -13,7 +13,6 @@
 namespace modelyard {
 namespace {
 
-
 template <typename T, int VEC>
 __global__ void per_token_quant_fp8_kernel(const T* __restrict__ x, fp8_e4m3* __restrict__ q,
                                            float* __restrict__ scales, int64_t x_stride, int width) {
@@ -27,16 +26,9 @@ __global__ void per_token_quant_fp8_kernel(const T* __restrict__ x, fp8_e4m3* __
 #pragma unroll
     for (int k = 0; k < VEC; ++k) amax = fmaxf(amax, fabsf(to_float(v.v[k])));
   }
-  amax = block_max(amax, scratch);
-  const float scale = fp8_row_scale(amax);
-  if (threadIdx.x == 0) scales[blockIdx.x] = scale;
-  for (int i = threadIdx.x; i < nvec; i += blockDim.x) {
-    const Vec<T, VEC> v = load_vec<T, VEC>(row + i * VEC);
-    Vec<fp8_e4m3, VEC> o;
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) o.v[k] = fp8_quantize(to_float(v.v[k]), scale);
-    store_vec<fp8_e4m3, VEC>(out + i * VEC, o);
-  }
+  const float scale = fp8_block_row_scale(amax, scratch, scales + blockIdx.x);
+  for (int i = threadIdx.x; i < nvec; i += blockDim.x)
+    store_vec<fp8_e4m3, VEC>(out + i * VEC, fp8_quantize<T, VEC>(load_vec<T, VEC>(row + i * VEC), scale));
 }
 
 }  // namespace

@@ -190,18 +190,26 @@ def test_overlapped_generate_matches_serial(ckpt64, images, monkeypatch):
 
 # ---- CUDA ------------------------------------------------------------------------------------------
 
+def _eager_then_graphs(ckpt, images, max_new, check=None, **config):
+    """The same 5 requests through an eager engine and a CUDA-graph one: ([outputs], [stats]).
+    check(engine), if given, runs on each engine before it closes."""
+    outs, stats = [], []
+    for eager in (True, False):
+        eng = Engine.from_pretrained(ckpt, EngineConfig(**config, enforce_eager=eager))
+        try:
+            outs.append(eng.generate(_requests(images, 5, max_new=max_new)))
+            stats.append(eng.stats())
+            if check is not None:
+                check(eng)
+        finally:
+            eng.close()
+    return outs, stats
+
 @requires_cuda
 def test_graph_decode_matches_eager_float32(ckpt64, images):
     """Same tokens with and without graphs; 5 sequences run in the 8-row graph (3 padding rows)."""
-    base = dict(dtype="float32", attention_backend="csrc", num_kv_blocks=256, max_batch_size=8)
-    outs, stats = [], []
-    for eager in (True, False):
-        eng = Engine.from_pretrained(ckpt64, EngineConfig(**base, enforce_eager=eager))
-        try:
-            outs.append(eng.generate(_requests(images, 5, max_new=16)))
-            stats.append(eng.stats())
-        finally:
-            eng.close()
+    outs, stats = _eager_then_graphs(ckpt64, images, 16, dtype="float32", attention_backend="csrc",
+                                     num_kv_blocks=256, max_batch_size=8)
     assert stats[0]["cuda_graphs"] == "off: enforce_eager=True"
     assert stats[1]["cuda_graphs"].startswith("on") and stats[1]["decode_steps"] > 0
     assert [o.token_ids for o in outs[1]] == [o.token_ids for o in outs[0]]
@@ -243,18 +251,13 @@ def test_auto_uses_kernels_and_graphs_in_bf16(ckpt64, images):
 @requires_cuda
 def test_fp8_cache_engine_with_graphs(ckpt64, images):
     """bf16 model, e4m3 pool: the kernels write and read fp8 inside the captured graphs."""
-    base = dict(dtype="bfloat16", num_kv_blocks=256, max_batch_size=8, kv_cache_dtype="fp8",
-                kv_cache_k_scale=0.5, kv_cache_v_scale=2.0)
-    outs, stats = [], []
-    for eager in (True, False):
-        eng = Engine.from_pretrained(ckpt64, EngineConfig(**base, enforce_eager=eager))
-        try:
-            outs.append(eng.generate(_requests(images, 5, max_new=10)))
-            stats.append(eng.stats())
-            assert eng.kv_cache.storage.dtype == ops.FP8_KV_DTYPE
-            assert eng.kv_cache.storage.view(torch.uint8).any()     # the pool was written
-        finally:
-            eng.close()
+    def pool_is_fp8_and_written(eng):
+        assert eng.kv_cache.storage.dtype == ops.FP8_KV_DTYPE
+        assert eng.kv_cache.storage.view(torch.uint8).any()
+
+    outs, stats = _eager_then_graphs(ckpt64, images, 10, check=pool_is_fp8_and_written, dtype="bfloat16",
+                                     num_kv_blocks=256, max_batch_size=8, kv_cache_dtype="fp8",
+                                     kv_cache_k_scale=0.5, kv_cache_v_scale=2.0)
     assert all(s["kv_cache_dtype"] == "float8_e4m3fn" for s in stats)
     assert stats[1]["cuda_graphs"].startswith("on") and stats[1]["decode_steps"] > 0
     for eager_outs, graph_outs in zip(*outs):
@@ -267,15 +270,8 @@ def test_fp8_quantized_engine_with_graphs(ckpt64, images):
     """quantization="fp8": e4m3 GEMMs (torch._scaled_mm) and the csrc activation quantizer inside the
     captured decode graphs run, and agree with eager decode on the prefill's token (later tokens may
     differ: the GEMM's kernel choice depends on the padded batch size, and bf16 sums in another order)."""
-    base = dict(dtype="bfloat16", num_kv_blocks=256, max_batch_size=8, quantization="fp8")
-    outs, stats = [], []
-    for eager in (True, False):
-        eng = Engine.from_pretrained(ckpt64, EngineConfig(**base, enforce_eager=eager))
-        try:
-            outs.append(eng.generate(_requests(images, 5, max_new=10)))
-            stats.append(eng.stats())
-        finally:
-            eng.close()
+    outs, stats = _eager_then_graphs(ckpt64, images, 10, dtype="bfloat16", num_kv_blocks=256,
+                                     max_batch_size=8, quantization="fp8")
     assert all(s["quantization"] == "fp8" for s in stats)
     assert stats[1]["cuda_graphs"].startswith("on") and stats[1]["decode_steps"] > 0
     for eager_outs, graph_outs in zip(*outs):
