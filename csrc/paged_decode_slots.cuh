@@ -81,23 +81,23 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel_v2(const Params<
   const int* bt = p.block_tables + seq * p.bt_stride;
   const int bs_mask = (1 << p.block_shift) - 1;
   const int64_t tok_stride = static_cast<int64_t>(p.num_kv_heads) * D;
-  const C* k_base = p.k_cache + kvh * D + vi * VEC;
-  const C* v_base = p.v_cache + kvh * D + vi * VEC;
+  // Inactive lanes (head dims that are not a power-of-two number of vectors) read the row's first
+  // vector: their query slice is zero, so they add nothing, and their accumulators are never stored.
+  const int vl = active ? vi : 0;
+  const C* k_base = p.k_cache + kvh * D + vl * VEC;
+  const C* v_base = p.v_cache + kvh * D + vl * VEC;
 
-  // This slot's K and V rows for tokens tb .. tb + U - 1 (zeros past the end).
+  // This slot's K and V rows for tokens tb .. tb + U - 1. Branch-free, so the compiler can prove
+  // the warp converged at the shuffles (a divergent load branch made it wrap every shuffle in a
+  // WARPSYNC.COLLECTIVE sequence, SASS on an H200): tokens past the end re-read the last token,
+  // a real cache row with finite values, whose score is masked to -inf (weight exactly 0).
   auto load_tile = [&](int tb, Vec<C, VEC> (&kv)[U], Vec<C, VEC> (&vv)[U]) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int t = tb + u;
-      if (active && t < end) {
-        const int64_t row = (static_cast<int64_t>(bt[t >> p.block_shift]) << p.block_shift) + (t & bs_mask);
-        kv[u] = load_vec<C, VEC>(k_base + row * tok_stride);
-        vv[u] = load_vec<C, VEC>(v_base + row * tok_stride);
-      } else {
-        // Real zeros, not garbage: a masked token's V still meets a weight of 0, and 0 * NaN = NaN.
-        set_zero(kv[u]);
-        set_zero(vv[u]);
-      }
+      const int t = max(min(tb + u, end - 1), 0);  // 0: an empty sequence reads its (padding) block 0
+      const int64_t row = (static_cast<int64_t>(bt[t >> p.block_shift]) << p.block_shift) + (t & bs_mask);
+      kv[u] = load_vec<C, VEC>(k_base + row * tok_stride);
+      vv[u] = load_vec<C, VEC>(v_base + row * tok_stride);
     }
   };
 
@@ -105,6 +105,7 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel_v2(const Params<
   if constexpr (PF) load_tile(start + warp * TPW * U + slot * U, kn, vn);
 
   // The loop bound depends on the warp only, so every lane runs the same shuffles.
+#pragma unroll 1
   for (int t0 = start + warp * TPW * U; t0 < end; t0 += NS * U) {
     const int tb = t0 + slot * U;
     Vec<C, VEC> kv[U], vv[U];
@@ -133,32 +134,36 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel_v2(const Params<
         s[g][u] = tb + u < end ? d : -INFINITY;
       }
     }
-    float vf[U][VEC];
-#pragma unroll
-    for (int u = 0; u < U; ++u) cache_to_float<C, VEC>(vv[u], vf[u]);
+    // Online softmax per head, then P.V with each token's V row converted once, inside the loop
+    // (U x VEC floats of converted V at once would cost registers; the sum order is unchanged).
+    float pu[NG][U];
 #pragma unroll
     for (int g = 0; g < NG; ++g) {
       float bmax = s[g][0];
 #pragma unroll
       for (int u = 1; u < U; ++u) bmax = fmaxf(bmax, s[g][u]);
       const float m_new = fmaxf(m[g], bmax);
-      if (m_new == -INFINITY) continue;  // no valid token seen yet by this slot
-      const float alpha = exp2f(m[g] - m_new);
-      float pu[U];
+      // No valid token seen yet by this slot: weights 0 against zero-filled V rows, acc stays 0.
+      const float alpha = m_new == -INFINITY ? 1.f : exp2f(m[g] - m_new);
       float psum = 0.f;
 #pragma unroll
       for (int u = 0; u < U; ++u) {
-        pu[u] = exp2f(s[g][u] - m_new);
-        psum += pu[u];
+        pu[g][u] = m_new == -INFINITY ? 0.f : exp2f(s[g][u] - m_new);
+        psum += pu[g][u];
       }
       l[g] = l[g] * alpha + psum;
       m[g] = m_new;
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) {
-        float a = acc[g][i] * alpha;
+      for (int i = 0; i < VEC; ++i) acc[g][i] *= alpha;
+    }
 #pragma unroll
-        for (int u = 0; u < U; ++u) a = fmaf(pu[u], vf[u][i], a);
-        acc[g][i] = a;
+    for (int u = 0; u < U; ++u) {
+      float vf[VEC];
+      cache_to_float<C, VEC>(vv[u], vf);
+#pragma unroll
+      for (int g = 0; g < NG; ++g) {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) acc[g][i] = fmaf(pu[g][u], vf[i], acc[g][i]);
       }
     }
   }

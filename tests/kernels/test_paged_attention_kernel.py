@@ -78,6 +78,32 @@ def test_fp8_cache_matches_reference(variant, dtype, d, hq, hk):
     _check(q, kc8, vc8, bt, sl, d ** -0.5, dtype, k_scale=k_scale, v_scale=v_scale, variant=variant)
 
 
+@pytest.mark.parametrize("variant", [2, 3])
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("d,hq,hk", [(128, 8, 8), (80, 8, 2), (64, 16, 2)])
+@pytest.mark.parametrize("num_splits", [0, 5])
+def test_rows_outside_the_sequences_are_never_read(variant, fp8, d, hq, hk, num_splits):
+    """Every cache row that holds no token of its sequence is NaN: the tail of each last block and
+    the spare blocks. The kernel's branch-free loads re-read a sequence's last token past its end;
+    reading any other row would put NaN into the output."""
+    seq_lens = [1, 3, 16, 17, 35, 129, 650]
+    bs = 16
+    q, kc, vc, bt, sl = _case(seq_lens, hq, hk, d, bs, torch.bfloat16, seed=d + hk)
+    if fp8:
+        kc, vc = _to_fp8(kc, vc, 1.0, 1.0)
+    used = torch.zeros(kc.shape[0] * bs, dtype=torch.bool, device="cuda")
+    for i, n in enumerate(seq_lens):
+        t = torch.arange(n, device="cuda")
+        used[bt[i, t // bs].long() * bs + t % bs] = True
+    for cache in (kc, vc):
+        rows = cache.view(-1, hk, d)
+        if fp8:
+            rows.view(torch.uint8)[~used] = 0x7F    # e4m3fn NaN
+        else:
+            rows[~used] = float("nan")
+    _check(q, kc, vc, bt, sl, d ** -0.5, torch.bfloat16, num_splits=num_splits, variant=variant)
+
+
 @pytest.mark.parametrize("num_splits", [1, 3, 64])
 def test_fp8_cache_split_count(num_splits):
     seq_lens = [5, 129, 700, 2100]

@@ -12,10 +12,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .layers import MergedLinear, activation
 
 _KINDS = {"clip_vision_model": "clip", "siglip_vision_model": "siglip"}
+
+# SDPA backends for the tower on CUDA: cuDNN left out. torch picks it first on Hopper, and it builds
+# an execution plan for every new image-batch size (~30 ms each, the batch size changes with every
+# prefill step); FlashAttention needs no plan and was within 6% of cuDNN's steady speed for
+# CLIP-L/336 (H200, benchmarks/NOTES-perf.md, session 4).
+_TOWER_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass(frozen=True)
@@ -94,7 +101,11 @@ class VisionAttention(nn.Module):
         N, L, E = x.shape
         qkv = self.qkv_proj(x).view(N, L, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                  # [N, heads, L, d] each
-        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # bidirectional over the image
+        if q.is_cuda:
+            with sdpa_kernel(_TOWER_SDPA):
+                out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # bidirectional over the image
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         return self.out_proj(out.transpose(1, 2).reshape(N, L, E))
 
 
