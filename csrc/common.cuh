@@ -54,23 +54,6 @@ struct alignas(sizeof(T) * N) Vec {
   T v[N];
 };
 
-// Sets every element of x to 0.0 (all-zero bits in every supported type) with the widest stores
-// that fit. In place: building a zero vector and returning it made ptxas double the slot kernel's
-// registers.
-template <typename T, int N>
-__device__ __forceinline__ void set_zero(Vec<T, N>& x) {
-  if constexpr (sizeof(x) % 16 == 0) {
-#pragma unroll
-    for (int i = 0; i < static_cast<int>(sizeof(x) / 16); ++i) reinterpret_cast<uint4*>(&x)[i] = make_uint4(0u, 0u, 0u, 0u);
-  } else if constexpr (sizeof(x) % 8 == 0) {
-#pragma unroll
-    for (int i = 0; i < static_cast<int>(sizeof(x) / 8); ++i) reinterpret_cast<uint2*>(&x)[i] = make_uint2(0u, 0u);
-  } else {
-#pragma unroll
-    for (int i = 0; i < static_cast<int>(sizeof(x)); ++i) reinterpret_cast<unsigned char*>(&x)[i] = 0;
-  }
-}
-
 // The fp8 KV cache's element: e4m3 (OCP "fn": no infinities, +-448 max), torch.float8_e4m3fn.
 using fp8_e4m3 = __nv_fp8_e4m3;
 

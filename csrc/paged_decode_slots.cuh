@@ -143,7 +143,7 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel_v2(const Params<
 #pragma unroll
       for (int u = 1; u < U; ++u) bmax = fmaxf(bmax, s[g][u]);
       const float m_new = fmaxf(m[g], bmax);
-      // No valid token seen yet by this slot: weights 0 against zero-filled V rows, acc stays 0.
+      // No valid token seen yet by this slot: weights 0 (its V rows are real, finite rows), acc stays 0.
       const float alpha = m_new == -INFINITY ? 1.f : exp2f(m[g] - m_new);
       float psum = 0.f;
 #pragma unroll

@@ -10,36 +10,15 @@
 namespace modelyard {
 namespace {
 
-// One CTA per token; each thread rotates (head, pair) items of q then k. Neox pairs element j with
-// j + D/2; GPT-J pairs 2j with 2j + 1.
-template <typename T, typename P, bool kNeox>
+// One CTA per token; each thread rotates VEC consecutive (head, pair) items of q then k. Neox pairs
+// element j with j + D/2, so VEC pairs are two VEC-wide loads per half-row (16 bytes when the rows
+// allow it; 2-byte scalar accesses reached ~40% of the copy rate on a 16k-token prefill step, H200).
+// GPT-J pairs 2j with 2j + 1 (scalar only).
+template <typename T, typename P, bool kNeox, int VEC>
 __global__ void rotary_kernel(const P* __restrict__ positions, T* __restrict__ query, T* __restrict__ key,
                               const float* __restrict__ cos_sin, int64_t q_stride, int64_t k_stride, int num_heads,
                               int num_kv_heads, int head_dim) {
-  const int64_t t = blockIdx.x;
-  const int half = head_dim / 2;
-  const float* cs = cos_sin + static_cast<int64_t>(positions[t]) * head_dim;
-  const int total = (num_heads + num_kv_heads) * half;
-  for (int i = threadIdx.x; i < total; i += blockDim.x) {
-    const int head = i / half, j = i % half;
-    T* x = head < num_heads ? query + t * q_stride + head * head_dim
-                            : key + t * k_stride + (head - num_heads) * head_dim;
-    const int i1 = kNeox ? j : 2 * j;
-    const int i2 = kNeox ? j + half : 2 * j + 1;
-    const float c = cs[j], s = cs[half + j];
-    const float x1 = to_float(x[i1]), x2 = to_float(x[i2]);
-    x[i1] = from_float<T>(x1 * c - x2 * s);
-    x[i2] = from_float<T>(x2 * c + x1 * s);
-  }
-}
-
-// Neox pairs, vectorized: each thread rotates VEC consecutive pairs of one head, with one 16-byte
-// load and store per half-row (the scalar kernel above moves 2 bytes at a time: ~40% of the copy
-// rate on a 16k-token prefill step, H200). Same float32 math, so the same result bit for bit.
-template <typename T, typename P, int VEC>
-__global__ void rotary_neox_vec_kernel(const P* __restrict__ positions, T* __restrict__ query, T* __restrict__ key,
-                                       const float* __restrict__ cos_sin, int64_t q_stride, int64_t k_stride,
-                                       int num_heads, int num_kv_heads, int head_dim) {
+  static_assert(kNeox || VEC == 1, "GPT-J pairs are adjacent elements: one pair per item");
   const int64_t t = blockIdx.x;
   const int half = head_dim / 2;
   const int nvec = half / VEC;
@@ -49,8 +28,10 @@ __global__ void rotary_neox_vec_kernel(const P* __restrict__ positions, T* __res
     const int head = i / nvec, j = (i % nvec) * VEC;
     T* x = head < num_heads ? query + t * q_stride + head * head_dim
                             : key + t * k_stride + (head - num_heads) * head_dim;
-    const Vec<T, VEC> a = load_vec<T, VEC>(x + j);
-    const Vec<T, VEC> b = load_vec<T, VEC>(x + j + half);
+    const int i1 = kNeox ? j : 2 * j;
+    const int i2 = kNeox ? j + half : 2 * j + 1;
+    const Vec<T, VEC> a = load_vec<T, VEC>(x + i1);
+    const Vec<T, VEC> b = load_vec<T, VEC>(x + i2);
     Vec<T, VEC> ra, rb;
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
@@ -59,8 +40,8 @@ __global__ void rotary_neox_vec_kernel(const P* __restrict__ positions, T* __res
       ra.v[e] = from_float<T>(x1 * c - x2 * s);
       rb.v[e] = from_float<T>(x2 * c + x1 * s);
     }
-    store_vec<T, VEC>(x + j, ra);
-    store_vec<T, VEC>(x + j + half, rb);
+    store_vec<T, VEC>(x + i1, ra);
+    store_vec<T, VEC>(x + i2, rb);
   }
 }
 
@@ -115,15 +96,13 @@ void rotary_embedding(const at::Tensor& positions, at::Tensor& query, at::Tensor
     const int threads = static_cast<int>(std::min<int64_t>(512, std::max<int64_t>(32, items)));
     auto launch = [&](auto* pos) {
       using P = std::remove_const_t<std::remove_pointer_t<decltype(pos)>>;
+      const int D = static_cast<int>(head_dim);
       if (vec) {
-        rotary_neox_vec_kernel<scalar_t, P, VEC><<<T, threads, 0, stream>>>(pos, q, k, cs, q_stride, k_stride, Hq, Hk,
-                                                                            static_cast<int>(head_dim));
+        rotary_kernel<scalar_t, P, true, VEC><<<T, threads, 0, stream>>>(pos, q, k, cs, q_stride, k_stride, Hq, Hk, D);
       } else if (is_neox) {
-        rotary_kernel<scalar_t, P, true><<<T, threads, 0, stream>>>(pos, q, k, cs, q_stride, k_stride, Hq, Hk,
-                                                                    static_cast<int>(head_dim));
+        rotary_kernel<scalar_t, P, true, 1><<<T, threads, 0, stream>>>(pos, q, k, cs, q_stride, k_stride, Hq, Hk, D);
       } else {
-        rotary_kernel<scalar_t, P, false><<<T, threads, 0, stream>>>(pos, q, k, cs, q_stride, k_stride, Hq, Hk,
-                                                                     static_cast<int>(head_dim));
+        rotary_kernel<scalar_t, P, false, 1><<<T, threads, 0, stream>>>(pos, q, k, cs, q_stride, k_stride, Hq, Hk, D);
       }
     };
     if (positions.scalar_type() == at::kLong) {

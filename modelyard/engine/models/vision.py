@@ -18,10 +18,10 @@ from .layers import MergedLinear, activation
 
 _KINDS = {"clip_vision_model": "clip", "siglip_vision_model": "siglip"}
 
-# SDPA backends for the tower on CUDA: cuDNN left out. torch picks it first on Hopper, and it builds
-# an execution plan for every new image-batch size (~30 ms each, the batch size changes with every
-# prefill step); FlashAttention needs no plan and was within 6% of cuDNN's steady speed for
-# CLIP-L/336 (H200, benchmarks/NOTES-perf.md, session 4).
+# SDPA backends for the tower: cuDNN left out (it exists on CUDA only, so on the CPU nothing changes).
+# torch picks it first on Hopper, and it builds an execution plan for every new image-batch size
+# (~30 ms each, the batch size changes with every prefill step); FlashAttention needs no plan and was
+# within 6% of cuDNN's steady speed for CLIP-L/336 (H200, benchmarks/RESULTS.md, session 4).
 _TOWER_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
@@ -101,11 +101,7 @@ class VisionAttention(nn.Module):
         N, L, E = x.shape
         qkv = self.qkv_proj(x).view(N, L, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                  # [N, heads, L, d] each
-        if q.is_cuda:
-            with sdpa_kernel(_TOWER_SDPA):
-                out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # bidirectional over the image
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # bidirectional over the image
         return self.out_proj(out.transpose(1, 2).reshape(N, L, E))
 
 
@@ -162,8 +158,9 @@ class VisionTower(nn.Module):
             x = self.pre_layrnorm(x)
         wanted = set(self.feature_indices)
         kept = {0: x} if 0 in wanted else {}
-        for i, layer in enumerate(self.encoder.layers, start=1):
-            x = layer(x)
-            if i in wanted:
-                kept[i] = x
+        with sdpa_kernel(_TOWER_SDPA):
+            for i, layer in enumerate(self.encoder.layers, start=1):
+                x = layer(x)
+                if i in wanted:
+                    kept[i] = x
         return [kept[i] for i in self.feature_indices]
