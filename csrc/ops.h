@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
+#include <optional>
 #include <tuple>
 
 namespace modelyard {
@@ -54,5 +55,19 @@ std::tuple<at::Tensor, at::Tensor> silu_and_mul_quant_fp8(const at::Tensor& x);
 // x [M, K] (float32 / float16 / bfloat16, contiguous last dim) -> (q [M, K] float8_e4m3fn,
 // scales [M, 1] float32) with x ~= q * scales row by row: scale = max(|x_row|, 1e-12) / 448.
 std::tuple<at::Tensor, at::Tensor> per_token_quant_fp8(const at::Tensor& x);
+
+// cuBLASLt linear layer out [M, N] = x [M, K] w [N, K]^T (+ bias [N]) with an explicit algorithm
+// (lt_gemm.cu). x, w bfloat16 / float16 (out_dtype the same), or float8_e4m3fn with x_scale [M] and
+// w_scale [N] float32 (out = (x * x_scale)(w * w_scale)^T in out_dtype, 16-bit).
+// lt_gemm_algos -> (algos [n, 64] uint8 CPU, info [n, 4] int64 CPU: tile id, split-k, stages id,
+// workspace bytes), the heuristic's candidates, best first; lt_gemm runs one of those rows.
+std::tuple<at::Tensor, at::Tensor> lt_gemm_algos(const at::Tensor& x, const at::Tensor& w,
+                                                 const std::optional<at::Tensor>& bias,
+                                                 const std::optional<at::Tensor>& x_scale,
+                                                 const std::optional<at::Tensor>& w_scale, at::ScalarType out_dtype,
+                                                 int64_t max_algos);
+at::Tensor lt_gemm(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                   const std::optional<at::Tensor>& x_scale, const std::optional<at::Tensor>& w_scale,
+                   at::ScalarType out_dtype, const at::Tensor& algo);
 
 }  // namespace modelyard

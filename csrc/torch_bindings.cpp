@@ -21,6 +21,12 @@ TORCH_LIBRARY(modelyard, m) {
   m.def("rms_norm_quant_fp8(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("fused_add_rms_norm_quant_fp8(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor, Tensor)");
   m.def("silu_and_mul_quant_fp8(Tensor x) -> (Tensor, Tensor)");
+  m.def(
+      "lt_gemm_algos(Tensor x, Tensor w, Tensor? bias, Tensor? x_scale, Tensor? w_scale, ScalarType out_dtype, "
+      "int max_algos) -> (Tensor, Tensor)");
+  m.def(
+      "lt_gemm(Tensor x, Tensor w, Tensor? bias, Tensor? x_scale, Tensor? w_scale, ScalarType out_dtype, "
+      "Tensor algo) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(modelyard, CUDA, m) {
@@ -34,4 +40,6 @@ TORCH_LIBRARY_IMPL(modelyard, CUDA, m) {
   m.impl("rms_norm_quant_fp8", &modelyard::rms_norm_quant_fp8);
   m.impl("fused_add_rms_norm_quant_fp8", &modelyard::fused_add_rms_norm_quant_fp8);
   m.impl("silu_and_mul_quant_fp8", &modelyard::silu_and_mul_quant_fp8);
+  m.impl("lt_gemm_algos", &modelyard::lt_gemm_algos);
+  m.impl("lt_gemm", &modelyard::lt_gemm);
 }

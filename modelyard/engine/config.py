@@ -26,6 +26,9 @@ class EngineConfig:
     attention_backend: str = "auto"        # auto | sdpa | flash | csrc
     num_kv_blocks: int | None = None       # explicit pool size (tests, packing); overrides the fractions
     enforce_eager: bool = False            # True: no CUDA graphs
+    # Time cuBLAS against cuBLASLt's algorithms per decode batch size and linear-layer shape before the
+    # decode graphs are captured, and capture the fastest (engine/gemm.py; 16-bit models on CUDA).
+    tune_decode_gemms: bool = True
     seed: int = 0                          # default seed for requests without one
     max_image_batch: int = 64              # images per vision-encoder batch
     kv_cache_dtype: str = "auto"           # auto (the model dtype) | fp8 | fp8_e4m3 (both float8_e4m3fn)

@@ -71,6 +71,27 @@ def _cuda_flags(arch: tuple[int, int]) -> list[str]:
     return [*_CUDA_FLAGS, f"-gencode=arch=compute_{cc},code=sm_{cc}"]
 
 
+def cublaslt_library() -> str | None:
+    """The libcublasLt the process already uses (torch's, loaded with libtorch_cuda), else the CUDA
+    toolkit's: lt_gemm.cu links against it. Linking by full path works for pip wheels, which ship
+    only the versioned file (libcublasLt.so.13) that -lcublasLt would not find."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                path = line.rstrip().split(" ")[-1]
+                if "/libcublasLt.so" in path and os.path.isfile(path):
+                    return path
+    except OSError:
+        pass
+    from torch.utils.cpp_extension import CUDA_HOME
+    if CUDA_HOME:
+        for sub in ("lib64", "lib", "targets/x86_64-linux/lib", "targets/sbsa-linux/lib"):
+            hits = sorted(Path(CUDA_HOME, sub).glob("libcublasLt.so*"))
+            if hits:
+                return str(hits[0])
+    return None
+
+
 def build_key(arch: tuple[int, int], src: Path | None = None) -> str:
     src = src or csrc_dir()
     h = hashlib.sha256()
@@ -148,6 +169,9 @@ def _build_and_load(arch: tuple[int, int], verbose: bool) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     from torch.utils.cpp_extension import load
 
+    lt = cublaslt_library()
+    if lt is None:
+        raise FileNotFoundError("libcublasLt not found (neither loaded by torch nor under CUDA_HOME)")
     # cpp_extension serializes concurrent builders (a lock file in `out`), so actors starting
     # together on a fresh machine build once and the others wait, then load.
     load(
@@ -156,6 +180,7 @@ def _build_and_load(arch: tuple[int, int], verbose: bool) -> Path:
         extra_cflags=list(_CXX_FLAGS),
         extra_cuda_cflags=_cuda_flags(arch),
         extra_include_paths=[str(src)],
+        extra_ldflags=[lt],
         build_directory=str(out),
         is_python_module=False,
         verbose=verbose,

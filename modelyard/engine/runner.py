@@ -132,7 +132,8 @@ class ModelRunner:
     def describe(self) -> dict:
         """Attention paths and CUDA-graph state, for Engine.stats()."""
         return {**describe_backend(self.attn), "cuda_graphs": self.graphs_note,
-                "cuda_graph_capture_seconds": self.graphs.capture_seconds if self.graphs else 0.0}
+                "cuda_graph_capture_seconds": self.graphs.capture_seconds if self.graphs else 0.0,
+                "decode_gemms": self.graphs.gemm_plan.summary() if self.graphs else "off: no decode graphs"}
 
     def _pack(self, seqs: tuple[ScheduledSeq, ...]):
         """Host arrays for the packed step: token ids, positions and KV slots [T] int64, and the

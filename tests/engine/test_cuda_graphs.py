@@ -330,3 +330,55 @@ def test_pixels_pinned_on_cuda(ckpt64, images):
         assert processed.pixel_values.dtype == torch.bfloat16 and processed.pixel_values.is_pinned()
     finally:
         eng.close()
+
+
+# ---- decode GEMM tuning (engine/gemm.py) ------------------------------------------------------------
+
+def test_linear_without_a_plan_is_f_linear():
+    from modelyard.engine import gemm
+    from modelyard.engine.models.layers import Linear
+    lin = Linear(32, 48, bias=True)
+    x = torch.randn(5, 32)
+    assert torch.equal(gemm.linear(x, lin.weight, lin.bias), torch.nn.functional.linear(x, lin.weight, lin.bias))
+    with gemm.active(gemm.GemmPlan()):          # a plan that has nothing for this shape
+        assert torch.equal(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
+    x3 = torch.randn(2, 5, 32)                  # leading batch dims: plain nn.Linear
+    assert torch.equal(lin(x3), torch.nn.functional.linear(x3, lin.weight, lin.bias))
+
+
+@requires_cuda
+@torch.inference_mode()
+def test_decode_gemm_tuning(ckpt64):
+    """tune() covers every (batch size, linear shape) and keeps only algorithms that beat F.linear;
+    graphs captured with cuBLASLt forced on every linear layer give the F.linear graphs' logits."""
+    from modelyard.engine import gemm, kernels
+    eng = Engine.from_pretrained(ckpt64, EngineConfig(dtype="bfloat16", num_kv_blocks=64, max_batch_size=8,
+                                                      tune_decode_gemms=False))
+    try:
+        assert eng.stats()["decode_gemms"] == "off: tune_decode_gemms=False"
+        shapes = gemm.linear_weights(eng.model)
+        assert len(shapes) >= 4             # qkv, o, gate_up, down (+ the LM head)
+        plan = gemm.tune(eng.model, [1, 8], eng.runner.graphs.device)
+        assert set(plan.choices) == {(m, s) for m in (1, 8) for s in shapes}
+        assert all(r["chosen_us"] <= r["torch_us"] for r in plan.timings)
+        assert plan.summary().startswith("tuned in")
+
+        k = kernels.get()
+        forced = gemm.GemmPlan()
+        for (m, s), pairs in ((key, shapes[key[1]]) for key in plan.choices):
+            w, b = pairs[0]
+            x = torch.randn(m, s.k, device="cuda", dtype=s.dtype)
+            algos, _ = k.lt_gemm_algos(x, w, b, None, None, s.dtype, 1)
+            forced.choices[(m, s)] = algos[0].clone()
+        graphs = eng.runner.graphs
+        bs = eng.kv_cache.spec.block_size
+        spans = [_span(0, 5, 3, [10]), _span(1, 6, bs + 1, [20, 21]), _span(2, 7, 0, [30])]
+        graphs.capture(gemm.GemmPlan())
+        plain = graphs.run(spans).clone()
+        graphs.capture(forced)
+        assert forced.lt_calls > 0
+        tuned = graphs.run(spans).clone()
+        torch.cuda.synchronize()
+        assert (tuned - plain).norm() / plain.norm() < 2e-2
+    finally:
+        eng.close()

@@ -14,7 +14,7 @@ from torch import nn
 
 from .. import ops
 from ..attention.base import AttentionBackend, AttentionMetadata
-from .layers import MergedLinear, QuantizedInput, RMSNorm
+from .layers import Linear, MergedLinear, QuantizedInput, RMSNorm
 from .registry import UnsupportedArchitecture
 from .rope import RopeSpec, cos_sin_cache
 
@@ -87,7 +87,7 @@ class DecoderAttention(nn.Module):
         self.qkv_proj = MergedLinear(spec.hidden_size, {"q_proj": q_rows, "k_proj": kv_rows, "v_proj": kv_rows},
                                      bias=spec.qkv_bias)
         self.qkv_sizes = [q_rows, kv_rows, kv_rows]    # kept here: quantization may replace qkv_proj
-        self.o_proj = nn.Linear(q_rows, spec.hidden_size, bias=spec.o_bias)
+        self.o_proj = Linear(q_rows, spec.hidden_size, bias=spec.o_bias)
         self.scale = spec.head_dim ** -0.5
 
     def forward(self, positions, hidden, cos_sin, kv_cache, meta: AttentionMetadata, attn: AttentionBackend):
@@ -112,7 +112,7 @@ class DecoderMLP(nn.Module):
         inter = spec.intermediate_size
         self.gate_up_proj = MergedLinear(spec.hidden_size, {"gate_proj": inter, "up_proj": inter},
                                          bias=spec.mlp_bias)
-        self.down_proj = nn.Linear(inter, spec.hidden_size, bias=spec.mlp_bias)
+        self.down_proj = Linear(inter, spec.hidden_size, bias=spec.mlp_bias)
         # down_proj is fp8 (set by quant.quantize_model): the activation kernel writes its input
         # quantized, so the [T, I] activation never exists in the model dtype.
         self.quant_act = False

@@ -7,7 +7,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
+from .. import gemm, ops
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose GEMM can follow a tuned decode plan (engine/gemm.py) while the decode graphs
+    are captured; it is F.linear everywhere else."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:
+            return gemm.linear(x, self.weight, self.bias)
+        return super().forward(x)
 
 
 class QuantizedInput(NamedTuple):
@@ -17,7 +27,7 @@ class QuantizedInput(NamedTuple):
     scale: torch.Tensor   # [..., 1] float32
 
 
-class MergedLinear(nn.Linear):
+class MergedLinear(Linear):
     """Several projections of one input computed by a single GEMM.
 
     The checkpoint stores them separately (e.g. q_proj / k_proj / v_proj); the loader copies each into
