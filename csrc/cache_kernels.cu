@@ -5,6 +5,7 @@
 #include <type_traits>
 
 #include "common.cuh"
+#include "kv_write.h"
 #include "ops.h"
 
 namespace modelyard {
@@ -29,19 +30,8 @@ __global__ void reshape_and_cache_kernel(const T* __restrict__ key, const T* __r
     const int64_t dst = dst0 + static_cast<int64_t>(h) * head_dim + d;
     const Vec<T, VEC> kx = load_vec<T, VEC>(key + t * k_stride_t + h * k_stride_h + d);
     const Vec<T, VEC> vx = load_vec<T, VEC>(value + t * v_stride_t + h * v_stride_h + d);
-    if constexpr (std::is_same_v<C, T>) {
-      store_vec<T, VEC>(k_cache + dst, kx);
-      store_vec<T, VEC>(v_cache + dst, vx);
-    } else {
-      Vec<C, VEC> kq, vq;
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        kq.v[j] = float_to_fp8(to_float(kx.v[j]) * k_inv_scale);
-        vq.v[j] = float_to_fp8(to_float(vx.v[j]) * v_inv_scale);
-      }
-      store_vec<C, VEC>(k_cache + dst, kq);
-      store_vec<C, VEC>(v_cache + dst, vq);
-    }
+    store_vec<C, VEC>(k_cache + dst, to_cache<C>(kx, k_inv_scale));
+    store_vec<C, VEC>(v_cache + dst, to_cache<C>(vx, v_inv_scale));
   }
 }
 
@@ -72,29 +62,35 @@ void launch_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_
 
 }  // namespace
 
-void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_cache, at::Tensor& v_cache,
-                       const at::Tensor& slot_mapping, double k_scale, double v_scale) {
+// Shared by reshape_and_cache and rotary_embedding_and_cache (kv_write.h); true for an fp8 cache.
+bool check_kv_write(const char* op, const at::Tensor& key, const at::Tensor& value, const at::Tensor& k_cache,
+                    const at::Tensor& v_cache, const at::Tensor& slot_mapping, double k_scale, double v_scale) {
   TORCH_CHECK(key.is_cuda() && value.is_cuda() && k_cache.is_cuda() && v_cache.is_cuda() && slot_mapping.is_cuda(),
-              "reshape_and_cache: all tensors must be on CUDA");
-  TORCH_CHECK(key.dim() == 3 && value.sizes() == key.sizes(), "reshape_and_cache: key and value must be [T, Hk, D]");
+              op, ": all tensors must be on CUDA");
+  TORCH_CHECK(key.dim() == 3 && value.sizes() == key.sizes(), op, ": key and value must be [T, Hk, D]");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.is_contiguous() &&
                   v_cache.is_contiguous(),
-              "reshape_and_cache: caches must be contiguous [num_blocks, block_size, Hk, D]");
+              op, ": caches must be contiguous [num_blocks, block_size, Hk, D]");
   TORCH_CHECK(k_cache.size(2) == key.size(1) && k_cache.size(3) == key.size(2),
-              "reshape_and_cache: key rows ", shape(key.sizes()), " do not match the cache ", shape(k_cache.sizes()));
+              op, ": key rows ", shape(key.sizes()), " do not match the cache ", shape(k_cache.sizes()));
   TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type() && key.scalar_type() == value.scalar_type(),
-              "reshape_and_cache: k_cache/v_cache (or key/value) dtypes differ");
+              op, ": k_cache/v_cache (or key/value) dtypes differ");
   const bool fp8 = k_cache.scalar_type() == at::kFloat8_e4m3fn;
   TORCH_CHECK(fp8 ? key.scalar_type() != at::kFloat : key.scalar_type() == k_cache.scalar_type(),
-              "reshape_and_cache: key/value dtype ", key.scalar_type(), " cannot be stored in a ",
+              op, ": key/value dtype ", key.scalar_type(), " cannot be stored in a ",
               k_cache.scalar_type(), " cache (same dtype, or float16/bfloat16 into float8_e4m3fn)");
-  TORCH_CHECK(k_scale > 0 && v_scale > 0, "reshape_and_cache: k_scale and v_scale must be positive");
-  TORCH_CHECK(fp8 || (k_scale == 1.0 && v_scale == 1.0), "reshape_and_cache: k_scale / v_scale apply to an fp8 cache only");
-  TORCH_CHECK(key.stride(2) == 1 && value.stride(2) == 1, "reshape_and_cache: head dim must be contiguous");
+  TORCH_CHECK(k_scale > 0 && v_scale > 0, op, ": k_scale and v_scale must be positive");
+  TORCH_CHECK(fp8 || (k_scale == 1.0 && v_scale == 1.0), op, ": k_scale / v_scale apply to an fp8 cache only");
+  TORCH_CHECK(key.stride(2) == 1 && value.stride(2) == 1, op, ": head dim must be contiguous");
   TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 && slot_mapping.is_contiguous() &&
                   slot_mapping.size(0) == key.size(0),
-              "reshape_and_cache: slot_mapping must be a contiguous int64 vector with one slot per token");
+              op, ": slot_mapping must be a contiguous int64 vector with one slot per token");
+  return fp8;
+}
 
+void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_cache, at::Tensor& v_cache,
+                       const at::Tensor& slot_mapping, double k_scale, double v_scale) {
+  const bool fp8 = check_kv_write("reshape_and_cache", key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale);
   if (key.size(0) == 0) return;
   const int D = static_cast<int>(key.size(2));
   const c10::cuda::OptionalCUDAGuard guard(key.device());

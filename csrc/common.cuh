@@ -153,6 +153,20 @@ __device__ __forceinline__ Vec<fp8_e4m3, VEC> fp8_quantize(const Vec<T, VEC>& x,
   return q;
 }
 
+// A vector as cache elements: a copy for a cache of the same type, else x * inv_scale rounded and
+// saturated to e4m3 (the fp8 KV cache stores x / scale).
+template <typename C, typename T, int VEC>
+__device__ __forceinline__ Vec<C, VEC> to_cache(const Vec<T, VEC>& x, float inv_scale) {
+  if constexpr (std::is_same_v<C, T>) {
+    return x;
+  } else {
+    Vec<C, VEC> q;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) q.v[j] = float_to_fp8(to_float(x.v[j]) * inv_scale);
+    return q;
+  }
+}
+
 // Stores a row held in registers as e4m3: thread t holds vectors t + j * blockDim.x (those < nvec).
 template <typename T, int VEC, int kPer>
 __device__ __forceinline__ void store_row_fp8(const Vec<T, VEC> (&row)[kPer], int nvec, float scale,

@@ -45,6 +45,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_add_rms_norm_quant_fp8(cons
 void rotary_embedding(const at::Tensor& positions, at::Tensor& query, at::Tensor& key, int64_t head_dim,
                       const at::Tensor& cos_sin_cache, bool is_neox);
 
+// rotary_embedding on query and key, then reshape_and_cache of the rotated key and value [T, Hk, D],
+// in one launch; the same results as the two ops in sequence.
+void rotary_embedding_and_cache(const at::Tensor& positions, at::Tensor& query, at::Tensor& key,
+                                const at::Tensor& value, at::Tensor& k_cache, at::Tensor& v_cache,
+                                const at::Tensor& slot_mapping, int64_t head_dim, const at::Tensor& cos_sin_cache,
+                                bool is_neox, double k_scale, double v_scale);
+
 // x [..., 2I] -> silu(x[..., :I]) * x[..., I:]  [..., I].
 at::Tensor silu_and_mul(const at::Tensor& x);
 

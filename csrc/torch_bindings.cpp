@@ -16,6 +16,10 @@ TORCH_LIBRARY(modelyard, m) {
   m.def(
       "rotary_embedding(Tensor positions, Tensor(a!) query, Tensor(b!) key, int head_dim, Tensor cos_sin_cache, "
       "bool is_neox) -> ()");
+  m.def(
+      "rotary_embedding_and_cache(Tensor positions, Tensor(a!) query, Tensor(b!) key, Tensor value, "
+      "Tensor(c!) k_cache, Tensor(d!) v_cache, Tensor slot_mapping, int head_dim, Tensor cos_sin_cache, "
+      "bool is_neox, float k_scale=1.0, float v_scale=1.0) -> ()");
   m.def("silu_and_mul(Tensor x) -> Tensor");
   m.def("per_token_quant_fp8(Tensor x) -> (Tensor, Tensor)");
   m.def("rms_norm_quant_fp8(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)");
@@ -35,6 +39,7 @@ TORCH_LIBRARY_IMPL(modelyard, CUDA, m) {
   m.impl("rms_norm", &modelyard::rms_norm);
   m.impl("fused_add_rms_norm", &modelyard::fused_add_rms_norm);
   m.impl("rotary_embedding", &modelyard::rotary_embedding);
+  m.impl("rotary_embedding_and_cache", &modelyard::rotary_embedding_and_cache);
   m.impl("silu_and_mul", &modelyard::silu_and_mul);
   m.impl("per_token_quant_fp8", &modelyard::per_token_quant_fp8);
   m.impl("rms_norm_quant_fp8", &modelyard::rms_norm_quant_fp8);

@@ -104,6 +104,25 @@ def rotary_embedding(positions, q, k, head_dim, cos_sin_cache, is_neox=True):
     return rotary_embedding_ref(positions, q, k, head_dim, cos_sin_cache, is_neox)
 
 
+def rotary_embedding_and_cache_ref(positions, q, k, v, k_cache, v_cache, slot_mapping, head_dim, cos_sin_cache,
+                                   is_neox=True, k_scale: float = 1.0, v_scale: float = 1.0):
+    """rotary_embedding_ref on q and k [T, Hk, D] in place, then reshape_and_cache_ref of k and v."""
+    rotary_embedding_ref(positions, q, k, head_dim, cos_sin_cache, is_neox)
+    reshape_and_cache_ref(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+
+
+def rotary_embedding_and_cache(positions, q, k, v, k_cache, v_cache, slot_mapping, head_dim, cos_sin_cache,
+                               is_neox=True, k_scale: float = 1.0, v_scale: float = 1.0):
+    """The rotary embedding and the cache write in one kernel on CUDA (the same results as the two ops)."""
+    kern = _kernels(q)
+    if kern is not None:
+        kern.rotary_embedding_and_cache(positions, q, k, v, k_cache, v_cache, slot_mapping, head_dim,
+                                        cos_sin_cache, is_neox, float(k_scale), float(v_scale))
+        return
+    rotary_embedding_and_cache_ref(positions, q, k, v, k_cache, v_cache, slot_mapping, head_dim, cos_sin_cache,
+                                   is_neox, k_scale, v_scale)
+
+
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
     d = x.shape[-1] // 2
     return torch.nn.functional.silu(x[..., :d]) * x[..., d:]

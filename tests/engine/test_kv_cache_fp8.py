@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from modelyard import testing
-from modelyard.engine import Engine, EngineConfig, Request, SamplingParams
+from modelyard.engine import Engine, EngineConfig, Request, SamplingParams, ops
 from modelyard.engine.attention.sdpa import SdpaBackend
 from modelyard.engine.images import load_images
 from modelyard.engine.processor import Processor
@@ -30,7 +30,9 @@ class HandRoundedSdpa(SdpaBackend):
         super().__init__()
         self.round_k, self.round_v = k_scale, v_scale
 
-    def write_kv(self, k, v, k_cache, v_cache, meta):
+    def write_kv(self, k, v, k_cache, v_cache, meta, q=None, rotary=None):
+        if rotary is not None:      # q and k are rotated in place before the write, as the engine's is
+            ops.rotary_embedding_ref(rotary.positions, q, k, k.shape[-1], rotary.cos_sin_cache, rotary.is_neox)
         super().write_kv(hand_round(k, self.round_k), hand_round(v, self.round_v), k_cache, v_cache, meta)
 
 

@@ -116,6 +116,62 @@ def test_rotary_int32_positions_and_3d_views():
     _close(k, k_ref, torch.bfloat16)
 
 
+@pytest.mark.parametrize("dtype,cache_dtype", [(torch.bfloat16, None), (torch.float16, None), (torch.float32, None),
+                                               (torch.bfloat16, torch.float8_e4m3fn), (torch.float16, torch.float8_e4m3fn)])
+@pytest.mark.parametrize("is_neox", [True, False])
+@pytest.mark.parametrize("hq,hk,d", [(32, 32, 128), (28, 4, 128), (8, 2, 64), (4, 4, 80), (4, 2, 72)])
+@pytest.mark.parametrize("pos_dtype", [torch.int64, torch.int32])
+def test_rotary_and_cache_equals_the_two_ops(dtype, cache_dtype, is_neox, hq, hk, d, pos_dtype):
+    """One launch, bit for bit what rotary_embedding then reshape_and_cache produce: q, k (rotated in
+    place), the K/V cache rows, padding rows (slot -1: rotated, not written) and untouched rows."""
+    k_ = kernels.get()
+    T, nb, bs = 21, 16, 16
+    cache_dtype = cache_dtype or dtype
+    scales = (0.37, 1.3) if cache_dtype == torch.float8_e4m3fn else (1.0, 1.0)
+    cos_sin = ops.build_cos_sin_cache(d, 4096, 1e6, device="cuda")
+    pos = torch.randint(0, 4096, (T,), device="cuda").to(pos_dtype)
+    slots = torch.randperm(nb * bs, device="cuda")[:T]
+    slots[3] = slots[11] = -1
+    qkv = torch.randn(T, (hq + 2 * hk) * d, device="cuda", dtype=dtype)
+    fresh = torch.randn(nb, bs, hk, d, device="cuda").to(cache_dtype)
+    outs = []
+    for fused in (False, True):
+        x = qkv.clone()
+        q, k, v = x[:, :hq * d], x[:, hq * d:(hq + hk) * d].view(T, hk, d), x[:, (hq + hk) * d:].view(T, hk, d)
+        kc, vc = fresh.clone(), fresh.clone()
+        if fused:
+            k_.rotary_embedding_and_cache(pos, q, k, v, kc, vc, slots, d, cos_sin, is_neox, *scales)
+        else:
+            k_.rotary_embedding(pos, q, k, d, cos_sin, is_neox)
+            k_.reshape_and_cache(k, v, kc, vc, slots, *scales)
+        outs.append((x, kc, vc))
+    (x0, kc0, vc0), (x1, kc1, vc1) = outs
+    assert torch.equal(x0, x1)
+    assert torch.equal(kc0.view(torch.uint8) if cache_dtype == torch.float8_e4m3fn else kc0,
+                       kc1.view(torch.uint8) if cache_dtype == torch.float8_e4m3fn else kc1)
+    assert torch.equal(vc0.view(torch.uint8) if cache_dtype == torch.float8_e4m3fn else vc0,
+                       vc1.view(torch.uint8) if cache_dtype == torch.float8_e4m3fn else vc1)
+    assert not torch.equal(x1, qkv)                        # something was rotated
+    written = (kc1.view(torch.uint8) != fresh.view(torch.uint8)).flatten(1).any(1)
+    assert written.sum() >= 1
+
+
+def test_rotary_and_cache_argument_checks():
+    k_ = kernels.get()
+    cos_sin = ops.build_cos_sin_cache(64, 128, 1e4, device="cuda")
+    q = torch.randn(3, 2, 64, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(3, 2, 64, device="cuda", dtype=torch.bfloat16)
+    kc = torch.zeros(4, 16, 2, 64, device="cuda", dtype=torch.bfloat16)
+    pos = torch.arange(3, device="cuda")
+    slots = torch.arange(3, device="cuda")
+    with pytest.raises(RuntimeError, match="rotary_embedding_and_cache: slot_mapping"):
+        k_.rotary_embedding_and_cache(pos, q, k, k.clone(), kc, kc.clone(), slots[:2], 64, cos_sin, True, 1.0, 1.0)
+    with pytest.raises(RuntimeError, match="rotary_embedding_and_cache: k_scale / v_scale apply to an fp8 cache only"):
+        k_.rotary_embedding_and_cache(pos, q, k, k.clone(), kc, kc.clone(), slots, 64, cos_sin, True, 0.5, 1.0)
+    with pytest.raises(RuntimeError, match="rotary_embedding_and_cache: positions"):
+        k_.rotary_embedding_and_cache(pos.float(), q, k, k.clone(), kc, kc.clone(), slots, 64, cos_sin, True, 1.0, 1.0)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(64, 2 * 11008), (3, 5, 2 * 4864), (7, 2 * 100)])
 def test_silu_and_mul(dtype, shape):

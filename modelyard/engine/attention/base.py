@@ -6,7 +6,8 @@ the FlashAttention / torch varlen paged layout, so every backend reads the same 
 A token's slot is block_id * block_size + offset; slot_mapping lists one slot per packed token.
 
 The cache holds the model's dtype or float8_e4m3fn (an fp8 cache: x / scale rounded, per-tensor
-k_scale / v_scale fixed when the backend is built). Every backend writes through `write_kv` and
+k_scale / v_scale fixed when the backend is built). Every backend writes through `write_kv` (which applies the rotary embedding too, when the model
+passes one, in the same kernel) and
 every path that reads cache rows back in torch goes through `gather_kv`, which dequantizes.
 """
 from __future__ import annotations
@@ -56,6 +57,15 @@ def gather_kv(cache: torch.Tensor, index: torch.Tensor, dtype: torch.dtype, scal
     return ops.dequantize_kv(rows, dtype, scale)
 
 
+@dataclass(frozen=True)
+class Rotary:
+    """The rotary embedding write_kv applies to q and k (in place) before it stores k: the two run
+    as one kernel on CUDA (ops.rotary_embedding_and_cache)."""
+    positions: torch.Tensor         # [T] int64
+    cos_sin_cache: torch.Tensor     # [max_pos, head_dim] float32 rows [cos | sin]
+    is_neox: bool = True
+
+
 class AttentionBackend:
     """Writes the new K/V into the paged cache, then attends over the cache (prefix + new).
 
@@ -71,9 +81,15 @@ class AttentionBackend:
                 raise ValueError(f"{what} must be a finite number > 0, got {value!r}")
         self.k_scale, self.v_scale = float(k_scale), float(v_scale)
 
-    def write_kv(self, k, v, k_cache, v_cache, meta: AttentionMetadata) -> None:
-        """The step's new K/V [T, Hk, D] into their slots (quantized for an fp8 cache)."""
-        ops.reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
+    def write_kv(self, k, v, k_cache, v_cache, meta: AttentionMetadata, q=None, rotary: Rotary | None = None) -> None:
+        """The step's new K/V [T, Hk, D] into their slots (quantized for an fp8 cache); with `rotary`,
+        q and k are rotated in place first."""
+        if rotary is None:
+            ops.reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
+        else:
+            ops.rotary_embedding_and_cache(rotary.positions, q, k, v, k_cache, v_cache, meta.slot_mapping,
+                                           k.shape[-1], rotary.cos_sin_cache, rotary.is_neox,
+                                           self.k_scale, self.v_scale)
 
     def forward(
         self,
@@ -84,5 +100,6 @@ class AttentionBackend:
         v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
         meta: AttentionMetadata,
         scale: float,
+        rotary: Rotary | None = None,  # applied to q and k (in place) with the cache write
     ) -> torch.Tensor:          # [T, num_heads, head_dim]
         raise NotImplementedError

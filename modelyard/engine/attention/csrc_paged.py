@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from .. import kernels, ops
 from . import BackendUnavailable
-from .base import AttentionBackend, AttentionMetadata, gather_kv
+from .base import AttentionBackend, AttentionMetadata, Rotary, gather_kv
 from .flash import VarlenImpl, context_slots, decode_len_hint, prefill_varlen, probe_varlen, select_varlen
 
 
@@ -49,8 +49,9 @@ class CsrcBackend(AttentionBackend):
             varlen = select_varlen()
         self.varlen = varlen
 
-    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        self.write_kv(k, v, k_cache, v_cache, meta)
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+                rotary: Rotary | None = None) -> torch.Tensor:
+        self.write_kv(k, v, k_cache, v_cache, meta, q, rotary)
         if meta.is_decode:
             return ops.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
                                               max_seq_len=decode_len_hint(meta),

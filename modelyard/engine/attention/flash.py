@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .. import kernels, ops
 from . import BackendUnavailable
-from .base import AttentionBackend, AttentionMetadata, gather_kv
+from .base import AttentionBackend, AttentionMetadata, Rotary, gather_kv
 
 VARLEN_ENV = "MODELYARD_VARLEN"
 
@@ -214,11 +214,12 @@ class FlashBackend(AttentionBackend):
         """Decode launches without host syncs (the reference decode syncs on seq_lens)."""
         return self.csrc_decode
 
-    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+                rotary: Rotary | None = None) -> torch.Tensor:
         if q.dtype not in (torch.float16, torch.bfloat16):
             raise ValueError(f"FlashAttention runs float16/bfloat16, got {q.dtype}; use attention_backend='csrc' "
                              "or 'sdpa' for float32")
-        self.write_kv(k, v, k_cache, v_cache, meta)
+        self.write_kv(k, v, k_cache, v_cache, meta, q, rotary)
         if not meta.is_decode:
             return prefill_varlen(self.varlen, q, k, v, k_cache, v_cache, meta, scale,
                                   k_scale=self.k_scale, v_scale=self.v_scale)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import AttentionBackend, AttentionMetadata, gather_kv
+from .base import AttentionBackend, AttentionMetadata, Rotary, gather_kv
 
 
 def _expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -22,8 +22,9 @@ def _expand_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
 class SdpaBackend(AttentionBackend):
     name = "sdpa"
 
-    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        self.write_kv(k, v, k_cache, v_cache, meta)
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+                rotary: Rotary | None = None) -> torch.Tensor:
+        self.write_kv(k, v, k_cache, v_cache, meta, q, rotary)
         if meta.is_decode:
             return self._decode(q, k_cache, v_cache, meta, scale)
         return self._varlen(q, k_cache, v_cache, meta, scale)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..attention.base import AttentionBackend, AttentionMetadata
+from ..attention.base import AttentionBackend, AttentionMetadata, Rotary
 from .layers import Linear, MergedLinear, QuantizedInput, RMSNorm
 from .registry import UnsupportedArchitecture
 from .rope import RopeSpec, cos_sin_cache
@@ -96,12 +96,12 @@ class DecoderAttention(nn.Module):
         # Views into qkv, no copies (three fewer kernels per layer): rotary (in place), the cache
         # write and the attention kernels all take a row stride with dense heads within the row.
         q, k, v = qkv.split(self.qkv_sizes, dim=-1)         # [T, H * D], row stride of qkv
-        ops.rotary_embedding(positions, q, k, self.head_dim, cos_sin, True)
+        # The backend rotates q and k in place and writes k and v to the cache, in one kernel.
         out = attn.forward(
             q.view(T, self.num_heads, self.head_dim),
             k.view(T, self.num_kv_heads, self.head_dim),
             v.view(T, self.num_kv_heads, self.head_dim),
-            kv_cache[0], kv_cache[1], meta, self.scale,
+            kv_cache[0], kv_cache[1], meta, self.scale, rotary=Rotary(positions, cos_sin, is_neox=True),
         )                                                                 # [T, Hq, D]
         return self.o_proj(out.reshape(T, self.num_heads * self.head_dim))
 
