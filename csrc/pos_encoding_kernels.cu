@@ -161,7 +161,7 @@ void with_positions(const at::Tensor& positions, F&& f) {
   }
 }
 
-int threads_for(int64_t items) { return static_cast<int>(std::min<int64_t>(512, std::max<int64_t>(32, items))); }
+int threads_for(int64_t items, int64_t most) { return static_cast<int>(std::min<int64_t>(most, std::max<int64_t>(32, items))); }
 
 }  // namespace
 
@@ -180,7 +180,7 @@ void rotary_embedding(const at::Tensor& positions, at::Tensor& query, at::Tensor
     // usually column slices of the fused qkv output: aligned whenever head_dim is).
     const bool vec = is_neox && (head_dim / 2) % VEC == 0 && r.q_stride % VEC == 0 && r.k_stride % VEC == 0 &&
                      aligned16(q) && aligned16(k);
-    const int threads = threads_for((r.Hq + r.Hk) * head_dim / 2 / (vec ? VEC : 1));
+    const int threads = threads_for((r.Hq + r.Hk) * head_dim / 2 / (vec ? VEC : 1), 512);
     const int D = static_cast<int>(head_dim);
     with_positions(positions, [&](auto* pos) {
       using P = std::remove_pointer_t<decltype(pos)>;
@@ -223,7 +223,9 @@ void rotary_embedding_and_cache(const at::Tensor& positions, at::Tensor& query, 
                      v_stride % VEC == 0 && aligned16(q) && aligned16(k) && aligned16(v) &&
                      reinterpret_cast<uintptr_t>(k_cache.data_ptr()) % cache_align == 0 &&
                      reinterpret_cast<uintptr_t>(v_cache.data_ptr()) % cache_align == 0;
-    const int threads = threads_for((r.Hq + r.Hk) * head_dim / 2 / (vec ? VEC : 1) + r.Hk * head_dim / (vec ? VEC : 1));
+    // Up to one item per thread: at decode sizes the kernel is a chain of dependent loads and
+    // stores, and a second pass per thread would double it (64 x 32 heads of 128: 1024 items).
+    const int threads = threads_for((r.Hq + r.Hk) * head_dim / 2 / (vec ? VEC : 1) + r.Hk * head_dim / (vec ? VEC : 1), 1024);
     const int D = static_cast<int>(head_dim);
     const int64_t* slots = slot_mapping.data_ptr<int64_t>();
     auto launch = [&](auto* pos, auto* kc, auto* vc) {
