@@ -219,11 +219,45 @@ def gemms():
                     3 * M * K)
 
 
+def decode_gemms() -> None:
+    """Decode-step GEMMs at M = 16..256: F.linear (cuBLAS's default) against every cuBLASLt
+    candidate (csrc lt_gemm), each timed as engine/gemm.py tunes them (several weight copies in
+    turn, so L2 holds none, replayed as a CUDA graph); and the row-scaled e4m3 GEMM both ways."""
+    from modelyard.engine.gemm import _graph_us
+    k = kernels.get()
+    for K, N, name in ((4096, 12288, "qkv"), (4096, 4096, "o"), (4096, 22016, "gate_up"), (11008, 4096, "down"),
+                       (4096, 32064, "lm_head")):
+        copies = max(4, int(1.5e9 // (N * K * 2)))
+        ws = [(torch.randn(N, K, device="cuda") * K ** -0.5).to(torch.bfloat16) for _ in range(copies)]
+        wq = [(q, s.view(-1)) for q, s in (k.per_token_quant_fp8(w) for w in ws)]
+        for M in (16, 64, 128, 256):
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+            us = _graph_us(lambda: [F.linear(x, w) for w in ws], copies)
+            row(f"decode gemm {name} {K}->{N}", f"bf16 F.linear M={M}", us / 1e3, N * K * 2)
+            algos, info = k.lt_gemm_algos(x, ws[0], None, None, None, torch.bfloat16, 8)
+            best = min((_graph_us(lambda a=a: [k.lt_gemm(x, w, None, None, None, torch.bfloat16, a) for w in ws],
+                                  copies), i) for i, a in enumerate(algos.clone()))
+            row(f"decode gemm {name} {K}->{N}", f"bf16 best of {algos.shape[0]} cuBLASLt M={M}", best[0] / 1e3,
+                N * K * 2, algo=info[best[1]].tolist())
+            xq, xs = k.per_token_quant_fp8(x)
+            us = _graph_us(lambda: [torch._scaled_mm(xq, q.t(), scale_a=xs, scale_b=s.view(1, -1),
+                                                     out_dtype=torch.bfloat16) for q, s in wq], copies)
+            row(f"decode gemm {name} {K}->{N}", f"fp8 _scaled_mm M={M}", us / 1e3, N * K)
+            algos, _ = k.lt_gemm_algos(xq, wq[0][0], None, xs.view(-1), wq[0][1], torch.bfloat16, 8)
+            best = min(_graph_us(lambda a=a: [k.lt_gemm(xq, q, None, xs.view(-1), s, torch.bfloat16, a) for q, s in wq],
+                                 copies) for a in algos.clone())
+            row(f"decode gemm {name} {K}->{N}", f"fp8 best of {algos.shape[0]} cuBLASLt M={M}", best / 1e3, N * K)
+        del ws, wq
+        torch.cuda.empty_cache()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
     ap.add_argument("--decode-only", action="store_true", help="only the decode attention cases")
     ap.add_argument("--gemm-only", action="store_true", help="only the bf16 / fp8 projection GEMMs")
+    ap.add_argument("--decode-gemms", action="store_true",
+                    help="only the decode-step GEMMs: F.linear / _scaled_mm against cuBLASLt's candidates")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
@@ -233,7 +267,9 @@ def main() -> int:
     print(json.dumps(env), flush=True)
     kernels.get()
     copy = copy_bandwidth()
-    if args.gemm_only:
+    if args.decode_gemms:
+        decode_gemms()
+    elif args.gemm_only:
         gemms()
     else:
         attention_and_small_ops(args.decode_only)
