@@ -178,10 +178,12 @@ __device__ __forceinline__ void store_row_fp8(const Vec<T, VEC> (&row)[kPer], in
   }
 }
 
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
 // Elements per 16-byte vector for a tensor, or 1 when its pointer or strides are not 16-byte aligned.
 inline int vec_elems(const at::Tensor& t, std::initializer_list<int64_t> strides_elems, int64_t inner) {
   const int n = 16 / static_cast<int>(t.element_size());
-  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0 || inner % n != 0) return 1;
+  if (!aligned16(t.data_ptr()) || inner % n != 0) return 1;
   for (int64_t s : strides_elems)
     if (s % n != 0) return 1;
   return n;

@@ -38,8 +38,6 @@ cudaDataType_t cuda_type(at::ScalarType t) {
   }
 }
 
-bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
-
 // Validates the arguments; returns true for the e4m3 (scaled) form.
 bool check_args(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
                 const std::optional<at::Tensor>& x_scale, const std::optional<at::Tensor>& w_scale,
@@ -52,7 +50,8 @@ bool check_args(const at::Tensor& x, const at::Tensor& w, const std::optional<at
   TORCH_CHECK(M > 0 && N > 0 && K > 0, "lt_gemm: empty problem");
   const bool fp8 = x.scalar_type() == at::kFloat8_e4m3fn;
   const int64_t align = fp8 ? 16 : 8;  // elements: 16 bytes
-  TORCH_CHECK(K % align == 0 && N % align == 0 && x.stride(0) % align == 0 && aligned16(x) && aligned16(w),
+  TORCH_CHECK(K % align == 0 && N % align == 0 && x.stride(0) % align == 0 && aligned16(x.data_ptr()) &&
+                  aligned16(w.data_ptr()),
               "lt_gemm: K, N and x's row stride must be multiples of ", num(align), " elements, pointers 16-byte aligned");
   TORCH_CHECK(w.scalar_type() == x.scalar_type(), "lt_gemm: x and w dtypes differ");
   if (fp8) {

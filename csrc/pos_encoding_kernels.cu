@@ -121,8 +121,6 @@ int64_t packed_row_stride(const at::Tensor& x, int64_t head_dim, const char* op,
   return x.stride(0);
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 // The checked shape of a rotary launch (shared by both ops).
 struct RotaryShape {
   int64_t T, q_stride, k_stride;

@@ -25,7 +25,6 @@ import torch
 from . import gemm
 from .attention.base import AttentionBackend, AttentionMetadata
 from .config import EngineConfig
-from .gemm import GemmPlan
 from .kv_cache import KVCache
 from .scheduler import ScheduledSeq
 
@@ -134,7 +133,7 @@ class DecodeGraphs:
         self._copied = torch.cuda.Event()                 # the last step's staging -> device copies
         self.capture_seconds = 0.0
         self.tune_gemms = tune_gemms
-        self.gemm_plan = GemmPlan()
+        self.gemm_plan = gemm.GemmPlan()
 
     def covers(self, n: int) -> bool:
         return pick_bucket(n, self.sizes) is not None
@@ -153,7 +152,7 @@ class DecodeGraphs:
         return self.model.compute_logits(hidden)                                   # [b, vocab] float32
 
     @torch.inference_mode()
-    def capture(self, plan: GemmPlan | None = None) -> None:
+    def capture(self, plan: gemm.GemmPlan | None = None) -> None:
         """Capture every bucket, largest first so the smaller graphs reuse its pool memory; the
         linear layers follow `plan`, else a freshly tuned one (tune_gemms), else F.linear.
 
@@ -165,7 +164,7 @@ class DecodeGraphs:
         elif self.tune_gemms:
             self.gemm_plan = gemm.tune(self.model, self.sizes, self.device)
         else:
-            self.gemm_plan = GemmPlan(note="off: tune_decode_gemms=False")
+            self.gemm_plan = gemm.GemmPlan(note="off: tune_decode_gemms=False")
         t0 = time.perf_counter()
         self.staging.fill_padding(self.sizes[-1])
         self._copy_inputs(self.sizes[-1])

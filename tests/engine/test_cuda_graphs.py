@@ -365,8 +365,8 @@ def test_decode_gemm_tuning(ckpt64):
 
         k = kernels.get()
         forced = gemm.GemmPlan()
-        for (m, s), pairs in ((key, shapes[key[1]]) for key in plan.choices):
-            w, b = pairs[0]
+        for m, s in plan.choices:
+            w, b = shapes[s][0]
             x = torch.randn(m, s.k, device="cuda", dtype=s.dtype)
             algos, _ = k.lt_gemm_algos(x, w, b, None, None, s.dtype, 1)
             forced.choices[(m, s)] = algos[0].clone()

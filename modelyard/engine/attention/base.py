@@ -6,9 +6,9 @@ the FlashAttention / torch varlen paged layout, so every backend reads the same 
 A token's slot is block_id * block_size + offset; slot_mapping lists one slot per packed token.
 
 The cache holds the model's dtype or float8_e4m3fn (an fp8 cache: x / scale rounded, per-tensor
-k_scale / v_scale fixed when the backend is built). Every backend writes through `write_kv` (which applies the rotary embedding too, when the model
-passes one, in the same kernel) and
-every path that reads cache rows back in torch goes through `gather_kv`, which dequantizes.
+k_scale / v_scale fixed when the backend is built). Every backend writes through `write_kv`, which
+also applies the rotary embedding the model passes (in the same kernel on CUDA), and every path that
+reads cache rows back in torch goes through `gather_kv`, which dequantizes.
 """
 from __future__ import annotations
 

@@ -90,7 +90,7 @@ class DecoderAttention(nn.Module):
         self.o_proj = Linear(q_rows, spec.hidden_size, bias=spec.o_bias)
         self.scale = spec.head_dim ** -0.5
 
-    def forward(self, positions, hidden, cos_sin, kv_cache, meta: AttentionMetadata, attn: AttentionBackend):
+    def forward(self, rotary: Rotary, hidden, kv_cache, meta: AttentionMetadata, attn: AttentionBackend):
         qkv = self.qkv_proj(hidden)     # hidden: [T, H], or a QuantizedInput -> [T, (Hq + 2 Hk) * D]
         T = qkv.shape[0]
         # Views into qkv, no copies (three fewer kernels per layer): rotary (in place), the cache
@@ -101,7 +101,7 @@ class DecoderAttention(nn.Module):
             q.view(T, self.num_heads, self.head_dim),
             k.view(T, self.num_kv_heads, self.head_dim),
             v.view(T, self.num_kv_heads, self.head_dim),
-            kv_cache[0], kv_cache[1], meta, self.scale, rotary=Rotary(positions, cos_sin, is_neox=True),
+            kv_cache[0], kv_cache[1], meta, self.scale, rotary=rotary,
         )                                                                 # [T, Hq, D]
         return self.o_proj(out.reshape(T, self.num_heads * self.head_dim))
 
@@ -132,14 +132,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = DecoderMLP(spec)
 
-    def forward(self, positions, hidden, residual, cos_sin, kv_cache, meta, attn):
+    def forward(self, rotary: Rotary, hidden, residual, kv_cache, meta, attn):
         # The residual stream is carried separately so each norm can fuse the preceding add.
         if residual is None:
             residual = hidden
             hidden = self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, cos_sin, kv_cache, meta, attn)
+        hidden = self.self_attn(rotary, hidden, kv_cache, meta, attn)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -166,7 +166,8 @@ class DecoderModel(nn.Module):
         if len(kv_caches) != len(self.layers):
             raise ValueError(f"got {len(kv_caches)} KV caches for {len(self.layers)} decoder layers")
         hidden, residual = inputs_embeds, None                           # [T, H]
+        rotary = Rotary(positions, self.cos_sin_cache, is_neox=True)     # every layer's, one object
         for layer, kv_cache in zip(self.layers, kv_caches):
-            hidden, residual = layer(positions, hidden, residual, self.cos_sin_cache, kv_cache, meta, attn)
+            hidden, residual = layer(rotary, hidden, residual, kv_cache, meta, attn)
         hidden, _ = self.norm(hidden, residual)
         return hidden
