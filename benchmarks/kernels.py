@@ -220,17 +220,19 @@ def gemms():
 
 
 def decode_gemms() -> None:
-    """Decode-step GEMMs at M = 16..256: F.linear (cuBLAS's default) against every cuBLASLt
-    candidate (csrc lt_gemm), each timed as engine/gemm.py tunes them (several weight copies in
-    turn, so L2 holds none, replayed as a CUDA graph); and the row-scaled e4m3 GEMM both ways."""
+    """Decode-step GEMMs at M = 1..256: F.linear (cuBLAS's default) against every cuBLASLt
+    candidate (csrc lt_gemm) and, at M <= 64, every skinny_gemm (config, split_k), each timed as
+    engine/gemm.py tunes them (several weight copies in turn, so L2 holds none, replayed as a CUDA
+    graph); and the row-scaled e4m3 GEMM both ways."""
     from modelyard.engine.gemm import _graph_us
     k = kernels.get()
+    skinny = k.skinny_gemm_configs().tolist()
     for K, N, name in ((4096, 12288, "qkv"), (4096, 4096, "o"), (4096, 22016, "gate_up"), (11008, 4096, "down"),
                        (4096, 32064, "lm_head")):
         copies = max(4, int(1.5e9 // (N * K * 2)))
         ws = [(torch.randn(N, K, device="cuda") * K ** -0.5).to(torch.bfloat16) for _ in range(copies)]
         wq = [(q, s.view(-1)) for q, s in (k.per_token_quant_fp8(w) for w in ws)]
-        for M in (16, 64, 128, 256):
+        for M in (1, 16, 32, 64, 128, 256):
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
             us = _graph_us(lambda: [F.linear(x, w) for w in ws], copies)
             row(f"decode gemm {name} {K}->{N}", f"bf16 F.linear M={M}", us / 1e3, N * K * 2)
@@ -239,6 +241,12 @@ def decode_gemms() -> None:
                                   copies), i) for i, a in enumerate(algos.clone()))
             row(f"decode gemm {name} {K}->{N}", f"bf16 best of {algos.shape[0]} cuBLASLt M={M}", best[0] / 1e3,
                 N * K * 2, algo=info[best[1]].tolist())
+            if M <= 64:
+                runs = [(_graph_us(lambda c=c, s=s: [k.skinny_gemm(x, w, None, c, s) for w in ws], copies), c, bn, s)
+                        for c, (bn, _, _, max_split) in enumerate(skinny) for s in range(1, max_split + 1)]
+                us, c, bn, s = min(runs)
+                row(f"decode gemm {name} {K}->{N}", f"bf16 best of {len(runs)} skinny_gemm M={M}", us / 1e3,
+                    N * K * 2, config=f"block_n={bn} split_k={s}")
             xq, xs = k.per_token_quant_fp8(x)
             us = _graph_us(lambda: [torch._scaled_mm(xq, q.t(), scale_a=xs, scale_b=s.view(1, -1),
                                                      out_dtype=torch.bfloat16) for q, s in wq], copies)
@@ -257,7 +265,7 @@ def main() -> int:
     ap.add_argument("--decode-only", action="store_true", help="only the decode attention cases")
     ap.add_argument("--gemm-only", action="store_true", help="only the bf16 / fp8 projection GEMMs")
     ap.add_argument("--decode-gemms", action="store_true",
-                    help="only the decode-step GEMMs: F.linear / _scaled_mm against cuBLASLt's candidates")
+                    help="only the decode-step GEMMs: F.linear / _scaled_mm against cuBLASLt's and skinny_gemm's candidates")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)

@@ -77,4 +77,12 @@ at::Tensor lt_gemm(const at::Tensor& x, const at::Tensor& w, const std::optional
                    const std::optional<at::Tensor>& x_scale, const std::optional<at::Tensor>& w_scale,
                    at::ScalarType out_dtype, const at::Tensor& algo);
 
+// Small-batch decode GEMMs (skinny_gemm.cu): x [M <= 64, K] w [N, K]^T (+ bias [N]) -> [M, N], 16-bit.
+// skinny_gemm_configs() -> int64 [n, 4] CPU, one row per config usable on the current device: block_n,
+// threads, most rows M, most split_k (empty below compute capability 8.0). split_k CTAs (one cluster)
+// share each block_n columns' K.
+at::Tensor skinny_gemm_configs();
+at::Tensor skinny_gemm(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                       int64_t config, int64_t split_k);
+
 }  // namespace modelyard

@@ -31,6 +31,8 @@ TORCH_LIBRARY(modelyard, m) {
   m.def(
       "lt_gemm(Tensor x, Tensor w, Tensor? bias, Tensor? x_scale, Tensor? w_scale, ScalarType out_dtype, "
       "Tensor algo) -> Tensor");
+  m.def("skinny_gemm_configs() -> Tensor", &modelyard::skinny_gemm_configs);  // no tensor input: catch-all
+  m.def("skinny_gemm(Tensor x, Tensor w, Tensor? bias, int config, int split_k) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(modelyard, CUDA, m) {
@@ -47,4 +49,5 @@ TORCH_LIBRARY_IMPL(modelyard, CUDA, m) {
   m.impl("silu_and_mul_quant_fp8", &modelyard::silu_and_mul_quant_fp8);
   m.impl("lt_gemm_algos", &modelyard::lt_gemm_algos);
   m.impl("lt_gemm", &modelyard::lt_gemm);
+  m.impl("skinny_gemm", &modelyard::skinny_gemm);
 }

@@ -1,19 +1,21 @@
 """Decode GEMMs tuned per batch size.
 
 A decode step's linear layers are skinny (M = the batch, 1..256 rows) and read all their weights
-once, so their speed is weight bandwidth, and which cuBLAS kernel runs decides how much of it they
-get: on an H200 at M = 64, torch's default for Llama-7B's down_proj (a split-K kernel plus a reduce)
-reads 3.0 TB/s, while another algorithm cuBLASLt offers for the same problem reads 3.6
-(benchmarks/RESULTS.md, session 5). No single choice wins at every M.
+once, so their speed is weight bandwidth, and which kernel runs decides how much of it they get: on
+an H200 at M = 64, torch's default for Llama-7B's down_proj (a split-K kernel plus a reduce) reads
+3.0 TB/s, while another algorithm cuBLASLt offers for the same problem reads 3.6 (benchmarks/
+RESULTS.md, session 5); at M <= 16 our own skinny GEMM (csrc/skinny_gemm.cu) beats both on o_proj and
+down_proj (session 6). No single choice wins at every M.
 
 So before the decode CUDA graphs are captured, `tune` times, for every 16-bit linear-layer shape of
 the decoder and LM head and every graph batch size, torch's `F.linear` against cuBLASLt's heuristic
-candidates (csrc/lt_gemm.cu), on the model's own weights (several layers in turn, so the L2 cache
-holds none of them, as in a real step) inside CUDA graphs (as the step runs), and keeps the fastest.
-Each candidate's result is checked against `F.linear` first. While the graphs are captured the plan
-is active, and `linear` runs the chosen algorithm; everywhere else (prefill, eager decode, CPU) it is
-`F.linear`. EngineConfig(tune_decode_gemms=False) turns it off; Engine.stats()["decode_gemms"]
-reports what was chosen.
+candidates (csrc/lt_gemm.cu) and, for batch sizes up to 32, the skinny GEMM's (config, split_k)
+candidates, on the model's own weights (several layers in turn, so the L2 cache holds none of them,
+as in a real step) inside CUDA graphs (as the step runs), and keeps the fastest. Each candidate's
+result is checked against `F.linear` first. While the graphs are captured the plan is active, and
+`linear` runs the chosen kernel; everywhere else (prefill, eager decode, CPU) it is `F.linear`.
+EngineConfig(tune_decode_gemms=False) turns it off; Engine.stats()["decode_gemms"] reports what was
+chosen.
 
 fp8 layers (quantization="fp8") are not tuned: cuBLASLt offers a single algorithm for row-wise
 scaled e4m3 GEMMs, the one torch._scaled_mm already runs.
@@ -37,6 +39,8 @@ _MAX_CANDIDATES = 8         # cuBLASLt heuristic candidates timed per (batch siz
 _ROTATE = 4                 # weights of this many layers in turn per timing (L2 cold, as in a step)
 _MIN_GAIN = 0.02            # keep torch's choice unless an algorithm is at least this much faster
 _MAX_REL_ERR = 1e-2         # a candidate whose output differs from F.linear by more is refused
+_SKINNY_MAX_M = 32          # skinny_gemm candidates up to this batch size (it loses to cuBLAS above)
+_SKINNY_SPLITS = 3          # split_k values timed per skinny config: the largest giving <= 2 CTAs per SM
 
 
 @dataclass(frozen=True)
@@ -54,25 +58,58 @@ class GemmShape:
         return f"{self.k}->{self.n}{' +bias' if self.bias else ''}"
 
 
+class LtAlgo:
+    """A cuBLASLt algorithm (csrc lt_gemm): the 64-byte descriptor as a uint8 CPU tensor."""
+    kind = "cublaslt"
+
+    def __init__(self, algo: torch.Tensor, info: Sequence[int] = ()):
+        self.algo, self.info = algo, list(info)     # info: tile id, split-k, stages id, workspace bytes
+
+    def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        return kernels.get().lt_gemm(x, w, b, None, None, w.dtype, self.algo)
+
+    def __repr__(self) -> str:
+        return f"cublaslt{self.info}"
+
+
+@dataclass(frozen=True)
+class Skinny:
+    """csrc skinny_gemm with one of its configs (block_n columns per CTA) and split_k CTAs per cluster."""
+    config: int
+    split_k: int
+    block_n: int = 0
+    kind = "skinny"
+
+    def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        return kernels.get().skinny_gemm(x, w, b, self.config, self.split_k)
+
+    def __repr__(self) -> str:
+        return f"skinny[block_n={self.block_n}, split_k={self.split_k}]"
+
+
+Choice = LtAlgo | Skinny
+
+
 @dataclass
 class GemmPlan:
-    """(batch size, shape) -> the cuBLASLt algorithm to run (a uint8 CPU tensor), or None: F.linear."""
-    choices: dict[tuple[int, GemmShape], torch.Tensor | None] = field(default_factory=dict)
+    """(batch size, shape) -> the kernel to run (a Choice), or None: F.linear."""
+    choices: dict[tuple[int, GemmShape], Choice | None] = field(default_factory=dict)
     timings: list[dict] = field(default_factory=list)   # one row per (batch size, shape), microseconds
     seconds: float = 0.0
     note: str = "off"                                    # why nothing was tuned, when nothing was
-    lt_calls: int = 0                                    # linear() calls that ran a cuBLASLt algorithm
+    tuned_calls: int = 0                                 # linear() calls that ran a plan's choice
 
-    def lookup(self, m: int, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    def lookup(self, m: int, weight: torch.Tensor, bias: torch.Tensor | None) -> Choice | None:
         return self.choices.get((m, GemmShape.of(weight, bias)))
 
     def summary(self) -> str:
-        n_lt = sum(a is not None for a in self.choices.values())
         if not self.timings:
             return self.note
+        kinds = [c.kind for c in self.choices.values() if c is not None]
         saved = sum(r["torch_us"] - r["chosen_us"] for r in self.timings)
-        return (f"tuned in {self.seconds:.1f}s: cuBLASLt for {n_lt} of {len(self.choices)} (batch size, shape) "
-                f"pairs, {saved:.0f} us saved summed over one call of each")
+        return (f"tuned in {self.seconds:.1f}s: cuBLASLt for {kinds.count('cublaslt')}, skinny_gemm for "
+                f"{kinds.count('skinny')} of {len(self.choices)} (batch size, shape) pairs, {saved:.0f} us saved "
+                f"summed over one call of each")
 
 
 _active: GemmPlan | None = None
@@ -90,13 +127,13 @@ def active(plan: GemmPlan | None) -> Iterator[None]:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, or the plan's cuBLASLt algorithm for this batch size and shape while one is active."""
+    """F.linear, or the plan's kernel for this batch size and shape while one is active."""
     plan = _active
     if plan is not None and x.dim() == 2:
-        algo = plan.lookup(x.shape[0], weight, bias)
-        if algo is not None:
-            plan.lt_calls += 1
-            return kernels.get().lt_gemm(x, weight, bias, None, None, weight.dtype, algo)
+        choice = plan.lookup(x.shape[0], weight, bias)
+        if choice is not None:
+            plan.tuned_calls += 1
+            return choice(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
@@ -136,15 +173,32 @@ def _graph_us(fn: Callable[[], object], calls: int, reps: int = 5) -> float:
     return statistics.median(times)
 
 
+def _skinny_candidates(k, m: int, shape: GemmShape, sms: int) -> list[Skinny]:
+    """skinny_gemm (config, split_k) pairs for an m-row problem: per config the _SKINNY_SPLITS largest
+    split_k giving at most 2 CTAs per SM (split_k 1 when even that gives more)."""
+    if m > _SKINNY_MAX_M or shape.n % 8 or shape.k % 8:
+        return []
+    out = []
+    for config, (block_n, _threads, max_m, max_split) in enumerate(k.skinny_gemm_configs().tolist()):
+        if m > max_m:
+            continue
+        tiles = -(-shape.n // block_n)
+        top = max(1, min(max_split, -(-shape.k // 64), 2 * sms // tiles))
+        out += [Skinny(config, s, block_n) for s in range(top, max(0, top - _SKINNY_SPLITS), -1)]
+    return out
+
+
 @torch.inference_mode()
 def tune(model: nn.Module, sizes: Sequence[int], device: torch.device) -> GemmPlan:
-    """Times F.linear and cuBLASLt's candidates for every (size, shape); see the module docstring."""
+    """Times F.linear, cuBLASLt's candidates and skinny_gemm's for every (size, shape); see the
+    module docstring."""
     k = kernels.get()
     plan = GemmPlan()
     if k is None:
         plan.note = "off: the csrc kernels are not loaded"
         return plan
     t0 = time.perf_counter()
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
     gen = torch.Generator(device=device).manual_seed(0)
     for shape, pairs in linear_weights(model).items():
         pairs = pairs[:_ROTATE]
@@ -154,25 +208,27 @@ def tune(model: nn.Module, sizes: Sequence[int], device: torch.device) -> GemmPl
             ref = F.linear(x, w0, b0).float()
             torch_us = _graph_us(lambda: [F.linear(x, w, b) for w, b in pairs], len(pairs))
             algos, info = k.lt_gemm_algos(x, w0, b0, None, None, shape.dtype, _MAX_CANDIDATES)
-            best, best_us, best_info = None, torch_us, None
-            for i in range(algos.shape[0]):
-                algo = algos[i].clone()
+            candidates: list[Choice] = [LtAlgo(algos[i].clone(), info[i].tolist()) for i in range(algos.shape[0])]
+            skinny = _skinny_candidates(k, m, shape, sms)
+            candidates += skinny
+            best, best_us = None, torch_us
+            for cand in candidates:
                 try:
-                    out = k.lt_gemm(x, w0, b0, None, None, shape.dtype, algo).float()
+                    out = cand(x, w0, b0).float()
                 except RuntimeError:
-                    continue        # the heuristic listed it, the check refused it: not a candidate
+                    continue        # listed, but refused for this problem (cuBLASLt's check, a cluster
+                                    # that does not fit): not a candidate
                 if ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item() > _MAX_REL_ERR:
                     continue
-                us = _graph_us(lambda: [k.lt_gemm(x, w, b, None, None, shape.dtype, algo) for w, b in pairs],
-                               len(pairs))
+                us = _graph_us(lambda: [cand(x, w, b) for w, b in pairs], len(pairs))
                 if us < best_us:
-                    best, best_us, best_info = algo, us, info[i].tolist()
+                    best, best_us = cand, us
             if best is not None and best_us > torch_us * (1 - _MIN_GAIN):
-                best, best_us, best_info = None, torch_us, None
+                best, best_us = None, torch_us
             plan.choices[(m, shape)] = best
             plan.timings.append({"m": m, "shape": str(shape), "torch_us": round(torch_us, 2),
-                                 "chosen_us": round(best_us, 2), "candidates": int(algos.shape[0]),
-                                 "lt_algo": best_info})   # tile id, split-k, stages id, workspace bytes
+                                 "chosen_us": round(best_us, 2), "candidates": len(candidates), "skinny": len(skinny),
+                                 "chosen": repr(best) if best is not None else "F.linear"})
     torch.cuda.synchronize(device)
     plan.seconds = time.perf_counter() - t0
     if not plan.timings:

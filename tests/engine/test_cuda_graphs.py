@@ -349,8 +349,9 @@ def test_linear_without_a_plan_is_f_linear():
 @requires_cuda
 @torch.inference_mode()
 def test_decode_gemm_tuning(ckpt64):
-    """tune() covers every (batch size, linear shape) and keeps only algorithms that beat F.linear;
-    graphs captured with cuBLASLt forced on every linear layer give the F.linear graphs' logits."""
+    """tune() covers every (batch size, linear shape) and keeps only kernels that beat F.linear;
+    graphs captured with cuBLASLt, or with skinny_gemm, forced on every linear layer give the
+    F.linear graphs' logits."""
     from modelyard.engine import gemm, kernels
     eng = Engine.from_pretrained(ckpt64, EngineConfig(dtype="bfloat16", num_kv_blocks=64, max_batch_size=8,
                                                       tune_decode_gemms=False))
@@ -361,24 +362,27 @@ def test_decode_gemm_tuning(ckpt64):
         plan = gemm.tune(eng.model, [1, 8], eng.runner.graphs.device)
         assert set(plan.choices) == {(m, s) for m in (1, 8) for s in shapes}
         assert all(r["chosen_us"] <= r["torch_us"] for r in plan.timings)
+        assert all(r["skinny"] >= 3 for r in plan.timings)          # every skinny_gemm config at m <= 32
         assert plan.summary().startswith("tuned in")
 
         k = kernels.get()
-        forced = gemm.GemmPlan()
+        forced_lt, forced_skinny = gemm.GemmPlan(), gemm.GemmPlan()
         for m, s in plan.choices:
             w, b = shapes[s][0]
             x = torch.randn(m, s.k, device="cuda", dtype=s.dtype)
             algos, _ = k.lt_gemm_algos(x, w, b, None, None, s.dtype, 1)
-            forced.choices[(m, s)] = algos[0].clone()
+            forced_lt.choices[(m, s)] = gemm.LtAlgo(algos[0].clone())
+            forced_skinny.choices[(m, s)] = gemm.Skinny(config=0, split_k=2 if s.k > 64 else 1)
         graphs = eng.runner.graphs
         bs = eng.kv_cache.spec.block_size
         spans = [_span(0, 5, 3, [10]), _span(1, 6, bs + 1, [20, 21]), _span(2, 7, 0, [30])]
         graphs.capture(gemm.GemmPlan())
         plain = graphs.run(spans).clone()
-        graphs.capture(forced)
-        assert forced.lt_calls > 0
-        tuned = graphs.run(spans).clone()
-        torch.cuda.synchronize()
-        assert (tuned - plain).norm() / plain.norm() < 2e-2
+        for forced in (forced_lt, forced_skinny):
+            graphs.capture(forced)
+            assert forced.tuned_calls > 0
+            tuned = graphs.run(spans).clone()
+            torch.cuda.synchronize()
+            assert (tuned - plain).norm() / plain.norm() < 2e-2
     finally:
         eng.close()

@@ -21,6 +21,21 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((o - r).norm() / r.norm().clamp_min(1e-30))
 
 
+def linear_inputs(M, N, K, dtype, bias, seed=0):
+    """x [M, K], w [N, K] (scaled so outputs are O(1)) and an optional bias [N], on the GPU."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(M, K, device="cuda", generator=g).to(dtype)
+    w = (torch.randn(N, K, device="cuda", generator=g) * K ** -0.5).to(dtype)
+    b = torch.randn(N, device="cuda", generator=g).to(dtype) if bias else None
+    return x, w, b
+
+
+def linear_ref(x, w, b):
+    """x w^T (+ b) in float64."""
+    out = x.double() @ w.double().t()
+    return out + b.double() if b is not None else out
+
+
 def poison_next_alloc(like_shape, dtype, device) -> None:
     """Fill and free a block the caching allocator will hand to the op's next output of this size,
     so elements the op forgets to write read back as NaN."""

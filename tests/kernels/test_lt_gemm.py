@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from modelyard.engine import kernels
 
-from kernel_helpers import rel_err, requires_cuda
+from kernel_helpers import linear_inputs, linear_ref, rel_err, requires_cuda
 
 pytestmark = requires_cuda
 
@@ -21,27 +21,14 @@ def k():
     return kernels.get()
 
 
-def _inputs(M, N, K, dtype, bias, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    x = torch.randn(M, K, device="cuda", generator=g).to(dtype)
-    w = (torch.randn(N, K, device="cuda", generator=g) * K ** -0.5).to(dtype)
-    b = torch.randn(N, device="cuda", generator=g).to(dtype) if bias else None
-    return x, w, b
-
-
-def _ref(x, w, b):
-    out = x.double() @ w.double().t()
-    return out + b.double() if b is not None else out
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("M,N,K", SHAPES)
 def test_every_candidate_matches_the_reference(k, dtype, bias, M, N, K):
-    x, w, b = _inputs(M, N, K, dtype, bias)
+    x, w, b = linear_inputs(M, N, K, dtype, bias)
     algos, info = k.lt_gemm_algos(x, w, b, None, None, dtype, 8)
     assert algos.shape[0] >= 1 and algos.shape[1] == 64 and info.shape == (algos.shape[0], 4)
-    ref = _ref(x, w, b)
+    ref = linear_ref(x, w, b)
     tol = 2 * rel_err(F.linear(x, w, b), ref) + 1e-3     # torch's own rounding, with headroom
     for i in range(algos.shape[0]):
         out = k.lt_gemm(x, w, b, None, None, dtype, algos[i].clone())
@@ -57,14 +44,14 @@ def test_strided_rows(k):
     w = (torch.randn(256, 512, device="cuda") / 512 ** 0.5).to(torch.bfloat16)
     algos, _ = k.lt_gemm_algos(x, w, None, None, None, torch.bfloat16, 4)
     out = k.lt_gemm(x, w, None, None, None, torch.bfloat16, algos[0].clone())
-    assert rel_err(out, _ref(x.contiguous(), w, None)) < 1e-2
+    assert rel_err(out, linear_ref(x.contiguous(), w, None)) < 1e-2
 
 
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (9, 0),
                     reason="row-wise scaled e4m3 GEMMs in cuBLASLt need Hopper (compute capability 9.0) or newer")
 @pytest.mark.parametrize("M,N,K", SHAPES)
 def test_fp8_row_scaled(k, M, N, K):
-    x, w, _ = _inputs(M, N, K, torch.bfloat16, False, seed=1)
+    x, w, _ = linear_inputs(M, N, K, torch.bfloat16, False, seed=1)
     xq, xs = k.per_token_quant_fp8(x)
     wq, ws = k.per_token_quant_fp8(w)
     ref = (xq.double() * xs.double()) @ (wq.double() * ws.double()).t()
@@ -76,7 +63,7 @@ def test_fp8_row_scaled(k, M, N, K):
 
 
 def test_argument_checks(k):
-    x, w, b = _inputs(4, 256, 128, torch.bfloat16, True)
+    x, w, b = linear_inputs(4, 256, 128, torch.bfloat16, True)
     algos, _ = k.lt_gemm_algos(x, w, None, None, None, torch.bfloat16, 2)
     with pytest.raises(RuntimeError, match="64 bytes"):
         k.lt_gemm(x, w, None, None, None, torch.bfloat16, algos[0, :10].clone())
