@@ -2,9 +2,9 @@
 // bf16 or fp16 with float32 accumulation, mma.sync tensor-core instructions (sm_80+).
 //
 // A decode step's linear layers read every weight once for a handful of rows, so their speed is how
-// close they get to the memory bandwidth. At M <= 16 cuBLAS reads 2.3-3.0 TB/s on an H200 for the
+// close they get to the memory bandwidth. At M <= 16 cuBLAS reads 2.3-3.2 TB/s on an H200 for the
 // Llama-7B o_proj and down_proj shapes (short kernels whose ramp-up and tail weigh, or split-K plus a
-// second reduce kernel); this kernel reads 2.5-3.4 there (benchmarks/RESULTS.md, session 6):
+// second reduce kernel); this kernel reads 2.6-3.4 there (benchmarks/RESULTS.md, session 6):
 //   - w streams through a 4-stage cp.async pipeline in 64-wide K blocks (128-byte rows, 16-byte
 //     chunks XOR-swizzled so ldmatrix is conflict-free), multiplied with mma.sync m16n8k16;
 //   - one CTA covers all M rows (x is small and L2-resident), so w is read exactly once;
