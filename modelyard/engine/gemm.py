@@ -173,13 +173,13 @@ def _graph_us(fn: Callable[[], object], calls: int, reps: int = 5) -> float:
     return statistics.median(times)
 
 
-def _skinny_candidates(k, m: int, shape: GemmShape, sms: int) -> list[Skinny]:
+def _skinny_candidates(configs: list[list[int]], m: int, shape: GemmShape, sms: int) -> list[Skinny]:
     """skinny_gemm (config, split_k) pairs for an m-row problem: per config the _SKINNY_SPLITS largest
     split_k giving at most 2 CTAs per SM (split_k 1 when even that gives more)."""
     if m > _SKINNY_MAX_M or shape.n % 8 or shape.k % 8:
         return []
     out = []
-    for config, (block_n, _threads, max_m, max_split) in enumerate(k.skinny_gemm_configs().tolist()):
+    for config, (block_n, _threads, max_m, max_split) in enumerate(configs):
         if m > max_m:
             continue
         tiles = -(-shape.n // block_n)
@@ -199,6 +199,7 @@ def tune(model: nn.Module, sizes: Sequence[int], device: torch.device) -> GemmPl
         return plan
     t0 = time.perf_counter()
     sms = torch.cuda.get_device_properties(device).multi_processor_count
+    skinny_configs = k.skinny_gemm_configs().tolist()      # rows: block_n, threads, most M, most split_k
     gen = torch.Generator(device=device).manual_seed(0)
     for shape, pairs in linear_weights(model).items():
         pairs = pairs[:_ROTATE]
@@ -209,7 +210,7 @@ def tune(model: nn.Module, sizes: Sequence[int], device: torch.device) -> GemmPl
             torch_us = _graph_us(lambda: [F.linear(x, w, b) for w, b in pairs], len(pairs))
             algos, info = k.lt_gemm_algos(x, w0, b0, None, None, shape.dtype, _MAX_CANDIDATES)
             candidates: list[Choice] = [LtAlgo(algos[i].clone(), info[i].tolist()) for i in range(algos.shape[0])]
-            skinny = _skinny_candidates(k, m, shape, sms)
+            skinny = _skinny_candidates(skinny_configs, m, shape, sms)
             candidates += skinny
             best, best_us = None, torch_us
             for cand in candidates:
