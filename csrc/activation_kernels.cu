@@ -1,5 +1,6 @@
 // silu_and_mul: the gated MLP activation, silu(gate) * up, over rows [gate (I) | up (I)].
-// Rounding matches the torch reference: silu is rounded to the dtype before the multiply.
+// Rounding matches the torch reference: silu is rounded to the dtype before the multiply. With norm_x
+// the two halves are first scaled by the row's RMSNorm scale (the decoder's folded norm, see below).
 //
 // silu_and_mul_quant_fp8 feeds an fp8 down_proj (EngineConfig(quantization="fp8")): it writes the
 // per-token e4m3 quantization of that product (q, scale), bit-identical to
@@ -30,14 +31,31 @@ __device__ __forceinline__ T silu_mul(T a, T b) {
   return from_float<T>(s * to_float(b));
 }
 
-template <typename T, int VEC>
-__global__ void silu_and_mul_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t x_stride, int inter) {
+// kNorm: gate and up are the un-normalized projections of a folded norm (engine/models/decoder.py):
+// each is first multiplied by the RMSNorm scale of the row's norm_x (every CTA of the row reduces it,
+// its loads in flight together with the row's) and rounded, as the projection of the normed row was.
+template <typename T, int VEC, int NVEC, bool kNorm>
+__global__ void silu_and_mul_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t x_stride, int inter,
+                                    const T* __restrict__ norm_x, int64_t norm_stride, int norm_dim, float norm_eps) {
   const int64_t row = blockIdx.x;
   const int i = (blockIdx.y * blockDim.x + threadIdx.x) * VEC;
-  if (i >= inter) return;
+  const bool live = i < inter;
   const T* gate = x + row * x_stride;
-  const Vec<T, VEC> a = load_vec<T, VEC>(gate + i);
-  const Vec<T, VEC> b = load_vec<T, VEC>(gate + inter + i);
+  Vec<T, VEC> a, b;
+  if (live) {
+    a = load_vec<T, VEC>(gate + i);
+    b = load_vec<T, VEC>(gate + inter + i);
+  }
+  if constexpr (kNorm) {
+    __shared__ float scratch[32];
+    const float s = block_inv_rms<T, NVEC>(norm_x + row * norm_stride, norm_dim, norm_eps, scratch);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      a.v[k] = from_float<T>(to_float(a.v[k]) * s);
+      b.v[k] = from_float<T>(to_float(b.v[k]) * s);
+    }
+  }
+  if (!live) return;
   Vec<T, VEC> o;
 #pragma unroll
   for (int k = 0; k < VEC; ++k) o.v[k] = silu_mul(a.v[k], b.v[k]);
@@ -114,10 +132,17 @@ at::Tensor silu_rows(const at::Tensor& x, const char* name) {
 
 }  // namespace
 
-at::Tensor silu_and_mul(const at::Tensor& x) {
+at::Tensor silu_and_mul(const at::Tensor& x, const std::optional<at::Tensor>& norm_x, double norm_eps) {
   const at::Tensor x2 = silu_rows(x, "silu_and_mul");
   const int64_t inter = x2.size(1) / 2;
   const int64_t rows = x2.size(0);
+  const bool norm = norm_x.has_value();
+  if (norm) {
+    TORCH_CHECK(norm_x->device() == x.device() && norm_x->scalar_type() == x.scalar_type() && norm_x->dim() == 2 &&
+                    norm_x->size(0) == rows && norm_x->size(1) > 0 && norm_x->stride(1) == 1,
+                "silu_and_mul: norm_x must be [rows, H] in x's dtype on its device, with a contiguous last dim");
+    TORCH_CHECK(norm_eps >= 0, "silu_and_mul: norm_eps must be >= 0");
+  }
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = inter;
   at::Tensor out = at::empty(out_shape, x.options());
@@ -134,10 +159,20 @@ at::Tensor silu_and_mul(const at::Tensor& x) {
     const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(ceil_div(items, threads)));
     const auto* xp = reinterpret_cast<const scalar_t*>(x2.data_ptr());
     auto* op = reinterpret_cast<scalar_t*>(out.data_ptr());
-    if (vectorized) {
-      silu_and_mul_kernel<scalar_t, V><<<grid, threads, 0, stream>>>(xp, op, x2.stride(0), static_cast<int>(inter));
+    const auto* nx = norm ? reinterpret_cast<const scalar_t*>(norm_x->data_ptr()) : nullptr;
+    const int64_t ns = norm ? norm_x->stride(0) : 0;
+    const int nd = norm ? static_cast<int>(norm_x->size(1)) : 0;
+    const bool norm_vec = norm && vec_elems(*norm_x, {ns}, nd) == V;
+    auto go = [&](auto kernel) {
+      kernel<<<grid, threads, 0, stream>>>(xp, op, x2.stride(0), static_cast<int>(inter), nx, ns, nd,
+                                           static_cast<float>(norm_eps));
+    };
+    if (!norm) {
+      vectorized ? go(silu_and_mul_kernel<scalar_t, V, 1, false>) : go(silu_and_mul_kernel<scalar_t, 1, 1, false>);
+    } else if (vectorized) {
+      norm_vec ? go(silu_and_mul_kernel<scalar_t, V, V, true>) : go(silu_and_mul_kernel<scalar_t, V, 1, true>);
     } else {
-      silu_and_mul_kernel<scalar_t, 1><<<grid, threads, 0, stream>>>(xp, op, x2.stride(0), static_cast<int>(inter));
+      norm_vec ? go(silu_and_mul_kernel<scalar_t, 1, V, true>) : go(silu_and_mul_kernel<scalar_t, 1, 1, true>);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

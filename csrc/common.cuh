@@ -117,6 +117,24 @@ __device__ __forceinline__ float block_sum(float x, float* scratch) {
   return warp_sum(x);
 }
 
+// 1 / sqrt(mean(row^2) + eps) in float32, every thread of the block gets it: the RMSNorm scale of a row
+// whose norm a kernel applies on the fly (the decoder's folded norms, engine/models/decoder.py). The
+// row is n elements (n % VEC == 0, 16-byte aligned for VEC > 1); every thread of the block must call it.
+template <typename T, int VEC>
+__device__ __forceinline__ float block_inv_rms(const T* __restrict__ row, int n, float eps, float* scratch) {
+  float ss = 0.f;
+  for (int i = threadIdx.x * VEC; i < n; i += blockDim.x * VEC) {
+    const Vec<T, VEC> v = load_vec<T, VEC>(row + i);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const float f = to_float(v.v[k]);
+      ss = fmaf(f, f, ss);
+    }
+  }
+  ss = block_sum(ss, scratch);
+  return rsqrtf(ss / static_cast<float>(n) + eps);
+}
+
 // Max over the whole block; every thread gets the result. `scratch` holds 32 floats and may have
 // been used by a block_sum / block_max just before (hence the leading barrier).
 __device__ __forceinline__ float block_max(float x, float* scratch) {

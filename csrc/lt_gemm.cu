@@ -1,5 +1,5 @@
 // Linear layers through cuBLASLt with an algorithm chosen by the caller: out[M, N] = x[M, K] w[N, K]^T
-// (+ bias[N]), in 16 bits, or in e4m3 with one float32 scale per row of x and per row of w (the
+// (+ bias[N]) or, lt_gemm_add_, out += x w^T in place (beta 1, C = D), in 16 bits, or in e4m3 with one float32 scale per row of x and per row of w (the
 // "outer vector" scaling of cuBLAS >= 12.9; torch._scaled_mm's row-wise mode).
 //
 // lt_gemm_algos lists the heuristic's candidates for a problem; engine/gemm.py times them on the real
@@ -168,10 +168,12 @@ std::tuple<at::Tensor, at::Tensor> lt_gemm_algos(const at::Tensor& x, const at::
   return {algos, info};
 }
 
-at::Tensor lt_gemm(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
-                   const std::optional<at::Tensor>& x_scale, const std::optional<at::Tensor>& w_scale,
-                   at::ScalarType out_dtype, const at::Tensor& algo) {
-  const bool fp8 = check_args(x, w, bias, x_scale, w_scale, out_dtype);
+namespace {
+
+// out = x w^T (+ bias) (beta 0), or out += x w^T (beta 1: cuBLASLt's C = D, in place).
+void run(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+         const std::optional<at::Tensor>& x_scale, const std::optional<at::Tensor>& w_scale, at::ScalarType out_dtype,
+         const at::Tensor& algo, at::Tensor& out, float beta, bool fp8) {
   TORCH_CHECK(algo.device().is_cpu() && algo.scalar_type() == at::kByte && algo.numel() == kAlgoBytes &&
                   algo.is_contiguous(),
               "lt_gemm: algo must be a contiguous CPU uint8 tensor of ", num(kAlgoBytes), " bytes (from lt_gemm_algos)");
@@ -183,15 +185,33 @@ at::Tensor lt_gemm(const at::Tensor& x, const at::Tensor& w, const std::optional
   cublasLtMatmulHeuristicResult_t checked{};
   check(cublasLtMatmulAlgoCheck(handle, p.op, p.a, p.b, p.d, p.d, &a, &checked),
         "MatmulAlgoCheck (the algorithm does not fit this problem)");
-  at::Tensor out = at::empty({x.size(0), w.size(0)}, x.options().dtype(out_dtype));
   at::Tensor ws;
   if (checked.workspaceSize > 0) ws = at::empty({static_cast<int64_t>(checked.workspaceSize)}, x.options().dtype(at::kByte));
-  const float alpha = 1.f, beta = 0.f;
+  const float alpha = 1.f;
   check(cublasLtMatmul(handle, p.op, &alpha, w.data_ptr(), p.a, x.data_ptr(), p.b, &beta, out.data_ptr(), p.d,
                        out.data_ptr(), p.d, &a, checked.workspaceSize ? ws.data_ptr() : nullptr, checked.workspaceSize,
                        c10::cuda::getCurrentCUDAStream()),
         "Matmul");
+}
+
+}  // namespace
+
+at::Tensor lt_gemm(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                   const std::optional<at::Tensor>& x_scale, const std::optional<at::Tensor>& w_scale,
+                   at::ScalarType out_dtype, const at::Tensor& algo) {
+  const bool fp8 = check_args(x, w, bias, x_scale, w_scale, out_dtype);
+  at::Tensor out = at::empty({x.size(0), w.size(0)}, x.options().dtype(out_dtype));
+  run(x, w, bias, x_scale, w_scale, out_dtype, algo, out, 0.f, fp8);
   return out;
+}
+
+void lt_gemm_add_(at::Tensor& out, const at::Tensor& x, const at::Tensor& w, const at::Tensor& algo) {
+  const bool fp8 = check_args(x, w, std::nullopt, std::nullopt, std::nullopt, x.scalar_type());
+  TORCH_CHECK(!fp8, "lt_gemm_add_: 16-bit inputs only");
+  TORCH_CHECK(out.device() == x.device() && out.scalar_type() == x.scalar_type() && out.dim() == 2 &&
+                  out.size(0) == x.size(0) && out.size(1) == w.size(0) && out.is_contiguous(),
+              "lt_gemm_add_: out must be a contiguous [M, N] tensor of x's dtype on x's device");
+  run(x, w, std::nullopt, std::nullopt, std::nullopt, x.scalar_type(), algo, out, 1.f, false);
 }
 
 }  // namespace modelyard

@@ -46,14 +46,17 @@ void rotary_embedding(const at::Tensor& positions, at::Tensor& query, at::Tensor
                       const at::Tensor& cos_sin_cache, bool is_neox);
 
 // rotary_embedding on query and key, then reshape_and_cache of the rotated key and value [T, Hk, D],
-// in one launch; the same results as the two ops in sequence.
+// in one launch; the same results as the two ops in sequence. With norm_x [T, H], q, k and v are first
+// scaled in place by each token's RMSNorm scale 1 / sqrt(mean(norm_x^2) + norm_eps) (folded norms).
 void rotary_embedding_and_cache(const at::Tensor& positions, at::Tensor& query, at::Tensor& key,
-                                const at::Tensor& value, at::Tensor& k_cache, at::Tensor& v_cache,
+                                at::Tensor& value, at::Tensor& k_cache, at::Tensor& v_cache,
                                 const at::Tensor& slot_mapping, int64_t head_dim, const at::Tensor& cos_sin_cache,
-                                bool is_neox, double k_scale, double v_scale);
+                                bool is_neox, double k_scale, double v_scale,
+                                const std::optional<at::Tensor>& norm_x, double norm_eps);
 
-// x [..., 2I] -> silu(x[..., :I]) * x[..., I:]  [..., I].
-at::Tensor silu_and_mul(const at::Tensor& x);
+// x [..., 2I] -> silu(x[..., :I]) * x[..., I:]  [..., I]. With norm_x [rows, H], both halves of a row are
+// first scaled by that row's RMSNorm scale 1 / sqrt(mean(norm_x^2) + norm_eps) and rounded (folded norms).
+at::Tensor silu_and_mul(const at::Tensor& x, const std::optional<at::Tensor>& norm_x, double norm_eps);
 
 // x [..., 2I] -> per_token_quant_fp8(silu_and_mul(x)) bit for bit: (q [..., I] float8_e4m3fn,
 // scales [..., 1] float32).
@@ -76,6 +79,9 @@ std::tuple<at::Tensor, at::Tensor> lt_gemm_algos(const at::Tensor& x, const at::
 at::Tensor lt_gemm(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
                    const std::optional<at::Tensor>& x_scale, const std::optional<at::Tensor>& w_scale,
                    at::ScalarType out_dtype, const at::Tensor& algo);
+// out [M, N] += x [M, K] w [N, K]^T in place, 16-bit, with an algorithm from lt_gemm_algos (the
+// residual add of the decoder's folded norms, done by the GEMM: cuBLASLt's C = D with beta 1).
+void lt_gemm_add_(at::Tensor& out, const at::Tensor& x, const at::Tensor& w, const at::Tensor& algo);
 
 // Small-batch decode GEMMs (skinny_gemm.cu): x [M <= 64, K] w [N, K]^T (+ bias [N]) -> [M, N], 16-bit.
 // skinny_gemm_configs() -> int64 [n, 4] CPU, one row per config usable on the current device: block_n,
@@ -84,5 +90,7 @@ at::Tensor lt_gemm(const at::Tensor& x, const at::Tensor& w, const std::optional
 at::Tensor skinny_gemm_configs();
 at::Tensor skinny_gemm(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
                        int64_t config, int64_t split_k);
+// out [M, N] += x w^T in place (the folded norms' residual add), same kernels and checks.
+void skinny_gemm_add_(at::Tensor& out, const at::Tensor& x, const at::Tensor& w, int64_t config, int64_t split_k);
 
 }  // namespace modelyard

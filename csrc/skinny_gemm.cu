@@ -1,4 +1,5 @@
-// Skinny GEMMs for small decode batches: out[M, N] = x[M, K] w[N, K]^T (+ bias[N]) with M <= 64 rows,
+// Skinny GEMMs for small decode batches: out[M, N] = x[M, K] w[N, K]^T (+ bias[N]) with M <= 64 rows
+// (skinny_gemm_add_: out += x w^T in place, the residual add of the decoder's folded norms),
 // bf16 or fp16 with float32 accumulation, mma.sync tensor-core instructions (sm_80+).
 //
 // A decode step's linear layers read every weight once for a handful of rows, so their speed is how
@@ -99,7 +100,7 @@ __host__ __device__ constexpr int smem_bytes() {
 template <typename T, int MT, int NT, int WN, int WK>
 __global__ void __launch_bounds__(32 * WN * WK, 1)
     skinny_gemm_kernel(const T* __restrict__ x, int64_t x_stride, const T* __restrict__ w,
-                       const T* __restrict__ bias, T* __restrict__ out, int M, int N, int K, int kb_per_split) {
+                       const T* __restrict__ bias, T* out, bool accumulate, int M, int N, int K, int kb_per_split) {
 #if __CUDA_ARCH__ >= 800
   constexpr int BM = 16 * MT, BN = 8 * NT * WN, THREADS = 32 * WN * WK;
   constexpr int STAGE_BYTES = (BM + BN) * kBK * 2;
@@ -242,13 +243,16 @@ __global__ void __launch_bounds__(32 * WN * WK, 1)
       f[2] += v.z;
       f[3] += v.w;
     }
+    T* dst = out + static_cast<int64_t>(row) * N + n0 + col;
     Vec<T, 4> o;
+    if (accumulate) o = load_vec<T, 4>(dst);  // out += x w^T: one rounding of the float sum, as cuBLAS
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       if (bias != nullptr) f[e] += to_float(bias[n0 + col + e]);
+      if (accumulate) f[e] += to_float(o.v[e]);
       o.v[e] = from_float<T>(f[e]);
     }
-    store_vec<T, 4>(out + static_cast<int64_t>(row) * N + n0 + col, o);
+    store_vec<T, 4>(dst, o);
   }
 #if __CUDA_ARCH__ >= 900
   if (splits > 1) cluster.sync();  // no CTA leaves while another still reads its shared memory
@@ -257,7 +261,7 @@ __global__ void __launch_bounds__(32 * WN * WK, 1)
 }
 
 template <typename T, int MT, int NT, int WN, int WK>
-void launch(const at::Tensor& x, const at::Tensor& w, const T* bias, at::Tensor& out, int split_k,
+void launch(const at::Tensor& x, const at::Tensor& w, const T* bias, at::Tensor& out, bool accumulate, int split_k,
             cudaStream_t stream) {
   constexpr int BM = 16 * MT, BN = 8 * NT * WN, THREADS = 32 * WN * WK, SMEM = smem_bytes<BM, BN>();
   auto kernel = skinny_gemm_kernel<T, MT, NT, WN, WK>;
@@ -277,29 +281,29 @@ void launch(const at::Tensor& x, const at::Tensor& w, const T* bias, at::Tensor&
   cfg.attrs = &cluster;
   cfg.numAttrs = split_k > 1 ? 1 : 0;
   C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, static_cast<const T*>(x.data_ptr()), x.stride(0),
-                                    static_cast<const T*>(w.data_ptr()), bias, static_cast<T*>(out.data_ptr()), M,
-                                    N, K, kb_per_split));
+                                    static_cast<const T*>(w.data_ptr()), bias, static_cast<T*>(out.data_ptr()),
+                                    accumulate, M, N, K, kb_per_split));
 }
 
 template <typename T, int MT>
 void dispatch_config(int64_t config, const at::Tensor& x, const at::Tensor& w, const T* b, at::Tensor& out,
-                     int split_k, cudaStream_t stream) {
+                     bool acc, int split_k, cudaStream_t stream) {
   static_assert(kNumConfigs == 3, "one case per config");
   switch (config) {
-    case 0: return launch<T, MT, 2, 4, 2>(x, w, b, out, split_k, stream);
-    case 1: return launch<T, MT, 3, 4, 2>(x, w, b, out, split_k, stream);
-    default: return launch<T, MT, 4, 4, 2>(x, w, b, out, split_k, stream);
+    case 0: return launch<T, MT, 2, 4, 2>(x, w, b, out, acc, split_k, stream);
+    case 1: return launch<T, MT, 3, 4, 2>(x, w, b, out, acc, split_k, stream);
+    default: return launch<T, MT, 4, 4, 2>(x, w, b, out, acc, split_k, stream);
   }
 }
 
 template <typename T>
 void dispatch(int64_t config, const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
-              at::Tensor& out, int split_k, cudaStream_t stream) {
+              at::Tensor& out, bool acc, int split_k, cudaStream_t stream) {
   const T* b = bias ? static_cast<const T*>(bias->data_ptr()) : nullptr;
   const int64_t M = x.size(0);
-  if (M <= 16) return dispatch_config<T, 1>(config, x, w, b, out, split_k, stream);
-  if (M <= 32) return dispatch_config<T, 2>(config, x, w, b, out, split_k, stream);
-  return dispatch_config<T, 4>(config, x, w, b, out, split_k, stream);
+  if (M <= 16) return dispatch_config<T, 1>(config, x, w, b, out, acc, split_k, stream);
+  if (M <= 32) return dispatch_config<T, 2>(config, x, w, b, out, acc, split_k, stream);
+  return dispatch_config<T, 4>(config, x, w, b, out, acc, split_k, stream);
 }
 
 int capability_major(int device) {
@@ -327,8 +331,11 @@ at::Tensor skinny_gemm_configs() {
   return t;
 }
 
-at::Tensor skinny_gemm(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
-                       int64_t config, int64_t split_k) {
+namespace {
+
+// Checks the arguments and runs the kernel: out = x w^T (+ bias), or out += x w^T when accumulate.
+void run_skinny(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, int64_t config,
+                int64_t split_k, at::Tensor* out, bool accumulate, at::Tensor* fresh) {
   TORCH_CHECK(x.is_cuda() && w.is_cuda() && x.device() == w.device(), "skinny_gemm: x and w must be on one CUDA device");
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "skinny_gemm: need x [M, K] and w [N, K], got ",
               shape(x.sizes()), " and ", shape(w.sizes()));
@@ -355,14 +362,33 @@ at::Tensor skinny_gemm(const at::Tensor& x, const at::Tensor& w, const std::opti
                 "skinny_gemm: bias must be a contiguous [N] vector of x's dtype on x's device");
   }
   const c10::cuda::OptionalCUDAGuard guard(x.device());
-  at::Tensor out = at::empty({M, N}, x.options());
+  if (accumulate) {
+    TORCH_CHECK(out->device() == x.device() && out->scalar_type() == x.scalar_type() && out->dim() == 2 &&
+                    out->size(0) == M && out->size(1) == N && out->is_contiguous(),
+                "skinny_gemm_add_: out must be a contiguous [M, N] tensor of x's dtype on x's device");
+  } else {
+    *fresh = at::empty({M, N}, x.options());
+    out = fresh;
+  }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int s = static_cast<int>(split_k);
   if (x.scalar_type() == at::kBFloat16)
-    dispatch<__nv_bfloat16>(config, x, w, bias, out, s, stream);
+    dispatch<__nv_bfloat16>(config, x, w, bias, *out, accumulate, s, stream);
   else
-    dispatch<__half>(config, x, w, bias, out, s, stream);
+    dispatch<__half>(config, x, w, bias, *out, accumulate, s, stream);
+}
+
+}  // namespace
+
+at::Tensor skinny_gemm(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                       int64_t config, int64_t split_k) {
+  at::Tensor out;
+  run_skinny(x, w, bias, config, split_k, nullptr, false, &out);
   return out;
+}
+
+void skinny_gemm_add_(at::Tensor& out, const at::Tensor& x, const at::Tensor& w, int64_t config, int64_t split_k) {
+  run_skinny(x, w, std::nullopt, config, split_k, &out, true, nullptr);
 }
 
 }  // namespace modelyard

@@ -29,6 +29,11 @@ class EngineConfig:
     # Time cuBLAS against cuBLASLt's algorithms per decode batch size and linear-layer shape before the
     # decode graphs are captured, and capture the fastest (engine/gemm.py; 16-bit models on CUDA).
     tune_decode_gemms: bool = True
+    # Fold each decoder layer's RMSNorm weights into the projection that reads the norm (bfloat16 and
+    # float32 decoders without biases or fp8 layers): the residual adds run inside the o_proj and
+    # down_proj GEMMs and the norms' scaling inside the rotary and SiLU kernels, two kernels fewer per
+    # layer (engine/models/decoder.py). False keeps the separate norm kernels.
+    fold_norms: bool = True
     seed: int = 0                          # default seed for requests without one
     max_image_batch: int = 64              # images per vision-encoder batch
     kv_cache_dtype: str = "auto"           # auto (the model dtype) | fp8 | fp8_e4m3 (both float8_e4m3fn)

@@ -14,6 +14,8 @@ candidates, on the model's own weights (several layers in turn, so the L2 cache 
 as in a real step) inside CUDA graphs (as the step runs), and keeps the fastest. Each candidate's
 result is checked against `F.linear` first. While the graphs are captured the plan is active, and
 `linear` runs the chosen kernel; everywhere else (prefill, eager decode, CPU) it is `F.linear`.
+`linear_add_` (out += x W^T in place: the residual adds of a decoder with folded norms, see
+models/decoder.py) is tuned the same way, as separate shapes, against torch's `addmm_`.
 EngineConfig(tune_decode_gemms=False) turns it off; Engine.stats()["decode_gemms"] reports what was
 chosen.
 
@@ -49,13 +51,14 @@ class GemmShape:
     k: int
     dtype: torch.dtype
     bias: bool
+    add: bool = False       # out += x W^T (linear_add_) rather than out = x W^T (+ bias)
 
     @classmethod
-    def of(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> "GemmShape":
-        return cls(weight.shape[0], weight.shape[1], weight.dtype, bias is not None)
+    def of(cls, weight: torch.Tensor, bias: torch.Tensor | None, add: bool = False) -> "GemmShape":
+        return cls(weight.shape[0], weight.shape[1], weight.dtype, bias is not None, add)
 
     def __str__(self) -> str:
-        return f"{self.k}->{self.n}{' +bias' if self.bias else ''}"
+        return f"{self.k}->{self.n}{' +bias' if self.bias else ''}{' +=' if self.add else ''}"
 
 
 class LtAlgo:
@@ -67,6 +70,9 @@ class LtAlgo:
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         return kernels.get().lt_gemm(x, w, b, None, None, w.dtype, self.algo)
+
+    def add_(self, out: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+        kernels.get().lt_gemm_add_(out, x, w, self.algo)
 
     def __repr__(self) -> str:
         return f"cublaslt{self.info}"
@@ -82,6 +88,9 @@ class Skinny:
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         return kernels.get().skinny_gemm(x, w, b, self.config, self.split_k)
+
+    def add_(self, out: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+        kernels.get().skinny_gemm_add_(out, x, w, self.config, self.split_k)
 
     def __repr__(self) -> str:
         return f"skinny[block_n={self.block_n}, split_k={self.split_k}]"
@@ -99,8 +108,8 @@ class GemmPlan:
     note: str = "off"                                    # why nothing was tuned, when nothing was
     tuned_calls: int = 0                                 # linear() calls that ran a plan's choice
 
-    def lookup(self, m: int, weight: torch.Tensor, bias: torch.Tensor | None) -> Choice | None:
-        return self.choices.get((m, GemmShape.of(weight, bias)))
+    def lookup(self, m: int, weight: torch.Tensor, bias: torch.Tensor | None, add: bool = False) -> Choice | None:
+        return self.choices.get((m, GemmShape.of(weight, bias, add)))
 
     def summary(self) -> str:
         if not self.timings:
@@ -137,16 +146,30 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+def linear_add_(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """out += x @ weight.T in place (one rounding of the float32 sum, as a GEMM with beta 1), by the
+    plan's kernel for this batch size and shape while one is active, else torch's addmm_."""
+    plan = _active
+    if plan is not None and x.dim() == 2:
+        choice = plan.lookup(x.shape[0], weight, None, add=True)
+        if choice is not None:
+            plan.tuned_calls += 1
+            choice.add_(out, x, weight)
+            return out
+    return out.addmm_(x, weight.t())
+
+
 def linear_weights(model: nn.Module) -> dict[GemmShape, list[tuple[torch.Tensor, torch.Tensor | None]]]:
-    """The 16-bit (weight, bias) pairs of the decoder's and LM head's linear layers, by shape."""
+    """The 16-bit (weight, bias) pairs of the decoder's and LM head's linear layers, by shape (layers
+    that accumulate into their output, `accumulates`, are shapes of their own)."""
     lm = model.language_model
     groups: dict[GemmShape, list] = {}
     mods = [m for m in lm.modules() if isinstance(m, nn.Linear)]
     head = lm.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
-    pairs = [(m.weight, m.bias) for m in mods] + [(head, None)]
-    for w, b in pairs:
+    pairs = [(m.weight, m.bias, getattr(m, "accumulates", False)) for m in mods] + [(head, None, False)]
+    for w, b, add in pairs:
         if w.dtype in _TUNED_DTYPES and w.is_cuda:
-            groups.setdefault(GemmShape.of(w, b), []).append((w.detach(), None if b is None else b.detach()))
+            groups.setdefault(GemmShape.of(w, b, add), []).append((w.detach(), None if b is None else b.detach()))
     return groups
 
 
@@ -188,6 +211,43 @@ def _skinny_candidates(configs: list[list[int]], m: int, shape: GemmShape, sms: 
     return out
 
 
+class _Case:
+    """One (batch size, shape) being tuned, run as the step runs it: out = x W^T (+ b) with
+    kernel(x, w, b), or, for an `add` shape, out += x W^T with kernel(out, x, w), each timed call
+    accumulating into a buffer of its own."""
+
+    def __init__(self, shape: GemmShape, pairs: list, x: torch.Tensor, gen: torch.Generator):
+        self.shape, self.pairs, self.x = shape, pairs, x
+        w0, b0 = pairs[0]
+        self.ref = F.linear(x, w0, b0).float()
+        if shape.add:
+            self.base = (torch.randn(self.ref.shape, device=x.device, generator=gen) * self.ref.std()).to(x.dtype)
+            self.ref += self.base.float()
+            self.outs = [self.base.clone() for _ in pairs]
+
+    def torch_kernel(self, *args):
+        if self.shape.add:
+            out, x, w = args
+            return out.addmm_(x, w.t())
+        return F.linear(*args)
+
+    def rel_err(self, kernel) -> float:
+        """|kernel's result - F.linear's| / |F.linear's| on the first pair."""
+        w0, b0 = self.pairs[0]
+        if self.shape.add:
+            out = self.base.clone()
+            kernel(out, self.x, w0)
+        else:
+            out = kernel(self.x, w0, b0)
+        return ((out.float() - self.ref).norm() / self.ref.norm().clamp_min(1e-30)).item()
+
+    def us(self, kernel) -> float:
+        x, pairs = self.x, self.pairs
+        if self.shape.add:
+            return _graph_us(lambda: [kernel(o, x, w) for o, (w, _) in zip(self.outs, pairs)], len(pairs))
+        return _graph_us(lambda: [kernel(x, w, b) for w, b in pairs], len(pairs))
+
+
 @torch.inference_mode()
 def tune(model: nn.Module, sizes: Sequence[int], device: torch.device) -> GemmPlan:
     """Times F.linear, cuBLASLt's candidates and skinny_gemm's for every (size, shape); see the
@@ -204,24 +264,24 @@ def tune(model: nn.Module, sizes: Sequence[int], device: torch.device) -> GemmPl
     for shape, pairs in linear_weights(model).items():
         pairs = pairs[:_ROTATE]
         for m in sizes:
-            x = torch.randn(m, shape.k, device=device, dtype=shape.dtype, generator=gen)
+            case = _Case(shape, pairs, torch.randn(m, shape.k, device=device, dtype=shape.dtype, generator=gen), gen)
+            torch_us = case.us(case.torch_kernel)
             w0, b0 = pairs[0]
-            ref = F.linear(x, w0, b0).float()
-            torch_us = _graph_us(lambda: [F.linear(x, w, b) for w, b in pairs], len(pairs))
-            algos, info = k.lt_gemm_algos(x, w0, b0, None, None, shape.dtype, _MAX_CANDIDATES)
+            algos, info = k.lt_gemm_algos(case.x, w0, b0, None, None, shape.dtype, _MAX_CANDIDATES)
             candidates: list[Choice] = [LtAlgo(algos[i].clone(), info[i].tolist()) for i in range(algos.shape[0])]
             skinny = _skinny_candidates(skinny_configs, m, shape, sms)
             candidates += skinny
             best, best_us = None, torch_us
             for cand in candidates:
+                kernel = cand.add_ if shape.add else cand
                 try:
-                    out = cand(x, w0, b0).float()
+                    err = case.rel_err(kernel)
                 except RuntimeError:
                     continue        # listed, but refused for this problem (cuBLASLt's check, a cluster
                                     # that does not fit): not a candidate
-                if ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item() > _MAX_REL_ERR:
+                if err > _MAX_REL_ERR:
                     continue
-                us = _graph_us(lambda: [cand(x, w, b) for w, b in pairs], len(pairs))
+                us = case.us(kernel)
                 if us < best_us:
                     best, best_us = cand, us
             if best is not None and best_us > torch_us * (1 - _MIN_GAIN):

@@ -359,6 +359,8 @@ def test_decode_gemm_tuning(ckpt64):
         assert eng.stats()["decode_gemms"] == "off: tune_decode_gemms=False"
         shapes = gemm.linear_weights(eng.model)
         assert len(shapes) >= 4             # qkv, o, gate_up, down (+ the LM head)
+        assert eng.stats()["norms_folded"]  # o_proj and down_proj add into the residual: shapes of their own
+        assert {s.add for s in shapes} == {True, False}
         plan = gemm.tune(eng.model, [1, 8], eng.runner.graphs.device)
         assert set(plan.choices) == {(m, s) for m in (1, 8) for s in shapes}
         assert all(r["chosen_us"] <= r["torch_us"] for r in plan.timings)

@@ -37,6 +37,23 @@ def test_every_candidate_matches_the_reference(k, dtype, bias, M, N, K):
         assert torch.equal(out, k.lt_gemm(x, w, b, None, None, dtype, algos[i].clone()))   # deterministic
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M,N,K", SHAPES)
+def test_add_in_place(k, dtype, M, N, K):
+    """lt_gemm_add_: out += x w^T (beta 1, C = D) with every candidate, one rounding of the sum."""
+    x, w, _ = linear_inputs(M, N, K, dtype, False)
+    base = torch.randn(M, N, device="cuda").to(dtype)
+    ref = linear_ref(x, w, None) + base.double()
+    tol = 2 * rel_err(torch.addmm(base, x, w.t()), ref) + 1e-3
+    algos, info = k.lt_gemm_algos(x, w, None, None, None, dtype, 8)
+    for i in range(algos.shape[0]):
+        out = base.clone()
+        k.lt_gemm_add_(out, x, w, algos[i].clone())
+        assert rel_err(out, ref) < tol, (i, info[i].tolist())
+    with pytest.raises(RuntimeError, match="lt_gemm_add_: out must be"):
+        k.lt_gemm_add_(base[:, :8].contiguous(), x, w, algos[0].clone())
+
+
 def test_strided_rows(k):
     """x as a view with a row stride larger than K (a slice of a wider activation)."""
     wide = torch.randn(16, 512 + 64, device="cuda").to(torch.bfloat16)

@@ -50,6 +50,22 @@ def test_every_config_matches_the_reference(k, configs, dtype, bias, M, N, K):
             assert torch.equal(out, k.skinny_gemm(x, w, b, config, split))     # deterministic
 
 
+@pytest.mark.parametrize("M,N,K", SHAPES)
+def test_add_in_place(k, configs, M, N, K):
+    """skinny_gemm_add_: out += x w^T in place for every config and split_k, one rounding of the sum."""
+    x, w, _ = linear_inputs(M, N, K, torch.bfloat16, False)
+    base = torch.randn(M, N, device="cuda").to(torch.bfloat16)
+    ref = linear_ref(x, w, None) + base.double()
+    tol = 2 * rel_err(torch.addmm(base, x, w.t()), ref) + 1e-3
+    for config, (_, _, _, max_split) in enumerate(configs):
+        for split in _splits(K, max_split):
+            out = base.clone()
+            k.skinny_gemm_add_(out, x, w, config, split)
+            assert rel_err(out, ref) < tol, (config, split)
+    with pytest.raises(RuntimeError, match="skinny_gemm_add_: out must be"):
+        k.skinny_gemm_add_(base.t(), x, w, 0, 1)
+
+
 def test_rows_past_m_and_columns_past_n_are_untouched_and_zero_free(k, configs):
     """M = 5 of a 16-row tile, N = 72 of a 128-wide block: the output holds exactly M x N values and
     a row of zeros in x gives a row of (bias) values, not garbage from the tile's padding."""

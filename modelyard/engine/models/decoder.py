@@ -4,10 +4,22 @@ Module names mirror the HF checkpoints' (`embed_tokens`, `layers.N.self_attn`, `
 for the merged projections (`qkv_proj`, `gate_up_proj`), which the loader fills part by part.
 Tokens are packed: every tensor is [T, ...] over all sequences of the step, described by
 AttentionMetadata; the attention backend writes and reads the paged cache.
+
+Folded norms (DecoderModel.fold_norms, EngineConfig.fold_norms): RMSNorm(h) W^T = s * (h (W diag(g))^T)
+with s = 1 / sqrt(mean(h^2) + eps) one number per token and g the norm's weight. So each layer's two
+norm weights are multiplied into qkv_proj's and gate_up_proj's columns once at load, those GEMMs read
+the residual stream h itself, and the kernels that consume their outputs apply s (computed from h)
+before their own work: the rotary + cache-write kernel scales q, k and v, the SiLU-and-mul kernel gate
+and up. The residual adds go into the o_proj and down_proj GEMMs (h += x W^T, beta 1), so h is updated
+in place and no norm kernel runs inside the layers: two kernels fewer per layer, which at decode
+sizes are latency-bound (3.7-3.9 us each on an H200, benchmarks/RESULTS.md, session 7). The rounding
+points move (the projection of h is rounded, then scaled and rounded, where HF rounds the normed row
+before the projection); both are bfloat16-level. Not for float16, whose range the un-normalized
+projections could exceed, nor for biased or fp8 projections.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -91,7 +103,11 @@ class DecoderAttention(nn.Module):
         self.scale = spec.head_dim ** -0.5
 
     def forward(self, rotary: Rotary, hidden, kv_cache, meta: AttentionMetadata, attn: AttentionBackend):
-        qkv = self.qkv_proj(hidden)     # hidden: [T, H], or a QuantizedInput -> [T, (Hq + 2 Hk) * D]
+        # hidden: [T, H], or a QuantizedInput -> qkv [T, (Hq + 2 Hk) * D]
+        return self.o_proj(self.attend(rotary, self.qkv_proj(hidden), kv_cache, meta, attn))
+
+    def attend(self, rotary: Rotary, qkv, kv_cache, meta: AttentionMetadata, attn: AttentionBackend):
+        """Attention over the packed projections qkv [T, (Hq + 2 Hk) * D] -> [T, Hq * D] (before o_proj)."""
         T = qkv.shape[0]
         # Views into qkv, no copies (three fewer kernels per layer): rotary (in place), the cache
         # write and the attention kernels all take a row stride with dense heads within the row.
@@ -103,7 +119,7 @@ class DecoderAttention(nn.Module):
             v.view(T, self.num_kv_heads, self.head_dim),
             kv_cache[0], kv_cache[1], meta, self.scale, rotary=rotary,
         )                                                                 # [T, Hq, D]
-        return self.o_proj(out.reshape(T, self.num_heads * self.head_dim))
+        return out.reshape(T, self.num_heads * self.head_dim)
 
 
 class DecoderMLP(nn.Module):
@@ -143,6 +159,14 @@ class DecoderLayer(nn.Module):
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
+    def forward_folded(self, rotary: Rotary, h: torch.Tensor, kv_cache, meta, attn) -> None:
+        """h += attention(norm(h)); h += mlp(norm(h)), in place, with the norms folded (module docstring).
+        Each consumer reads h before the GEMM that adds to it is launched."""
+        sa, mlp = self.self_attn, self.mlp
+        rotary = replace(rotary, norm_x=h, norm_eps=self.input_layernorm.eps)
+        sa.o_proj.add_(h, sa.attend(rotary, sa.qkv_proj(h), kv_cache, meta, attn))
+        mlp.down_proj.add_(h, ops.silu_and_mul(mlp.gate_up_proj(h), h, self.post_attention_layernorm.eps))
+
 
 class DecoderModel(nn.Module):
     """HF's `language_model` body: embeddings, layers, final norm (no LM head)."""
@@ -154,6 +178,32 @@ class DecoderModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.register_buffer("cos_sin_cache", torch.empty(0), persistent=False)
+        self.norms_folded = False
+
+    def fold_norms(self) -> bool:
+        """Folds every layer's two RMSNorm weights into qkv_proj's and gate_up_proj's weights (see the
+        module docstring) and switches forward to the folded layers; once, after the weights are
+        loaded. Returns whether the model is folded: not for float16, or when any decoder projection
+        has a bias or is not a 16/32-bit Linear (fp8 quantization), which keep the norm kernels."""
+        if self.norms_folded:
+            return True
+        if self.embed_tokens.weight.dtype not in (torch.bfloat16, torch.float32):
+            return False
+        for layer in self.layers:
+            projections = (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+                           layer.mlp.down_proj)
+            if not all(isinstance(p, Linear) and p.bias is None for p in projections):
+                return False
+        with torch.no_grad():
+            for layer in self.layers:
+                for proj, norm in ((layer.self_attn.qkv_proj, layer.input_layernorm),
+                                   (layer.mlp.gate_up_proj, layer.post_attention_layernorm)):
+                    proj.weight.mul_(norm.weight.to(proj.weight.dtype))     # W[:, j] *= g[j], rounded once
+                    norm.weight.fill_(1.0)      # now inside the projection; kept so the module tree is HF's
+                layer.self_attn.o_proj.accumulates = True
+                layer.mlp.down_proj.accumulates = True
+        self.norms_folded = True
+        return True
 
     def init_buffers(self, max_positions: int | None = None) -> None:
         """(Re)compute the float32 rope cache on the module's device (after meta init / to_empty).
@@ -167,6 +217,11 @@ class DecoderModel(nn.Module):
             raise ValueError(f"got {len(kv_caches)} KV caches for {len(self.layers)} decoder layers")
         hidden, residual = inputs_embeds, None                           # [T, H]
         rotary = Rotary(positions, self.cos_sin_cache, is_neox=True)     # every layer's, one object
+        if self.norms_folded:
+            h = inputs_embeds.clone()           # the residual stream, which the layers update in place
+            for layer, kv_cache in zip(self.layers, kv_caches):
+                layer.forward_folded(rotary, h, kv_cache, meta, attn)
+            return self.norm(h)
         for layer, kv_cache in zip(self.layers, kv_caches):
             hidden, residual = layer(rotary, hidden, residual, kv_cache, meta, attn)
         hidden, _ = self.norm(hidden, residual)
