@@ -123,7 +123,8 @@ __device__ __forceinline__ float block_sum(float x, float* scratch) {
 template <typename T, int VEC>
 __device__ __forceinline__ float block_inv_rms(const T* __restrict__ row, int n, float eps, float* scratch) {
   float ss = 0.f;
-  for (int i = threadIdx.x * VEC; i < n; i += blockDim.x * VEC) {
+#pragma unroll 4
+  for (int i = threadIdx.x * VEC; i < n; i += blockDim.x * VEC) {  // unrolled: a thread's loads in flight at once
     const Vec<T, VEC> v = load_vec<T, VEC>(row + i);
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {

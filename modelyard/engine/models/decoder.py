@@ -12,7 +12,10 @@ the residual stream h itself, and the kernels that consume their outputs apply s
 before their own work: the rotary + cache-write kernel scales q, k and v, the SiLU-and-mul kernel gate
 and up. The residual adds go into the o_proj and down_proj GEMMs (h += x W^T, beta 1), so h is updated
 in place and no norm kernel runs inside the layers: two kernels fewer per layer, which at decode
-sizes are latency-bound (3.7-3.9 us each on an H200, benchmarks/RESULTS.md, session 7). The rounding
+sizes are latency-bound (3.7-3.9 us each on an H200, benchmarks/RESULTS.md, session 7). Decode steps
+run these folded layers; prefill and mixed steps keep the norm kernels (with the norm weights, now
+inside the projections, set to 1: the same function), since there the folded layers measured 2%
+slower on a 16k-token step (extra passes over h in the consumers at 16k rows, a beta-1 GEMM). The rounding
 points move (the projection of h is rounded, then scaled and rounded, where HF rounds the normed row
 before the projection); both are bfloat16-level. Not for float16, whose range the un-normalized
 projections could exceed, nor for biased or fp8 projections.
@@ -199,7 +202,8 @@ class DecoderModel(nn.Module):
                 for proj, norm in ((layer.self_attn.qkv_proj, layer.input_layernorm),
                                    (layer.mlp.gate_up_proj, layer.post_attention_layernorm)):
                     proj.weight.mul_(norm.weight.to(proj.weight.dtype))     # W[:, j] *= g[j], rounded once
-                    norm.weight.fill_(1.0)      # now inside the projection; kept so the module tree is HF's
+                    norm.weight.fill_(1.0)      # now inside the projection: the norm kernels' path (prefill)
+                                                # computes the same function with these weights
                 layer.self_attn.o_proj.accumulates = True
                 layer.mlp.down_proj.accumulates = True
         self.norms_folded = True
@@ -217,7 +221,7 @@ class DecoderModel(nn.Module):
             raise ValueError(f"got {len(kv_caches)} KV caches for {len(self.layers)} decoder layers")
         hidden, residual = inputs_embeds, None                           # [T, H]
         rotary = Rotary(positions, self.cos_sin_cache, is_neox=True)     # every layer's, one object
-        if self.norms_folded:
+        if self.norms_folded and meta.is_decode:
             h = inputs_embeds.clone()           # the residual stream, which the layers update in place
             for layer, kv_cache in zip(self.layers, kv_caches):
                 layer.forward_folded(rotary, h, kv_cache, meta, attn)
