@@ -53,11 +53,8 @@ __global__ void silu_and_mul_kernel(const T* __restrict__ x, T* __restrict__ out
   if constexpr (kNorm) {
     __shared__ float scratch[32];
     const float s = block_inv_rms<T, NVEC>(norm_x + row * norm_stride, norm_dim, norm_eps, scratch);
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      a.v[k] = from_float<T>(to_float(a.v[k]) * s);
-      b.v[k] = from_float<T>(to_float(b.v[k]) * s);
-    }
+    a = scaled<T, VEC>(a, s);
+    b = scaled<T, VEC>(b, s);
   }
   if (!live) return;
   Vec<T, VEC> o;
@@ -141,12 +138,7 @@ at::Tensor silu_and_mul(const at::Tensor& x, const std::optional<at::Tensor>& no
   const int64_t inter = x2.size(1) / 2;
   const int64_t rows = x2.size(0);
   const bool norm = norm_x.has_value();
-  if (norm) {
-    TORCH_CHECK(norm_x->device() == x.device() && norm_x->scalar_type() == x.scalar_type() && norm_x->dim() == 2 &&
-                    norm_x->size(0) == rows && norm_x->size(1) > 0 && norm_x->stride(1) == 1,
-                "silu_and_mul: norm_x must be [rows, H] in x's dtype on its device, with a contiguous last dim");
-    TORCH_CHECK(norm_eps >= 0, "silu_and_mul: norm_eps must be >= 0");
-  }
+  check_norm_x("silu_and_mul", norm_x, norm_eps, x, rows);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = inter;
   at::Tensor out = at::empty(out_shape, x.options());

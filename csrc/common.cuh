@@ -136,6 +136,14 @@ __device__ __forceinline__ float block_inv_rms(const T* __restrict__ row, int n,
   return rsqrtf(ss / static_cast<float>(n) + eps);
 }
 
+// x * scale rounded to T: a folded norm's consumer scaling a projection output by block_inv_rms.
+template <typename T, int VEC>
+__device__ __forceinline__ Vec<T, VEC> scaled(Vec<T, VEC> x, float scale) {
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) x.v[e] = from_float<T>(to_float(x.v[e]) * scale);
+  return x;
+}
+
 // Max over the whole block; every thread gets the result. `scratch` holds 32 floats and may have
 // been used by a block_sum / block_max just before (hence the leading barrier).
 __device__ __forceinline__ float block_max(float x, float* scratch) {
@@ -215,6 +223,18 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // insertion compiled into this library crashed inside libstdc++ (SIGSEGV in num_put) when a check
 // fired, while string insertion worked; keeping numbers out of iostreams sidesteps that mismatch.
 inline std::string num(int64_t v) { return std::to_string(v); }
+
+// The optional norm_x [rows, H] (and eps) of an op that applies a folded norm (block_inv_rms): like
+// `like` (device, dtype), one row per row of the op, a contiguous last dim.
+inline void check_norm_x(const char* op, const std::optional<at::Tensor>& norm_x, double eps, const at::Tensor& like,
+                         int64_t rows) {
+  if (!norm_x) return;
+  TORCH_CHECK(norm_x->device() == like.device() && norm_x->scalar_type() == like.scalar_type() && norm_x->dim() == 2 &&
+                  norm_x->size(0) == rows && norm_x->size(1) > 0 && norm_x->stride(1) == 1,
+              op, ": norm_x must be [", num(rows), ", H] in ", like.scalar_type(),
+              " on the same device, with a contiguous last dim");
+  TORCH_CHECK(eps >= 0, op, ": norm_eps must be >= 0");
+}
 
 inline std::string shape(at::IntArrayRef s) {
   std::string r = "[";

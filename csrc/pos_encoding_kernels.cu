@@ -34,14 +34,6 @@ struct Rotated {
   int i1, i2;
 };
 
-// x * scale rounded to T: the folded norm's scaling of a projection output (scale 1: x itself).
-template <typename T, int VEC>
-__device__ __forceinline__ Vec<T, VEC> scaled(Vec<T, VEC> x, float scale) {
-#pragma unroll
-  for (int e = 0; e < VEC; ++e) x.v[e] = from_float<T>(to_float(x.v[e]) * scale);
-  return x;
-}
-
 template <typename T, bool kNeox, int VEC, bool kNorm = false>
 __device__ __forceinline__ Rotated<T, VEC> rotate_item(T* __restrict__ x, const float* __restrict__ cs, int j,
                                                        int half, float norm_scale = 1.f) {
@@ -235,12 +227,7 @@ void rotary_embedding_and_cache(const at::Tensor& positions, at::Tensor& query, 
   const bool fp8 = check_kv_write(op, key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale);
   TORCH_CHECK(key.size(2) == head_dim, op, ": key must be [T, Hk, head_dim]");
   const bool norm = norm_x.has_value();
-  if (norm) {
-    TORCH_CHECK(norm_x->device() == query.device() && norm_x->scalar_type() == query.scalar_type() &&
-                    norm_x->dim() == 2 && norm_x->size(0) == r.T && norm_x->size(1) > 0 && norm_x->stride(1) == 1,
-                op, ": norm_x must be [T, H] in the query's dtype on its device, with a contiguous last dim");
-    TORCH_CHECK(norm_eps >= 0, op, ": norm_eps must be >= 0");
-  }
+  check_norm_x(op, norm_x, norm_eps, query, r.T);
   if (r.T == 0) return;
   const c10::cuda::OptionalCUDAGuard guard(query.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

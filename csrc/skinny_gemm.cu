@@ -333,9 +333,10 @@ at::Tensor skinny_gemm_configs() {
 
 namespace {
 
-// Checks the arguments and runs the kernel: out = x w^T (+ bias), or out += x w^T when accumulate.
-void run_skinny(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, int64_t config,
-                int64_t split_k, at::Tensor* out, bool accumulate, at::Tensor* fresh) {
+// Checks the arguments and runs the kernel: returns a new out = x w^T (+ bias), or, given acc,
+// adds x w^T into it in place and returns it.
+at::Tensor run_skinny(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, int64_t config,
+                      int64_t split_k, const at::Tensor* acc) {
   TORCH_CHECK(x.is_cuda() && w.is_cuda() && x.device() == w.device(), "skinny_gemm: x and w must be on one CUDA device");
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "skinny_gemm: need x [M, K] and w [N, K], got ",
               shape(x.sizes()), " and ", shape(w.sizes()));
@@ -362,33 +363,30 @@ void run_skinny(const at::Tensor& x, const at::Tensor& w, const std::optional<at
                 "skinny_gemm: bias must be a contiguous [N] vector of x's dtype on x's device");
   }
   const c10::cuda::OptionalCUDAGuard guard(x.device());
-  if (accumulate) {
-    TORCH_CHECK(out->device() == x.device() && out->scalar_type() == x.scalar_type() && out->dim() == 2 &&
-                    out->size(0) == M && out->size(1) == N && out->is_contiguous(),
+  if (acc) {
+    TORCH_CHECK(acc->device() == x.device() && acc->scalar_type() == x.scalar_type() && acc->dim() == 2 &&
+                    acc->size(0) == M && acc->size(1) == N && acc->is_contiguous(),
                 "skinny_gemm_add_: out must be a contiguous [M, N] tensor of x's dtype on x's device");
-  } else {
-    *fresh = at::empty({M, N}, x.options());
-    out = fresh;
   }
+  at::Tensor out = acc ? *acc : at::empty({M, N}, x.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int s = static_cast<int>(split_k);
   if (x.scalar_type() == at::kBFloat16)
-    dispatch<__nv_bfloat16>(config, x, w, bias, *out, accumulate, s, stream);
+    dispatch<__nv_bfloat16>(config, x, w, bias, out, acc != nullptr, s, stream);
   else
-    dispatch<__half>(config, x, w, bias, *out, accumulate, s, stream);
+    dispatch<__half>(config, x, w, bias, out, acc != nullptr, s, stream);
+  return out;
 }
 
 }  // namespace
 
 at::Tensor skinny_gemm(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
                        int64_t config, int64_t split_k) {
-  at::Tensor out;
-  run_skinny(x, w, bias, config, split_k, nullptr, false, &out);
-  return out;
+  return run_skinny(x, w, bias, config, split_k, nullptr);
 }
 
 void skinny_gemm_add_(at::Tensor& out, const at::Tensor& x, const at::Tensor& w, int64_t config, int64_t split_k) {
-  run_skinny(x, w, std::nullopt, config, split_k, &out, true, nullptr);
+  run_skinny(x, w, std::nullopt, config, split_k, &out);
 }
 
 }  // namespace modelyard

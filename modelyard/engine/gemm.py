@@ -135,28 +135,31 @@ def active(plan: GemmPlan | None) -> Iterator[None]:
         _active = prev
 
 
+def _planned(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, add: bool) -> Choice | None:
+    """The active plan's kernel for this call, counted as a tuned call, or None."""
+    plan = _active
+    if plan is None or x.dim() != 2:
+        return None
+    choice = plan.lookup(x.shape[0], weight, bias, add)
+    if choice is not None:
+        plan.tuned_calls += 1
+    return choice
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, or the plan's kernel for this batch size and shape while one is active."""
-    plan = _active
-    if plan is not None and x.dim() == 2:
-        choice = plan.lookup(x.shape[0], weight, bias)
-        if choice is not None:
-            plan.tuned_calls += 1
-            return choice(x, weight, bias)
-    return F.linear(x, weight, bias)
+    choice = _planned(x, weight, bias, add=False)
+    return F.linear(x, weight, bias) if choice is None else choice(x, weight, bias)
 
 
 def linear_add_(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """out += x @ weight.T in place (one rounding of the float32 sum, as a GEMM with beta 1), by the
     plan's kernel for this batch size and shape while one is active, else torch's addmm_."""
-    plan = _active
-    if plan is not None and x.dim() == 2:
-        choice = plan.lookup(x.shape[0], weight, None, add=True)
-        if choice is not None:
-            plan.tuned_calls += 1
-            choice.add_(out, x, weight)
-            return out
-    return out.addmm_(x, weight.t())
+    choice = _planned(x, weight, None, add=True)
+    if choice is None:
+        return out.addmm_(x, weight.t())
+    choice.add_(out, x, weight)
+    return out
 
 
 def linear_weights(model: nn.Module) -> dict[GemmShape, list[tuple[torch.Tensor, torch.Tensor | None]]]:
@@ -211,6 +214,10 @@ def _skinny_candidates(configs: list[list[int]], m: int, shape: GemmShape, sms: 
     return out
 
 
+def _addmm_(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return out.addmm_(x, w.t())
+
+
 class _Case:
     """One (batch size, shape) being tuned, run as the step runs it: out = x W^T (+ b) with
     kernel(x, w, b), or, for an `add` shape, out += x W^T with kernel(out, x, w), each timed call
@@ -224,12 +231,7 @@ class _Case:
             self.base = (torch.randn(self.ref.shape, device=x.device, generator=gen) * self.ref.std()).to(x.dtype)
             self.ref += self.base.float()
             self.outs = [self.base.clone() for _ in pairs]
-
-    def torch_kernel(self, *args):
-        if self.shape.add:
-            out, x, w = args
-            return out.addmm_(x, w.t())
-        return F.linear(*args)
+        self.torch_kernel = _addmm_ if shape.add else F.linear
 
     def rel_err(self, kernel) -> float:
         """|kernel's result - F.linear's| / |F.linear's| on the first pair."""

@@ -15,8 +15,8 @@ in place and no norm kernel runs inside the layers: two kernels fewer per layer,
 sizes are latency-bound (3.7-3.9 us each on an H200, benchmarks/RESULTS.md, session 7). Decode steps
 run these folded layers; prefill and mixed steps keep the norm kernels (with the norm weights, now
 inside the projections, set to 1: the same function), since there the folded layers measured 2%
-slower on a 16k-token step (extra passes over h in the consumers at 16k rows, a beta-1 GEMM). The rounding
-points move (the projection of h is rounded, then scaled and rounded, where HF rounds the normed row
+slower on a 16k-token step (extra passes over h in the consumers at 16k rows, a beta-1 GEMM). The
+rounding points move (the projection of h is rounded, then scaled and rounded, where HF rounds the normed row
 before the projection); both are bfloat16-level. Not for float16, whose range the un-normalized
 projections could exceed, nor for biased or fp8 projections.
 """
@@ -219,13 +219,13 @@ class DecoderModel(nn.Module):
     def forward(self, inputs_embeds, positions, kv_caches, meta: AttentionMetadata, attn: AttentionBackend):
         if len(kv_caches) != len(self.layers):
             raise ValueError(f"got {len(kv_caches)} KV caches for {len(self.layers)} decoder layers")
-        hidden, residual = inputs_embeds, None                           # [T, H]
         rotary = Rotary(positions, self.cos_sin_cache, is_neox=True)     # every layer's, one object
         if self.norms_folded and meta.is_decode:
             h = inputs_embeds.clone()           # the residual stream, which the layers update in place
             for layer, kv_cache in zip(self.layers, kv_caches):
                 layer.forward_folded(rotary, h, kv_cache, meta, attn)
             return self.norm(h)
+        hidden, residual = inputs_embeds, None                           # [T, H]
         for layer, kv_cache in zip(self.layers, kv_caches):
             hidden, residual = layer(rotary, hidden, residual, kv_cache, meta, attn)
         hidden, _ = self.norm(hidden, residual)
