@@ -219,9 +219,32 @@ def gemms():
                     3 * M * K)
 
 
+def _wide_best(k, x, ws, copies: int, top: int = 16) -> tuple[float, list[int], int]:
+    """The fastest of cuBLASLt's wide candidate list (lt_gemm_algos(wide=True): the heuristic's list
+    and its neighbours in split-k, tile and stages): every candidate screened by its GPU time (calls
+    queued behind a sleep, so launch overhead stays hidden), the `top` best re-timed as CUDA graphs."""
+    from modelyard.engine.gemm import _graph_us
+    algos, info = k.lt_gemm_algos(x, ws[0], None, None, None, torch.bfloat16, 4096, True)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    screened = []
+    for i, a in enumerate(algos.clone()):
+        for timed in (False, True):                 # a warm-up pass first (lazy initialisation)
+            torch.cuda._sleep(400_000)
+            start.record()
+            for w in ws:
+                k.lt_gemm(x, w, None, None, None, torch.bfloat16, a)
+            end.record()
+        end.synchronize()
+        screened.append((start.elapsed_time(end), i))
+    best = min((_graph_us(lambda a=algos[i].clone(): [k.lt_gemm(x, w, None, None, None, torch.bfloat16, a)
+                                                      for w in ws], copies), i) for _, i in sorted(screened)[:top])
+    return best[0], info[best[1]].tolist(), algos.shape[0]
+
+
 def decode_gemms() -> None:
     """Decode-step GEMMs at M = 1..256: F.linear (cuBLAS's default) against every cuBLASLt
-    candidate (csrc lt_gemm) and, at M <= 64, every skinny_gemm (config, split_k), each timed as
+    heuristic candidate (csrc lt_gemm), the best of the wide candidate list (_wide_best) and, at
+    M <= 64, every skinny_gemm (config, split_k), each timed as
     engine/gemm.py tunes them (several weight copies in turn, so L2 holds none, replayed as a CUDA
     graph); and the row-scaled e4m3 GEMM both ways."""
     from modelyard.engine.gemm import _graph_us
@@ -241,6 +264,9 @@ def decode_gemms() -> None:
                                   copies), i) for i, a in enumerate(algos.clone()))
             row(f"decode gemm {name} {K}->{N}", f"bf16 best of {algos.shape[0]} cuBLASLt M={M}", best[0] / 1e3,
                 N * K * 2, algo=info[best[1]].tolist())
+            us, algo, listed = _wide_best(k, x, ws, copies)
+            row(f"decode gemm {name} {K}->{N}", f"bf16 best of {listed} wide cuBLASLt M={M}", us / 1e3, N * K * 2,
+                algo=algo)
             if M <= 64:
                 runs = [(_graph_us(lambda c=c, s=s: [k.skinny_gemm(x, w, None, c, s) for w in ws], copies), c, bn, s)
                         for c, (bn, _, _, max_split) in enumerate(skinny) for s in range(1, max_split + 1)]

@@ -23,6 +23,7 @@ namespace {
 
 constexpr int64_t kAlgoBytes = sizeof(cublasLtMatmulAlgo_t);
 constexpr uint64_t kMaxWorkspace = 32ull << 20;
+constexpr int64_t kMaxWide = 4096;
 
 void check(cublasStatus_t s, const char* what) {
   TORCH_CHECK(s == CUBLAS_STATUS_SUCCESS, "lt_gemm: ", what, " failed: ", cublasLtGetStatusName(s), " (",
@@ -124,11 +125,121 @@ struct Problem {
   }
 };
 
-int attr(const cublasLtMatmulAlgo_t& algo, cublasLtMatmulAlgoConfigAttributes_t what) {
-  int v = -1;
+int64_t attr(const cublasLtMatmulAlgo_t& algo, cublasLtMatmulAlgoConfigAttributes_t what) {
   size_t written = 0;
-  cublasLtMatmulAlgoConfigGetAttribute(&algo, what, &v, sizeof(v), &written);
-  return v;
+  if (what == CUBLASLT_ALGO_CONFIG_INNER_SHAPE_ID || what == CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID) {
+    uint16_t v = 0;  // the two 16-bit attributes
+    return cublasLtMatmulAlgoConfigGetAttribute(&algo, what, &v, sizeof(v), &written) == CUBLAS_STATUS_SUCCESS ? v : -1;
+  }
+  uint32_t v = 0;
+  return cublasLtMatmulAlgoConfigGetAttribute(&algo, what, &v, sizeof(v), &written) == CUBLAS_STATUS_SUCCESS ? v : -1;
+}
+
+constexpr int kInfoCols = 8;
+
+// One candidate: the algorithm and its info row (algo id, tile id, split-k, stages id, reduction scheme,
+// cluster shape id, custom option, workspace bytes).
+void put(at::Tensor& algos, at::Tensor& info, int i, const cublasLtMatmulAlgo_t& algo, size_t workspace) {
+  std::memcpy(algos[i].data_ptr(), &algo, kAlgoBytes);
+  int64_t* row = info[i].data_ptr<int64_t>();
+  const cublasLtMatmulAlgoConfigAttributes_t cols[] = {
+      CUBLASLT_ALGO_CONFIG_ID, CUBLASLT_ALGO_CONFIG_TILE_ID, CUBLASLT_ALGO_CONFIG_SPLITK_NUM,
+      CUBLASLT_ALGO_CONFIG_STAGES_ID, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID,
+      CUBLASLT_ALGO_CONFIG_CUSTOM_OPTION};
+  for (int c = 0; c < kInfoCols - 1; ++c) row[c] = attr(algo, cols[c]);
+  row[kInfoCols - 1] = static_cast<int64_t>(workspace);
+}
+
+using Found = std::vector<std::pair<cublasLtMatmulAlgo_t, size_t>>;
+
+// The heuristic's candidates (best first), at most `most`.
+Found heuristic(const Problem& p, int most) {
+  const cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
+  cublasLtMatmulPreference_t pref = nullptr;
+  check(cublasLtMatmulPreferenceCreate(&pref), "MatmulPreferenceCreate");
+  std::vector<cublasLtMatmulHeuristicResult_t> res(most);
+  int n = 0;
+  cublasStatus_t s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                          &kMaxWorkspace, sizeof(kMaxWorkspace));
+  if (s == CUBLAS_STATUS_SUCCESS) s = cublasLtMatmulAlgoGetHeuristic(handle, p.op, p.a, p.b, p.d, p.d, pref, most, res.data(), &n);
+  cublasLtMatmulPreferenceDestroy(pref);
+  if (s == CUBLAS_STATUS_NOT_SUPPORTED) n = 0;  // no algorithm for this problem: an empty list
+  else check(s, "MatmulAlgoGetHeuristic");
+  Found out;
+  for (int i = 0; i < n; ++i) out.emplace_back(res[i].algo, res[i].workspaceSize);
+  return out;
+}
+
+template <typename T>
+bool set_config(cublasLtMatmulAlgo_t& algo, cublasLtMatmulAlgoConfigAttributes_t what, T v) {
+  return cublasLtMatmulAlgoConfigSetAttribute(&algo, what, &v, sizeof(v)) == CUBLAS_STATUS_SUCCESS;
+}
+
+// An array capability of an algorithm (tile ids, stages ids); empty when it lists none.
+std::vector<uint32_t> cap_list(const cublasLtMatmulAlgo_t& algo, cublasLtMatmulAlgoCapAttributes_t what) {
+  size_t bytes = 0;
+  std::vector<uint32_t> out;
+  if (cublasLtMatmulAlgoCapGetAttribute(&algo, what, nullptr, 0, &bytes) == CUBLAS_STATUS_SUCCESS && bytes > 0) {
+    out.resize(bytes / sizeof(uint32_t));
+    if (cublasLtMatmulAlgoCapGetAttribute(&algo, what, out.data(), bytes, &bytes) != CUBLAS_STATUS_SUCCESS) out.clear();
+  }
+  return out;
+}
+
+// The wide candidate list: the heuristic's candidates (best first) and their neighbours, each as far as
+// cublasLtMatmulAlgoCheck accepts it, without duplicates, at most max_algos:
+//   1. every candidate with split-k in kSplits and each reduction scheme its algorithm supports
+//      (how many CTAs share K: what decides a skinny decode GEMM's bandwidth);
+//   2. every candidate with each (tile, stages) pair its algorithm lists, split-k unchanged.
+// (The full space, tiles x stages x split-k x reductions x cluster shapes x custom options over all
+// algorithm ids, runs to ~10^5 accepted configurations even for a small problem: too many to time.)
+Found wide(const Problem& p, int64_t max_algos) {
+  static constexpr uint32_t kSplits[] = {1, 2, 3, 4, 6, 8, 12, 16};
+  static constexpr uint32_t kReductions[] = {CUBLASLT_REDUCTION_SCHEME_INPLACE, CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE,
+                                             CUBLASLT_REDUCTION_SCHEME_OUTPUT_TYPE};
+  const cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
+  const Found seeds = heuristic(p, 64);
+  Found out;
+  auto full = [&] { return static_cast<int64_t>(out.size()) >= max_algos; };
+  auto add = [&](const cublasLtMatmulAlgo_t& algo) {
+    cublasLtMatmulHeuristicResult_t r{};
+    if (full() || cublasLtMatmulAlgoCheck(handle, p.op, p.a, p.b, p.d, p.d, &algo, &r) != CUBLAS_STATUS_SUCCESS ||
+        r.workspaceSize > kMaxWorkspace)
+      return;
+    for (const auto& f : out)
+      if (std::memcmp(&f.first, &algo, kAlgoBytes) == 0) return;
+    out.emplace_back(algo, r.workspaceSize);
+  };
+  for (const auto& seed : seeds) add(seed.first);
+  for (const auto& [seed, _] : seeds) {
+    int32_t splitk = 0;
+    uint32_t reductions = 0;
+    size_t written = 0;
+    cublasLtMatmulAlgoCapGetAttribute(&seed, CUBLASLT_ALGO_CAP_SPLITK_SUPPORT, &splitk, sizeof(splitk), &written);
+    cublasLtMatmulAlgoCapGetAttribute(&seed, CUBLASLT_ALGO_CAP_REDUCTION_SCHEME_MASK, &reductions,
+                                      sizeof(reductions), &written);
+    for (uint32_t split : kSplits) {
+      if (split > 1 && !splitk) break;
+      for (uint32_t red : kReductions) {
+        if (split == 1 ? red != kReductions[0] : !(reductions & red)) continue;
+        cublasLtMatmulAlgo_t algo = seed;
+        if (set_config(algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, split) &&
+            set_config(algo, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME,
+                       split == 1 ? static_cast<uint32_t>(CUBLASLT_REDUCTION_SCHEME_NONE) : red))
+          add(algo);
+      }
+    }
+  }
+  for (const auto& [seed, _] : seeds) {
+    const auto tiles = cap_list(seed, CUBLASLT_ALGO_CAP_TILE_IDS), stages = cap_list(seed, CUBLASLT_ALGO_CAP_STAGES_IDS);
+    for (uint32_t tile : tiles)
+      for (uint32_t stage : stages) {
+        cublasLtMatmulAlgo_t algo = seed;
+        if (set_config(algo, CUBLASLT_ALGO_CONFIG_TILE_ID, tile) && set_config(algo, CUBLASLT_ALGO_CONFIG_STAGES_ID, stage))
+          add(algo);
+      }
+  }
+  return out;
 }
 
 }  // namespace
@@ -137,34 +248,18 @@ std::tuple<at::Tensor, at::Tensor> lt_gemm_algos(const at::Tensor& x, const at::
                                                  const std::optional<at::Tensor>& bias,
                                                  const std::optional<at::Tensor>& x_scale,
                                                  const std::optional<at::Tensor>& w_scale, at::ScalarType out_dtype,
-                                                 int64_t max_algos) {
+                                                 int64_t max_algos, bool wide_list) {
   const bool fp8 = check_args(x, w, bias, x_scale, w_scale, out_dtype);
-  TORCH_CHECK(max_algos >= 1 && max_algos <= 64, "lt_gemm_algos: max_algos must be in [1, 64]");
+  const int64_t most = wide_list ? kMaxWide : 64;
+  TORCH_CHECK(max_algos >= 1 && max_algos <= most, "lt_gemm_algos: max_algos must be in [1, ", num(most), "]");
   const c10::cuda::OptionalCUDAGuard guard(x.device());
   Problem p(x, w, bias, x_scale, w_scale, out_dtype, fp8);
-  cublasLtMatmulPreference_t pref = nullptr;
-  check(cublasLtMatmulPreferenceCreate(&pref), "MatmulPreferenceCreate");
-  std::vector<cublasLtMatmulHeuristicResult_t> res(max_algos);
-  int n = 0;
-  cublasStatus_t s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                                                          &kMaxWorkspace, sizeof(kMaxWorkspace));
-  if (s == CUBLAS_STATUS_SUCCESS) {
-    s = cublasLtMatmulAlgoGetHeuristic(at::cuda::getCurrentCUDABlasLtHandle(), p.op, p.a, p.b, p.d, p.d, pref,
-                                       static_cast<int>(max_algos), res.data(), &n);
-  }
-  cublasLtMatmulPreferenceDestroy(pref);
-  if (s == CUBLAS_STATUS_NOT_SUPPORTED) n = 0;  // no algorithm for this problem: an empty list
-  else check(s, "MatmulAlgoGetHeuristic");
+  const Found found = wide_list ? wide(p, max_algos)
+                                 : heuristic(p, static_cast<int>(max_algos));
+  const int n = static_cast<int>(found.size());
   at::Tensor algos = at::empty({n, kAlgoBytes}, at::TensorOptions().dtype(at::kByte));
-  at::Tensor info = at::empty({n, 4}, at::TensorOptions().dtype(at::kLong));
-  for (int i = 0; i < n; ++i) {
-    std::memcpy(algos[i].data_ptr(), &res[i].algo, kAlgoBytes);
-    int64_t* row = info[i].data_ptr<int64_t>();
-    row[0] = attr(res[i].algo, CUBLASLT_ALGO_CONFIG_TILE_ID);
-    row[1] = attr(res[i].algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM);
-    row[2] = attr(res[i].algo, CUBLASLT_ALGO_CONFIG_STAGES_ID);
-    row[3] = static_cast<int64_t>(res[i].workspaceSize);
-  }
+  at::Tensor info = at::empty({n, kInfoCols}, at::TensorOptions().dtype(at::kLong));
+  for (int i = 0; i < n; ++i) put(algos, info, i, found[i].first, found[i].second);
   return {algos, info};
 }
 

@@ -69,13 +69,15 @@ std::tuple<at::Tensor, at::Tensor> per_token_quant_fp8(const at::Tensor& x);
 // cuBLASLt linear layer out [M, N] = x [M, K] w [N, K]^T (+ bias [N]) with an explicit algorithm
 // (lt_gemm.cu). x, w bfloat16 / float16 (out_dtype the same), or float8_e4m3fn with x_scale [M] and
 // w_scale [N] float32 (out = (x * x_scale)(w * w_scale)^T in out_dtype, 16-bit).
-// lt_gemm_algos -> (algos [n, 64] uint8 CPU, info [n, 4] int64 CPU: tile id, split-k, stages id,
-// workspace bytes), the heuristic's candidates, best first; lt_gemm runs one of those rows.
+// lt_gemm_algos -> (algos [n, 64] uint8 CPU, info [n, 8] int64 CPU: algo id, tile id, split-k, stages id,
+// reduction scheme, cluster shape id, custom option, workspace bytes): the heuristic's candidates, best
+// first (at most 64), or, wide, the heuristic's best configurations of every algorithm id, each also
+// with other split-k values (at most max_algos <= 4096; see lt_gemm.cu); lt_gemm runs one of those rows.
 std::tuple<at::Tensor, at::Tensor> lt_gemm_algos(const at::Tensor& x, const at::Tensor& w,
                                                  const std::optional<at::Tensor>& bias,
                                                  const std::optional<at::Tensor>& x_scale,
                                                  const std::optional<at::Tensor>& w_scale, at::ScalarType out_dtype,
-                                                 int64_t max_algos);
+                                                 int64_t max_algos, bool wide);
 at::Tensor lt_gemm(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
                    const std::optional<at::Tensor>& x_scale, const std::optional<at::Tensor>& w_scale,
                    at::ScalarType out_dtype, const at::Tensor& algo);

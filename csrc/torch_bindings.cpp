@@ -27,7 +27,7 @@ TORCH_LIBRARY(modelyard, m) {
   m.def("silu_and_mul_quant_fp8(Tensor x) -> (Tensor, Tensor)");
   m.def(
       "lt_gemm_algos(Tensor x, Tensor w, Tensor? bias, Tensor? x_scale, Tensor? w_scale, ScalarType out_dtype, "
-      "int max_algos) -> (Tensor, Tensor)");
+      "int max_algos, bool wide=False) -> (Tensor, Tensor)");
   m.def(
       "lt_gemm(Tensor x, Tensor w, Tensor? bias, Tensor? x_scale, Tensor? w_scale, ScalarType out_dtype, "
       "Tensor algo) -> Tensor");

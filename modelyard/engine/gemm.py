@@ -16,7 +16,10 @@ result is checked against `F.linear` first. While the graphs are captured the pl
 `linear` runs the chosen kernel; everywhere else (prefill, eager decode, CPU) it is `F.linear`.
 `linear_add_` (out += x W^T in place: the residual adds of a decoder with folded norms, see
 models/decoder.py) is tuned the same way, as separate shapes, against torch's `addmm_`.
-EngineConfig(tune_decode_gemms=False) turns it off; Engine.stats()["decode_gemms"] reports what was
+A wider list, the heuristic's candidates and their neighbours in split-k, tile and stages
+(lt_gemm_algos(wide=True), 550-850 configurations per 7B shape at M = 64), held nothing faster than
+the heuristic's own best (within 0.3%, H200, benchmarks/RESULTS.md session 8), so only the
+heuristic's list is timed here. EngineConfig(tune_decode_gemms=False) turns it off; Engine.stats()["decode_gemms"] reports what was
 chosen.
 
 fp8 layers (quantization="fp8") are not tuned: cuBLASLt offers a single algorithm for row-wise
@@ -66,7 +69,7 @@ class LtAlgo:
     kind = "cublaslt"
 
     def __init__(self, algo: torch.Tensor, info: Sequence[int] = ()):
-        self.algo, self.info = algo, list(info)     # info: tile id, split-k, stages id, workspace bytes
+        self.algo, self.info = algo, list(info)     # info: lt_gemm_algos's row (csrc/ops.h)
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         return kernels.get().lt_gemm(x, w, b, None, None, w.dtype, self.algo)

@@ -27,7 +27,7 @@ def k():
 def test_every_candidate_matches_the_reference(k, dtype, bias, M, N, K):
     x, w, b = linear_inputs(M, N, K, dtype, bias)
     algos, info = k.lt_gemm_algos(x, w, b, None, None, dtype, 8)
-    assert algos.shape[0] >= 1 and algos.shape[1] == 64 and info.shape == (algos.shape[0], 4)
+    assert algos.shape[0] >= 1 and algos.shape[1] == 64 and info.shape == (algos.shape[0], 8)
     ref = linear_ref(x, w, b)
     tol = 2 * rel_err(F.linear(x, w, b), ref) + 1e-3     # torch's own rounding, with headroom
     for i in range(algos.shape[0]):
@@ -52,6 +52,33 @@ def test_add_in_place(k, dtype, M, N, K):
         assert rel_err(out, ref) < tol, (i, info[i].tolist())
     with pytest.raises(RuntimeError, match="lt_gemm_add_: out must be"):
         k.lt_gemm_add_(base[:, :8].contiguous(), x, w, algos[0].clone())
+
+
+@pytest.mark.parametrize("M,N,K", SHAPES)
+def test_wide_list(k, M, N, K):
+    """wide=True: the heuristic's candidates first, then their neighbours (other split-k values,
+    tiles and stages); no duplicates, and (a spread-out sample of) its entries all compute the
+    product, plain and accumulating."""
+    x, w, _ = linear_inputs(M, N, K, torch.bfloat16, False)
+    algos, info = k.lt_gemm_algos(x, w, None, None, None, torch.bfloat16, 4096, True)
+    assert algos.shape[0] > 8 and info.shape == (algos.shape[0], 8)
+    assert len({bytes(r) for r in algos.numpy()}) == algos.shape[0]          # no duplicates
+    heur, _ = k.lt_gemm_algos(x, w, None, None, None, torch.bfloat16, 64)
+    assert torch.equal(algos[:heur.shape[0]], heur)                            # the heuristic's own list first
+    assert len({r[2] for r in info.tolist()}) > 1                             # split-k varies
+    ref = linear_ref(x, w, None)
+    base = torch.randn(M, N, device="cuda").to(torch.bfloat16)
+    tol = 2 * rel_err(F.linear(x, w), ref) + 1e-3
+    for i in torch.linspace(0, algos.shape[0] - 1, 48).long().unique().tolist():
+        a = algos[i].clone()
+        assert rel_err(k.lt_gemm(x, w, None, None, None, torch.bfloat16, a), ref) < tol, info[i].tolist()
+        out = base.clone()
+        k.lt_gemm_add_(out, x, w, a)
+        assert rel_err(out, ref + base.double()) < tol, info[i].tolist()
+    few, _ = k.lt_gemm_algos(x, w, None, None, None, torch.bfloat16, 3, True)
+    assert torch.equal(few, algos[:3])                                       # max_algos caps, same order
+    with pytest.raises(RuntimeError, match="max_algos must be in \\[1, 64\\]"):
+        k.lt_gemm_algos(x, w, None, None, None, torch.bfloat16, 65)
 
 
 def test_strided_rows(k):
