@@ -37,22 +37,30 @@ __device__ __forceinline__ T silu_mul(T a, T b) {
 // The `chunks` CTAs of a row are consecutive in the grid, so its norm_x row is read from DRAM once
 // and then from L2 (with rows first, a 16k-token prefill step re-read it from DRAM per chunk: +2% on
 // the whole prefill, H200).
+// pdl (a PDL launch, common.cuh): the row's norm reduction runs first, before pdl_wait (norm_x is the
+// residual stream, which the gate_up GEMM before this kernel only reads), then the loads of x, which
+// that GEMM writes; without PDL the loads go first, in flight during the reduction.
 template <typename T, int VEC, int NVEC, bool kNorm>
 __global__ void silu_and_mul_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t x_stride, int inter,
                                     int chunks, const T* __restrict__ norm_x, int64_t norm_stride, int norm_dim,
-                                    float norm_eps) {
+                                    float norm_eps, bool pdl) {
   const int64_t row = blockIdx.x / chunks;
   const int i = ((blockIdx.x % chunks) * blockDim.x + threadIdx.x) * VEC;
   const bool live = i < inter;
   const T* gate = x + row * x_stride;
   Vec<T, VEC> a, b;
-  if (live) {
-    a = load_vec<T, VEC>(gate + i);
-    b = load_vec<T, VEC>(gate + inter + i);
-  }
+  auto load = [&] {
+    pdl_wait();
+    if (live) {
+      a = load_vec<T, VEC>(gate + i);
+      b = load_vec<T, VEC>(gate + inter + i);
+    }
+  };
+  if (!(kNorm && pdl)) load();
   if constexpr (kNorm) {
     __shared__ float scratch[32];
     const float s = block_inv_rms<T, NVEC>(norm_x + row * norm_stride, norm_dim, norm_eps, scratch);
+    if (pdl) load();
     a = scaled<T, VEC>(a, s);
     b = scaled<T, VEC>(b, s);
   }
@@ -162,8 +170,8 @@ at::Tensor silu_and_mul(const at::Tensor& x, const std::optional<at::Tensor>& no
     const int nd = norm ? static_cast<int>(norm_x->size(1)) : 0;
     const bool norm_vec = norm && vec_elems(*norm_x, {ns}, nd) == V;
     auto go = [&](auto kernel) {
-      kernel<<<grid, threads, 0, stream>>>(xp, op, x2.stride(0), static_cast<int>(inter), chunks, nx, ns, nd,
-                                           static_cast<float>(norm_eps));
+      launch(kernel, grid, threads, stream, xp, op, x2.stride(0), static_cast<int>(inter), chunks, nx, ns, nd,
+             static_cast<float>(norm_eps), pdl_on());
     };
     if (!norm) {
       vectorized ? go(silu_and_mul_kernel<scalar_t, V, 1, false>) : go(silu_and_mul_kernel<scalar_t, 1, 1, false>);

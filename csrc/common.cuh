@@ -1,8 +1,10 @@
 // Shared device helpers: dtype conversion, 16-byte vectors, warp reductions, dtype dispatch.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <type_traits>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -240,6 +242,49 @@ inline std::string shape(at::IntArrayRef s) {
   std::string r = "[";
   for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
   return r + "]";
+}
+
+// Programmatic dependent launch (PDL, compute capability >= 9.0). A kernel started by `launch` while
+// PDL is on (set_pdl, in pdl.cu; the decode CUDA graphs' capture turns it on) may begin while the
+// kernel before it in the stream is still finishing: everything it does before pdl_wait() must touch
+// only what that previous kernel does not write (inputs copied before the step, or outputs of
+// kernels further back, complete before the previous kernel started unless it was a PDL launch of
+// our own too). pdl_trigger() lets the next PDL launch begin; without it, that happens when this
+// kernel's CTAs exit. Both are no-ops in a kernel launched without PDL.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+
+// Whether `launch` uses PDL now (one flag for the library).
+inline std::atomic<bool>& pdl_flag() {
+  static std::atomic<bool> on{false};
+  return on;
+}
+
+inline bool pdl_on() { return pdl_flag().load(std::memory_order_relaxed); }
+
+// kernel<<<grid, block, 0, stream>>>(args...), with PDL while it is on.
+template <typename... KArgs, typename... Args>
+void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, cudaStream_t stream, Args&&... args) {
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl_on() ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
 }
 
 }  // namespace modelyard

@@ -85,6 +85,11 @@ at::Tensor lt_gemm(const at::Tensor& x, const at::Tensor& w, const std::optional
 // residual add of the decoder's folded norms, done by the GEMM: cuBLASLt's C = D with beta 1).
 void lt_gemm_add_(at::Tensor& out, const at::Tensor& x, const at::Tensor& w, const at::Tensor& algo);
 
+// Programmatic dependent launch for the kernels that support it (common.cuh): on when `enabled` and
+// the current device has compute capability >= 9.0, else off; returns the previous setting. The decode
+// CUDA graphs' capture turns it on (engine/cuda_graphs.py); it is off otherwise.
+bool set_pdl(bool enabled);
+
 // Small-batch decode GEMMs (skinny_gemm.cu): x [M <= 64, K] w [N, K]^T (+ bias [N]) -> [M, N], 16-bit.
 // skinny_gemm_configs() -> int64 [n, 4] CPU, one row per config usable on the current device: block_n,
 // threads, most rows M, most split_k (empty below compute capability 8.0). split_k CTAs (one cluster)

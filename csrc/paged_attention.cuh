@@ -14,11 +14,10 @@ template <typename T, typename C, int D, int NG>
 void launch_main(const Params<T, C>& p, int num_seqs, cudaStream_t stream) {
   const dim3 grid(p.num_kv_heads * p.head_groups, num_seqs, p.num_splits);
   if (p.variant == 3) {
-    paged_decode_kernel_v2<T, C, D, NG, 3><<<grid, kThreads, 0, stream>>>(p);
+    launch(paged_decode_kernel_v2<T, C, D, NG, 3>, grid, kThreads, stream, p);
   } else {
-    paged_decode_kernel_v2<T, C, D, NG, 2><<<grid, kThreads, 0, stream>>>(p);
+    launch(paged_decode_kernel_v2<T, C, D, NG, 2>, grid, kThreads, stream, p);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T, typename C, int D>
@@ -54,8 +53,7 @@ void run(const Params<T, C>& p, int ng, int num_seqs, cudaStream_t stream) {
   }
   if (p.num_splits > 1) {
     const dim3 grid(p.num_heads, num_seqs);
-    paged_decode_reduce_kernel<T, C><<<grid, 128, 0, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(paged_decode_reduce_kernel<T, C>, grid, 128, stream, p);
   }
 }
 

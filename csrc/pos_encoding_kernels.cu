@@ -89,11 +89,13 @@ __global__ void rotary_cache_kernel(const P* __restrict__ positions, T* __restri
                                     int num_kv_heads, int head_dim, float k_inv_scale, float v_inv_scale,
                                     const T* __restrict__ norm_x, int64_t norm_stride, int norm_dim, float norm_eps) {
   const int64_t t = blockIdx.x;
+  pdl_trigger();  // the decode attention that reads q and the cache waits for this grid in full
   float ns = 1.f;
-  if constexpr (kNorm) {
+  if constexpr (kNorm) {  // before pdl_wait: norm_x is the residual stream, which the qkv GEMM only reads
     __shared__ float scratch[32];
     ns = block_inv_rms<T, VEC>(norm_x + t * norm_stride, norm_dim, norm_eps, scratch);
   }
+  pdl_wait();
   const int64_t slot = slot_mapping[t];
   const int half = head_dim / 2;
   const int nvec = half / VEC;
@@ -259,12 +261,12 @@ void rotary_embedding_and_cache(const at::Tensor& positions, at::Tensor& query, 
         threads_for((r.Hq + r.Hk) * head_dim / 2 / (vec ? VEC : 1) + r.Hk * head_dim / (vec ? VEC : 1), 1024), 32) * 32);
     const int D = static_cast<int>(head_dim);
     const int64_t* slots = slot_mapping.data_ptr<int64_t>();
-    auto launch = [&](auto* pos, auto* kc, auto* vc) {
+    auto with_cache = [&](auto* pos, auto* kc, auto* vc) {
       using P = std::remove_pointer_t<decltype(pos)>;
       using C = std::remove_pointer_t<decltype(kc)>;
       auto go = [&](auto kernel) {
-        kernel<<<r.T, threads, 0, stream>>>(pos, q, k, v, kc, vc, slots, cs, r.q_stride, r.k_stride, v_stride, r.Hq,
-                                             r.Hk, D, kis, vis, nx, n_stride, n_dim, n_eps);
+        launch(kernel, r.T, threads, stream, pos, q, k, v, kc, vc, slots, cs, r.q_stride, r.k_stride, v_stride, r.Hq,
+               r.Hk, D, kis, vis, nx, n_stride, n_dim, n_eps);
       };
       if (vec) {
         norm ? go(rotary_cache_kernel<scalar_t, C, P, true, VEC, true>)
@@ -280,10 +282,10 @@ void rotary_embedding_and_cache(const at::Tensor& positions, at::Tensor& query, 
     with_positions(positions, [&](auto* pos) {
       if (fp8) {
         if constexpr (!std::is_same_v<scalar_t, float>) {
-          launch(pos, reinterpret_cast<fp8_e4m3*>(k_cache.data_ptr()), reinterpret_cast<fp8_e4m3*>(v_cache.data_ptr()));
+          with_cache(pos, reinterpret_cast<fp8_e4m3*>(k_cache.data_ptr()), reinterpret_cast<fp8_e4m3*>(v_cache.data_ptr()));
         }
       } else {
-        launch(pos, reinterpret_cast<scalar_t*>(k_cache.data_ptr()), reinterpret_cast<scalar_t*>(v_cache.data_ptr()));
+        with_cache(pos, reinterpret_cast<scalar_t*>(k_cache.data_ptr()), reinterpret_cast<scalar_t*>(v_cache.data_ptr()));
       }
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -33,6 +33,7 @@ TORCH_LIBRARY(modelyard, m) {
       "Tensor algo) -> Tensor");
   m.def("lt_gemm_add_(Tensor(a!) out, Tensor x, Tensor w, Tensor algo) -> ()");
   m.def("skinny_gemm_configs() -> Tensor", &modelyard::skinny_gemm_configs);  // no tensor input: catch-all
+  m.def("set_pdl(bool enabled) -> bool", &modelyard::set_pdl);               // no tensor input: catch-all
   m.def("skinny_gemm(Tensor x, Tensor w, Tensor? bias, int config, int split_k) -> Tensor");
   m.def("skinny_gemm_add_(Tensor(a!) out, Tensor x, Tensor w, int config, int split_k) -> ()");
 }

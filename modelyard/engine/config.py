@@ -34,6 +34,9 @@ class EngineConfig:
     # down_proj GEMMs and the norms' scaling inside the rotary and SiLU kernels, two kernels fewer per
     # layer (engine/models/decoder.py). False keeps the separate norm kernels.
     fold_norms: bool = True
+    # Capture the decode graphs with programmatic dependent launch for the csrc kernels that support
+    # it (Hopper and newer; engine/kernels.py `pdl`): each may start while the kernel before it ends.
+    pdl: bool = True
     seed: int = 0                          # default seed for requests without one
     max_image_batch: int = 64              # images per vision-encoder batch
     kv_cache_dtype: str = "auto"           # auto (the model dtype) | fp8 | fp8_e4m3 (both float8_e4m3fn)

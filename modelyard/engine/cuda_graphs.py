@@ -22,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-from . import gemm
+from . import gemm, kernels
 from .attention.base import AttentionBackend, AttentionMetadata
 from .config import EngineConfig
 from .kv_cache import KVCache
@@ -109,7 +109,7 @@ class DecodeGraphs:
     """One captured decode step per bucket, sharing one memory pool and one set of static inputs."""
 
     def __init__(self, model, kv_cache: KVCache, attn: AttentionBackend, device: torch.device,
-                 max_batch_size: int, max_model_len: int, tune_gemms: bool = True):
+                 max_batch_size: int, max_model_len: int, tune_gemms: bool = True, pdl: bool = True):
         if torch.device(device).type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         if not getattr(attn, "cuda_graph_safe", False):
@@ -134,6 +134,7 @@ class DecodeGraphs:
         self.capture_seconds = 0.0
         self.tune_gemms = tune_gemms
         self.gemm_plan = gemm.GemmPlan()
+        self.pdl = pdl              # requested; after capture: whether the graphs hold PDL launches
 
     def covers(self, n: int) -> bool:
         return pick_bucket(n, self.sizes) is not None
@@ -154,7 +155,8 @@ class DecodeGraphs:
     @torch.inference_mode()
     def capture(self, plan: gemm.GemmPlan | None = None) -> None:
         """Capture every bucket, largest first so the smaller graphs reuse its pool memory; the
-        linear layers follow `plan`, else a freshly tuned one (tune_gemms), else F.linear.
+        linear layers follow `plan`, else a freshly tuned one (tune_gemms), else F.linear; with
+        programmatic dependent launch (kernels.pdl) where requested and supported.
 
         The static inputs hold padding only (slot PAD_SLOT, seq_len 0), so the eager warm-up run
         before each capture writes nothing into the KV pool."""
@@ -169,7 +171,8 @@ class DecodeGraphs:
         self.staging.fill_padding(self.sizes[-1])
         self._copy_inputs(self.sizes[-1])
         pool = None
-        with gemm.active(self.gemm_plan):
+        with gemm.active(self.gemm_plan), kernels.pdl(self.pdl) as pdl_on:
+            self.pdl = pdl_on
             for b in reversed(self.sizes):
                 self._forward(b)           # loads lazily-loaded kernels, lets cuBLAS pick its algorithms
                 torch.cuda.synchronize(self.device)
@@ -224,7 +227,7 @@ def decode_graphs_for(config: EngineConfig, model, kv_cache: KVCache, attn: Atte
     if not getattr(attn, "cuda_graph_safe", False):
         return None, f"off: attention backend {attn.name!r} has no graph-safe decode"
     graphs = DecodeGraphs(model, kv_cache, attn, device, config.max_batch_size, max_model_len,
-                          tune_gemms=config.tune_decode_gemms)
+                          tune_gemms=config.tune_decode_gemms, pdl=config.pdl)
     try:
         graphs.capture()
     except Exception as e:

@@ -19,8 +19,8 @@ models/decoder.py) is tuned the same way, as separate shapes, against torch's `a
 A wider list, the heuristic's candidates and their neighbours in split-k, tile and stages
 (lt_gemm_algos(wide=True), 550-850 configurations per 7B shape at M = 64), held nothing faster than
 the heuristic's own best (within 0.3%, H200, benchmarks/RESULTS.md session 8), so only the
-heuristic's list is timed here. EngineConfig(tune_decode_gemms=False) turns it off; Engine.stats()["decode_gemms"] reports what was
-chosen.
+heuristic's list is timed here. EngineConfig(tune_decode_gemms=False) turns it off;
+Engine.stats()["decode_gemms"] reports what was chosen.
 
 fp8 layers (quantization="fp8") are not tuned: cuBLASLt offers a single algorithm for row-wise
 scaled e4m3 GEMMs, the one torch._scaled_mm already runs.

@@ -17,7 +17,9 @@ import json
 import os
 import shutil
 import threading
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -197,6 +199,24 @@ _LOADER = _Loader()
 def get():
     """torch.ops.modelyard when the kernels can run here (built on first call), else None."""
     return _LOADER.get()
+
+
+@contextmanager
+def pdl(enabled: bool = True) -> Iterator[bool]:
+    """Programmatic dependent launch for the kernels that support it (csrc/common.cuh: the rotary +
+    cache write, SiLU-and-mul and paged decode attention), inside the block: each may start while
+    the kernel before it finishes, overlapping its launch and its independent work (the folded norm's
+    reduction) with that kernel's tail. Hopper (compute capability 9.0) and newer; yields whether it
+    is on. The decode CUDA graphs are captured inside it (EngineConfig.pdl)."""
+    k = get()
+    if k is None:
+        yield False
+        return
+    prev = k.set_pdl(enabled)
+    try:
+        yield bool(enabled and torch.cuda.get_device_capability()[0] >= 9)
+    finally:
+        k.set_pdl(prev)
 
 
 def build(arch: str | None = None, verbose: bool = True) -> Path:
