@@ -51,6 +51,7 @@ __global__ void silu_and_mul_kernel(const T* __restrict__ x, T* __restrict__ out
   Vec<T, VEC> a, b;
   auto load = [&] {
     pdl_wait();
+    pdl_trigger();
     if (live) {
       a = load_vec<T, VEC>(gate + i);
       b = load_vec<T, VEC>(gate + inter + i);

@@ -244,13 +244,13 @@ inline std::string shape(at::IntArrayRef s) {
   return r + "]";
 }
 
-// Programmatic dependent launch (PDL, compute capability >= 9.0). A kernel started by `launch` while
-// PDL is on (set_pdl, in pdl.cu; the decode CUDA graphs' capture turns it on) may begin while the
-// kernel before it in the stream is still finishing: everything it does before pdl_wait() must touch
-// only what that previous kernel does not write (inputs copied before the step, or outputs of
-// kernels further back, complete before the previous kernel started unless it was a PDL launch of
-// our own too). pdl_trigger() lets the next PDL launch begin; without it, that happens when this
-// kernel's CTAs exit. Both are no-ops in a kernel launched without PDL.
+// Programmatic dependent launch (PDL, compute capability >= 9.0). A kernel started with PDL (by
+// `launch` while PDL is on: set_pdl, in pdl.cu; the decode CUDA graphs' capture turns it on) may
+// begin while the kernel before it in the stream is still running: before pdl_wait() it may read only
+// what that previous kernel does not write. What kernels further back wrote is complete, provided
+// every PDL kernel calls pdl_trigger() (which lets the next PDL launch begin; without it, that
+// happens as this kernel's CTAs exit) only after its own pdl_wait(). Both are no-ops in a kernel
+// launched without PDL.
 __device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");

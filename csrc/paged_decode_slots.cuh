@@ -34,7 +34,6 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel_v2(const Params<
   __shared__ float s_m[kWarps][NG], s_l[kWarps][NG];
   __shared__ float s_acc[kWarps][NG][D];
 
-  pdl_trigger();  // the split reduction waits for this grid in full
   const int seq = blockIdx.y;
   const int split = blockIdx.z;
   const int kvh = blockIdx.x / p.head_groups;
@@ -57,6 +56,7 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel_v2(const Params<
   // Before this point only the step's inputs (sequence lengths) are read; q and the cache's newest
   // entries come from the kernel before (the rotary + cache write).
   pdl_wait();
+  pdl_trigger();
   float qf[NG][VEC];
 #pragma unroll
   for (int g = 0; g < NG; ++g) {

@@ -1,5 +1,6 @@
 // set_pdl: turns programmatic dependent launch (common.cuh, `launch`) on or off for the library's
-// kernels that support it: rotary_embedding_and_cache, silu_and_mul and paged decode attention.
+// kernels that support it: rotary_embedding_and_cache, silu_and_mul, paged decode attention and
+// skinny_gemm.
 #include <ATen/cuda/CUDAContext.h>
 
 #include "common.cuh"

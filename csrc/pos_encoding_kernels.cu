@@ -89,13 +89,13 @@ __global__ void rotary_cache_kernel(const P* __restrict__ positions, T* __restri
                                     int num_kv_heads, int head_dim, float k_inv_scale, float v_inv_scale,
                                     const T* __restrict__ norm_x, int64_t norm_stride, int norm_dim, float norm_eps) {
   const int64_t t = blockIdx.x;
-  pdl_trigger();  // the decode attention that reads q and the cache waits for this grid in full
   float ns = 1.f;
   if constexpr (kNorm) {  // before pdl_wait: norm_x is the residual stream, which the qkv GEMM only reads
     __shared__ float scratch[32];
     ns = block_inv_rms<T, VEC>(norm_x + t * norm_stride, norm_dim, norm_eps, scratch);
   }
   pdl_wait();
+  pdl_trigger();
   const int64_t slot = slot_mapping[t];
   const int half = head_dim / 2;
   const int nvec = half / VEC;

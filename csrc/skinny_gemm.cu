@@ -117,7 +117,7 @@ __global__ void __launch_bounds__(32 * WN * WK, 1)
   const int nkb = max(0, min(kb_per_split, kb_total - kb0));
   const uint32_t sbase = smem_addr(smem);
 
-  auto load = [&](int kb) {
+  auto load_x = [&](int kb) {
     const int k0 = (kb0 + kb) * kBK;
     const uint32_t st = sbase + (kb % kStages) * STAGE_BYTES;
 #pragma unroll
@@ -129,6 +129,10 @@ __global__ void __launch_bounds__(32 * WN * WK, 1)
         cp_async16(st + tile_offset(r, c), valid ? x + r * x_stride + k : x, valid);
       }
     }
+  };
+  auto load_w = [&](int kb) {
+    const int k0 = (kb0 + kb) * kBK;
+    const uint32_t st = sbase + (kb % kStages) * STAGE_BYTES;
 #pragma unroll
     for (int j = 0; j < (BN * 8 + THREADS - 1) / THREADS; ++j) {
       const int i = tid + j * THREADS;
@@ -140,10 +144,18 @@ __global__ void __launch_bounds__(32 * WN * WK, 1)
     }
   };
 
+  // The first stages' weights are requested before pdl_wait (under PDL, while the kernel before is
+  // still running: it does not write them), x after it. Group 0 = those weights + stage 0's x, group s
+  // = stage s's x, so waiting for group s still means stage s is complete.
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s)
+    if (s < nkb) load_w(s);
+  pdl_wait();
+  pdl_trigger();
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < nkb) load(s);
-    cp_async_commit();  // group s = stage s (possibly empty)
+    if (s < nkb) load_x(s);
+    cp_async_commit();  // group s (possibly empty)
   }
   float acc[MT][NT][4];
 #pragma unroll
@@ -156,7 +168,10 @@ __global__ void __launch_bounds__(32 * WN * WK, 1)
   for (int kb = 0; kb < nkb; ++kb) {
     cp_async_wait<kStages - 2>();
     __syncthreads();  // stage kb is visible to all; the slot refilled below was consumed at kb - 1
-    if (kb + kStages - 1 < nkb) load(kb + kStages - 1);
+    if (kb + kStages - 1 < nkb) {
+      load_x(kb + kStages - 1);
+      load_w(kb + kStages - 1);
+    }
     cp_async_commit();
 
     const uint32_t st = sbase + (kb % kStages) * STAGE_BYTES;
@@ -273,13 +288,20 @@ void launch(const at::Tensor& x, const at::Tensor& w, const T* bias, at::Tensor&
   cfg.blockDim = dim3(THREADS, 1, 1);
   cfg.dynamicSmemBytes = SMEM;
   cfg.stream = stream;
-  cudaLaunchAttribute cluster;
-  cluster.id = cudaLaunchAttributeClusterDimension;
-  cluster.val.clusterDim.x = split_k;
-  cluster.val.clusterDim.y = 1;
-  cluster.val.clusterDim.z = 1;
-  cfg.attrs = &cluster;
-  cfg.numAttrs = split_k > 1 ? 1 : 0;
+  cudaLaunchAttribute attrs[2];
+  unsigned n_attrs = 0;
+  if (split_k > 1) {
+    attrs[n_attrs].id = cudaLaunchAttributeClusterDimension;
+    attrs[n_attrs].val.clusterDim.x = split_k;
+    attrs[n_attrs].val.clusterDim.y = 1;
+    attrs[n_attrs++].val.clusterDim.z = 1;
+  }
+  if (pdl_on()) {  // common.cuh: the weights' first stages load while the kernel before ends
+    attrs[n_attrs].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attrs[n_attrs++].val.programmaticStreamSerializationAllowed = 1;
+  }
+  cfg.attrs = attrs;
+  cfg.numAttrs = n_attrs;
   C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, static_cast<const T*>(x.data_ptr()), x.stride(0),
                                     static_cast<const T*>(w.data_ptr()), bias, static_cast<T*>(out.data_ptr()),
                                     accumulate, M, N, K, kb_per_split));

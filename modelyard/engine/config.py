@@ -35,7 +35,7 @@ class EngineConfig:
     # layer (engine/models/decoder.py). False keeps the separate norm kernels.
     fold_norms: bool = True
     # Capture the decode graphs with programmatic dependent launch for the csrc kernels that support
-    # it (Hopper and newer; engine/kernels.py `pdl`): each may start while the kernel before it ends.
+    # it (Hopper and newer; engine/kernels.py `pdl`): each may start while the kernel before it runs.
     pdl: bool = True
     seed: int = 0                          # default seed for requests without one
     max_image_batch: int = 64              # images per vision-encoder batch

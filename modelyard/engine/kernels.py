@@ -204,9 +204,9 @@ def get():
 @contextmanager
 def pdl(enabled: bool = True) -> Iterator[bool]:
     """Programmatic dependent launch for the kernels that support it (csrc/common.cuh: the rotary +
-    cache write, SiLU-and-mul and paged decode attention), inside the block: each may start while
-    the kernel before it finishes, overlapping its launch and its independent work (the folded norm's
-    reduction) with that kernel's tail. Hopper (compute capability 9.0) and newer; yields whether it
+    cache write, SiLU-and-mul, paged decode attention and skinny_gemm), inside the block: each may
+    start while the kernel before it runs, overlapping its launch and its independent work (the
+    folded norm's reduction, the first weight loads) with that kernel. Hopper (compute capability 9.0) and newer; yields whether it
     is on. The decode CUDA graphs are captured inside it (EngineConfig.pdl)."""
     k = get()
     if k is None:

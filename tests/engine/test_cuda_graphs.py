@@ -394,10 +394,11 @@ def test_decode_gemm_tuning(ckpt64):
 @torch.inference_mode()
 def test_pdl_graphs_match(ckpt64, images):
     """Decode graphs captured with programmatic dependent launch (EngineConfig.pdl: the rotary + cache
-    write, SiLU and decode attention may start while the kernel before them ends) give the same
-    logits and tokens, bit for bit, as graphs without it; bf16, so the folded norms' reductions run
-    ahead of the kernels' waits. Reported in stats where the GPU supports it (Hopper and newer)."""
-    from modelyard.engine import kernels
+    write, SiLU, decode attention and skinny_gemm may start while the kernel before them ends) give
+    the same logits and tokens, bit for bit, as graphs without it; bf16, so the folded norms'
+    reductions run ahead of the kernels' waits, and with skinny_gemm forced on every linear layer
+    (its first weight stages load ahead of the wait). Reported in stats where the GPU supports it."""
+    from modelyard.engine import gemm, kernels
     outs = {}
     for pdl in (False, True):
         eng = Engine.from_pretrained(ckpt64, EngineConfig(dtype="bfloat16", num_kv_blocks=64, max_batch_size=8,
@@ -410,11 +411,16 @@ def test_pdl_graphs_match(ckpt64, images):
             bs = eng.kv_cache.spec.block_size
             spans = [_span(0, 5, 3, [10]), _span(1, 6, bs + 1, [20, 21]), _span(2, 7, 0, [30])]
             logits = graphs.run(spans).clone()
+            skinny = gemm.GemmPlan(choices={(m, s): gemm.Skinny(config=0, split_k=2 if s.k > 64 else 1)
+                                            for m in graphs.sizes for s in gemm.linear_weights(eng.model)})
+            graphs.capture(skinny)
+            assert skinny.tuned_calls > 0
             res = eng.generate(_requests(images, 6, max_new=10))
-            outs[pdl] = (logits, [r.token_ids for r in res])
+            outs[pdl] = (logits, graphs.run(spans).clone(), [r.token_ids for r in res])
         finally:
             eng.close()
     assert torch.equal(outs[True][0], outs[False][0])
-    assert outs[True][1] == outs[False][1]
+    assert torch.equal(outs[True][1], outs[False][1])
+    assert outs[True][2] == outs[False][2]
     k = kernels.get()
-    assert k.set_pdl(False) is False           # the capture restored the library's setting: off
+    assert k.set_pdl(False) is False           # the captures restored the library's setting: off
