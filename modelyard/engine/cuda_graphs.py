@@ -161,26 +161,27 @@ class DecodeGraphs:
         The static inputs hold padding only (slot PAD_SLOT, seq_len 0), so the eager warm-up run
         before each capture writes nothing into the KV pool."""
         import time
-        if plan is not None:
-            self.gemm_plan = plan
-        elif self.tune_gemms:
-            self.gemm_plan = gemm.tune(self.model, self.sizes, self.device)
-        else:
-            self.gemm_plan = gemm.GemmPlan(note="off: tune_decode_gemms=False")
-        t0 = time.perf_counter()
-        self.staging.fill_padding(self.sizes[-1])
-        self._copy_inputs(self.sizes[-1])
-        pool = None
-        with gemm.active(self.gemm_plan), kernels.pdl(self.pdl) as pdl_on:
+        with kernels.pdl(self.pdl) as pdl_on:
             self.pdl = pdl_on
-            for b in reversed(self.sizes):
-                self._forward(b)           # loads lazily-loaded kernels, lets cuBLAS pick its algorithms
-                torch.cuda.synchronize(self.device)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    logits = self._forward(b)
-                pool = graph.pool()
-                self._graphs[b], self._logits[b] = graph, logits
+            if plan is not None:
+                self.gemm_plan = plan
+            elif self.tune_gemms:
+                self.gemm_plan = gemm.tune(self.model, self.sizes, self.device, pdl=pdl_on)
+            else:
+                self.gemm_plan = gemm.GemmPlan(note="off: tune_decode_gemms=False")
+            t0 = time.perf_counter()
+            self.staging.fill_padding(self.sizes[-1])
+            self._copy_inputs(self.sizes[-1])
+            pool = None
+            with gemm.active(self.gemm_plan):
+                for b in reversed(self.sizes):
+                    self._forward(b)           # loads lazily-loaded kernels, lets cuBLAS pick its algorithms
+                    torch.cuda.synchronize(self.device)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool):
+                        logits = self._forward(b)
+                    pool = graph.pool()
+                    self._graphs[b], self._logits[b] = graph, logits
         torch.cuda.synchronize(self.device)
         self.capture_seconds = time.perf_counter() - t0
 

@@ -16,6 +16,10 @@ result is checked against `F.linear` first. While the graphs are captured the pl
 `linear` runs the chosen kernel; everywhere else (prefill, eager decode, CPU) it is `F.linear`.
 `linear_add_` (out += x W^T in place: the residual adds of a decoder with folded norms, see
 models/decoder.py) is tuned the same way, as separate shapes, against torch's `addmm_`.
+With programmatic dependent launch (kernels.pdl, EngineConfig.pdl) skinny_gemm requests its first
+weight stages before the kernel ahead of it has finished, so at batch sizes up to _PDL_TUNE_MAX_M it
+is timed with PDL on, as the graphs run it. Not above: a chain of the same GEMM overlaps better than
+a real step does, and at M = 32 the choices made that way made the step 2% slower (H200, session 8).
 A wider list, the heuristic's candidates and their neighbours in split-k, tile and stages
 (lt_gemm_algos(wide=True), 550-850 configurations per 7B shape at M = 64), held nothing faster than
 the heuristic's own best (within 0.3%, H200, benchmarks/RESULTS.md session 8), so only the
@@ -46,6 +50,7 @@ _MIN_GAIN = 0.02            # keep torch's choice unless an algorithm is at leas
 _MAX_REL_ERR = 1e-2         # a candidate whose output differs from F.linear by more is refused
 _SKINNY_MAX_M = 32          # skinny_gemm candidates up to this batch size (it loses to cuBLAS above)
 _SKINNY_SPLITS = 3          # split_k values timed per skinny config: the largest giving <= 2 CTAs per SM
+_PDL_TUNE_MAX_M = 16        # with PDL, time skinny_gemm with it up to this batch size (see tune)
 
 
 @dataclass(frozen=True)
@@ -253,10 +258,39 @@ class _Case:
         return _graph_us(lambda: [kernel(x, w, b) for w, b in pairs], len(pairs))
 
 
+def _tune_one(k, case: _Case, skinny: list[Skinny]) -> tuple[Choice | None, dict]:
+    """The fastest correct kernel for one (batch size, shape), None where torch's is within _MIN_GAIN,
+    and its timings row."""
+    shape = case.shape
+    torch_us = case.us(case.torch_kernel)
+    w0, b0 = case.pairs[0]
+    algos, info = k.lt_gemm_algos(case.x, w0, b0, None, None, shape.dtype, _MAX_CANDIDATES)
+    candidates: list[Choice] = [LtAlgo(algos[i].clone(), info[i].tolist()) for i in range(algos.shape[0])]
+    candidates += skinny
+    best, best_us = None, torch_us
+    for cand in candidates:
+        kernel = cand.add_ if shape.add else cand
+        try:
+            err = case.rel_err(kernel)
+        except RuntimeError:
+            continue        # listed, but refused for this problem (cuBLASLt's check, a cluster
+                            # that does not fit): not a candidate
+        if err > _MAX_REL_ERR:
+            continue
+        us = case.us(kernel)
+        if us < best_us:
+            best, best_us = cand, us
+    if best is not None and best_us > torch_us * (1 - _MIN_GAIN):
+        best, best_us = None, torch_us
+    return best, {"torch_us": round(torch_us, 2), "chosen_us": round(best_us, 2), "candidates": len(candidates),
+                  "skinny": len(skinny), "chosen": repr(best) if best is not None else "F.linear"}
+
+
 @torch.inference_mode()
-def tune(model: nn.Module, sizes: Sequence[int], device: torch.device) -> GemmPlan:
+def tune(model: nn.Module, sizes: Sequence[int], device: torch.device, pdl: bool = False) -> GemmPlan:
     """Times F.linear, cuBLASLt's candidates and skinny_gemm's for every (size, shape); see the
-    module docstring."""
+    module docstring. pdl: the graphs will run with programmatic dependent launch (kernels.pdl), so
+    skinny_gemm is timed with it at sizes up to _PDL_TUNE_MAX_M."""
     k = kernels.get()
     plan = GemmPlan()
     if k is None:
@@ -269,32 +303,11 @@ def tune(model: nn.Module, sizes: Sequence[int], device: torch.device) -> GemmPl
     for shape, pairs in linear_weights(model).items():
         pairs = pairs[:_ROTATE]
         for m in sizes:
-            case = _Case(shape, pairs, torch.randn(m, shape.k, device=device, dtype=shape.dtype, generator=gen), gen)
-            torch_us = case.us(case.torch_kernel)
-            w0, b0 = pairs[0]
-            algos, info = k.lt_gemm_algos(case.x, w0, b0, None, None, shape.dtype, _MAX_CANDIDATES)
-            candidates: list[Choice] = [LtAlgo(algos[i].clone(), info[i].tolist()) for i in range(algos.shape[0])]
-            skinny = _skinny_candidates(skinny_configs, m, shape, sms)
-            candidates += skinny
-            best, best_us = None, torch_us
-            for cand in candidates:
-                kernel = cand.add_ if shape.add else cand
-                try:
-                    err = case.rel_err(kernel)
-                except RuntimeError:
-                    continue        # listed, but refused for this problem (cuBLASLt's check, a cluster
-                                    # that does not fit): not a candidate
-                if err > _MAX_REL_ERR:
-                    continue
-                us = case.us(kernel)
-                if us < best_us:
-                    best, best_us = cand, us
-            if best is not None and best_us > torch_us * (1 - _MIN_GAIN):
-                best, best_us = None, torch_us
+            x = torch.randn(m, shape.k, device=device, dtype=shape.dtype, generator=gen)
+            with kernels.pdl(pdl and m <= _PDL_TUNE_MAX_M):
+                best, row = _tune_one(k, _Case(shape, pairs, x, gen), _skinny_candidates(skinny_configs, m, shape, sms))
             plan.choices[(m, shape)] = best
-            plan.timings.append({"m": m, "shape": str(shape), "torch_us": round(torch_us, 2),
-                                 "chosen_us": round(best_us, 2), "candidates": len(candidates), "skinny": len(skinny),
-                                 "chosen": repr(best) if best is not None else "F.linear"})
+            plan.timings.append({"m": m, "shape": str(shape), **row})
     torch.cuda.synchronize(device)
     plan.seconds = time.perf_counter() - t0
     if not plan.timings:
