@@ -283,28 +283,10 @@ void launch(const at::Tensor& x, const at::Tensor& w, const T* bias, at::Tensor&
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM));
   const int M = static_cast<int>(x.size(0)), K = static_cast<int>(x.size(1)), N = static_cast<int>(w.size(0));
   const int kb_per_split = static_cast<int>(ceil_div(ceil_div(K, kBK), split_k));
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(split_k, static_cast<unsigned>(ceil_div(N, BN)), 1);
-  cfg.blockDim = dim3(THREADS, 1, 1);
-  cfg.dynamicSmemBytes = SMEM;
-  cfg.stream = stream;
-  cudaLaunchAttribute attrs[2];
-  unsigned n_attrs = 0;
-  if (split_k > 1) {
-    attrs[n_attrs].id = cudaLaunchAttributeClusterDimension;
-    attrs[n_attrs].val.clusterDim.x = split_k;
-    attrs[n_attrs].val.clusterDim.y = 1;
-    attrs[n_attrs++].val.clusterDim.z = 1;
-  }
-  if (pdl_on()) {  // common.cuh: the weights' first stages load while the kernel before ends
-    attrs[n_attrs].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attrs[n_attrs++].val.programmaticStreamSerializationAllowed = 1;
-  }
-  cfg.attrs = attrs;
-  cfg.numAttrs = n_attrs;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, static_cast<const T*>(x.data_ptr()), x.stride(0),
-                                    static_cast<const T*>(w.data_ptr()), bias, static_cast<T*>(out.data_ptr()),
-                                    accumulate, M, N, K, kb_per_split));
+  // With PDL (common.cuh) the weights' first stages load while the kernel before ends.
+  launch_ex(kernel, dim3(split_k, static_cast<unsigned>(ceil_div(N, BN)), 1), dim3(THREADS, 1, 1), SMEM, split_k,
+            stream, static_cast<const T*>(x.data_ptr()), x.stride(0), static_cast<const T*>(w.data_ptr()), bias,
+            static_cast<T*>(out.data_ptr()), accumulate, M, N, K, kb_per_split);
 }
 
 template <typename T, int MT>
