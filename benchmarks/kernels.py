@@ -267,12 +267,14 @@ def decode_gemms() -> None:
             us, algo, listed = _wide_best(k, x, ws, copies)
             row(f"decode gemm {name} {K}->{N}", f"bf16 best of {listed} wide cuBLASLt M={M}", us / 1e3, N * K * 2,
                 algo=algo)
-            if M <= 64:
+            for kind, label in ((0, "skinny_gemm mma.sync"), (1, "skinny_gemm TMA")):
                 runs = [(_graph_us(lambda c=c, s=s: [k.skinny_gemm(x, w, None, c, s) for w in ws], copies), c, bn, s)
-                        for c, (bn, _, _, max_split) in enumerate(skinny) for s in range(1, max_split + 1)]
-                us, c, bn, s = min(runs)
-                row(f"decode gemm {name} {K}->{N}", f"bf16 best of {len(runs)} skinny_gemm M={M}", us / 1e3,
-                    N * K * 2, config=f"block_n={bn} split_k={s}")
+                        for c, (bn, _, max_m, max_split, kd, _) in enumerate(skinny) if kd == kind and M <= max_m
+                        for s in range(1, max_split + 1)]
+                if runs:
+                    us, c, bn, s = min(runs)
+                    row(f"decode gemm {name} {K}->{N}", f"bf16 best of {len(runs)} {label} M={M}", us / 1e3,
+                        N * K * 2, config=f"block_n={bn} split_k={s}")
             xq, xs = k.per_token_quant_fp8(x)
             us = _graph_us(lambda: [torch._scaled_mm(xq, q.t(), scale_a=xs, scale_b=s.view(1, -1),
                                                      out_dtype=torch.bfloat16) for q, s in wq], copies)

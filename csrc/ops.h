@@ -91,9 +91,10 @@ void lt_gemm_add_(at::Tensor& out, const at::Tensor& x, const at::Tensor& w, con
 bool set_pdl(bool enabled);
 
 // Small-batch decode GEMMs (skinny_gemm.cu): x [M <= 64, K] w [N, K]^T (+ bias [N]) -> [M, N], 16-bit.
-// skinny_gemm_configs() -> int64 [n, 4] CPU, one row per config usable on the current device: block_n,
-// threads, most rows M, most split_k (empty below compute capability 8.0). split_k CTAs (one cluster)
-// share each block_n columns' K.
+// skinny_gemm_configs() -> int64 [n, 6] CPU, one row per config usable on the current device: block_n,
+// threads, most rows M, most split_k, kind (0: mma.sync, sm_80+; 1: TMA + wgmma, tma_gemm.cu, sm_90a
+// builds), CTAs an SM holds (at most 2); empty below compute capability 8.0. split_k CTAs (one
+// cluster) share each block_n columns' K.
 at::Tensor skinny_gemm_configs();
 at::Tensor skinny_gemm(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
                        int64_t config, int64_t split_k);

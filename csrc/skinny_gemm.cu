@@ -1,6 +1,7 @@
 // Skinny GEMMs for small decode batches: out[M, N] = x[M, K] w[N, K]^T (+ bias[N]) with M <= 64 rows
 // (skinny_gemm_add_: out += x w^T in place, the residual add of the decoder's folded norms),
-// bf16 or fp16 with float32 accumulation, mma.sync tensor-core instructions (sm_80+).
+// bf16 or fp16 with float32 accumulation. `config` picks the kernel: the first kNumConfigs are this
+// file's mma.sync kernels (sm_80+), the rest (Hopper builds only) tma_gemm.cu's TMA + wgmma ones.
 //
 // A decode step's linear layers read every weight once for a handful of rows, so their speed is how
 // close they get to the memory bandwidth. At M <= 16 cuBLAS reads 2.3-3.2 TB/s on an H200 for the
@@ -12,23 +13,22 @@
 //   - each CTA owns block_n columns; K is split over the warps of a CTA and, on compute capability
 //     9.0+, over the split_k CTAs of a thread-block cluster, whose partial tiles are summed through
 //     distributed shared memory: no workspace, no second kernel, a fixed order (deterministic).
-// At M >= 32 its mma.sync issue rate, not bandwidth, limits it and cuBLAS wins; a wgmma variant
-// was measured and lost to cuBLAS at every M (NOTES-perf.md, v6). engine/gemm.py times the
-// (config, split_k) candidates against cuBLAS per decode batch size and shape and keeps the fastest.
+// At M >= 32 its mma.sync issue rate, not bandwidth, limits it and cuBLAS wins (NOTES-perf.md, v6):
+// that is what tma_gemm.cu's kernels are for. engine/gemm.py times the (config, split_k) candidates
+// against cuBLAS per decode batch size and shape and keeps the fastest.
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <cooperative_groups.h>
 
 #include <algorithm>
 #include <vector>
 
 #include "common.cuh"
+#include "gemm_epilogue.cuh"
+#include "skinny_gemm.h"
 #include "ops.h"
 
 namespace modelyard {
 namespace {
-
-namespace cg = cooperative_groups;
 
 constexpr int kBK = 64;  // K elements per pipeline stage: 128-byte rows of 8 16-byte chunks
 constexpr int kStages = 4;
@@ -41,7 +41,7 @@ struct Config {
   int nt, wn, wk;
 };
 constexpr Config kConfigs[] = {{2, 4, 2}, {3, 4, 2}, {4, 4, 2}};  // block_n 64, 96, 128
-constexpr int kNumConfigs = sizeof(kConfigs) / sizeof(kConfigs[0]);
+constexpr int kNumConfigs = sizeof(kConfigs) / sizeof(kConfigs[0]);  // mma.sync; then tma_gemm.cu's
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -152,6 +152,9 @@ __global__ void __launch_bounds__(32 * WN * WK, 1)
     if (s < nkb) load_w(s);
   pdl_wait();
   pdl_trigger();
+  const TileShare<BM, BN, THREADS> share(split, splits);
+  Vec<T, 4> pre[TileShare<BM, BN, THREADS>::kIters];
+  if (accumulate) load_out_share(pre, share, out, M, N, n0);
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < nkb) load_x(s);
@@ -233,45 +236,7 @@ __global__ void __launch_bounds__(32 * WN * WK, 1)
     __syncthreads();
   }
 
-  // The cluster's CTAs sum their tiles: CTA `split` finishes a 1/splits share of the tile's
-  // 4-column groups, reading every CTA's tile (its own included) in rank order.
-#if __CUDA_ARCH__ >= 900
-  cg::cluster_group cluster = cg::this_cluster();
-  if (splits > 1) cluster.sync();
-#endif
-  constexpr int GROUPS = BM * (BN / 4);
-  const int per = (GROUPS + splits - 1) / splits;
-  const int g_end = min(GROUPS, (split + 1) * per);
-  for (int i = split * per + tid; i < g_end; i += THREADS) {
-    const int row = i / (BN / 4), col = (i % (BN / 4)) * 4;
-    if (row >= M || n0 + col >= N) continue;
-    float f[4] = {0.f, 0.f, 0.f, 0.f};
-    for (int q = 0; q < splits; ++q) {
-#if __CUDA_ARCH__ >= 900
-      const float* part = splits > 1 ? cluster.map_shared_rank(red, q) : red;
-#else
-      const float* part = red;  // splits == 1 below 9.0 (checked on the host)
-#endif
-      const float4 v = *reinterpret_cast<const float4*>(part + row * RS + col);
-      f[0] += v.x;
-      f[1] += v.y;
-      f[2] += v.z;
-      f[3] += v.w;
-    }
-    T* dst = out + static_cast<int64_t>(row) * N + n0 + col;
-    Vec<T, 4> o;
-    if (accumulate) o = load_vec<T, 4>(dst);  // out += x w^T: one rounding of the float sum, as cuBLAS
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      if (bias != nullptr) f[e] += to_float(bias[n0 + col + e]);
-      if (accumulate) f[e] += to_float(o.v[e]);
-      o.v[e] = from_float<T>(f[e]);
-    }
-    store_vec<T, 4>(dst, o);
-  }
-#if __CUDA_ARCH__ >= 900
-  if (splits > 1) cluster.sync();  // no CTA leaves while another still reads its shared memory
-#endif
+  cluster_reduce_store<T, BM, BN, RS, THREADS>(red, share, splits, pre, out, bias, accumulate, M, N, n0);
 #endif  // __CUDA_ARCH__ >= 800
 }
 
@@ -310,10 +275,26 @@ void dispatch(int64_t config, const at::Tensor& x, const at::Tensor& w, const st
   return dispatch_config<T, 4>(config, x, w, b, out, acc, split_k, stream);
 }
 
-int capability_major(int device) {
-  int major = 0;
+std::pair<int, int> capability(int device) {
+  int major = 0, minor = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  return major;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  return {major, minor};
+}
+
+// The configs usable on this device: the mma.sync ones from compute capability 8.0, then the TMA ones.
+int num_configs(int major, int minor) { return major >= 8 ? kNumConfigs + tma_gemm_num_configs(major, minor) : 0; }
+
+// CTAs of the M = 64 instance one SM holds (by shared memory), at most 2: what the tuner's split_k
+// candidates aim at.
+template <int NT>
+int mma_ctas_per_sm() {
+  constexpr int BN = 8 * NT * 4, THREADS = 32 * 4 * 2, SMEM = smem_bytes<64, BN>();
+  auto kernel = skinny_gemm_kernel<__nv_bfloat16, 4, NT, 4, 2>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM));
+  int n = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, THREADS, SMEM));
+  return n;
 }
 
 }  // namespace
@@ -321,16 +302,27 @@ int capability_major(int device) {
 at::Tensor skinny_gemm_configs() {
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
-  const int major = capability_major(device);
-  const int64_t n = major >= 8 ? kNumConfigs : 0;
-  auto t = at::empty({n, 4}, at::TensorOptions().dtype(at::kLong));
+  const auto [major, minor] = capability(device);
+  const int64_t n = num_configs(major, minor);
+  auto t = at::empty({n, 6}, at::TensorOptions().dtype(at::kLong));
   for (int64_t i = 0; i < n; ++i) {
-    const Config& c = kConfigs[i];
-    int64_t* row = t.data_ptr<int64_t>() + 4 * i;
-    row[0] = 8 * c.nt * c.wn;             // block_n
-    row[1] = 32 * c.wn * c.wk;            // threads
+    int64_t* row = t.data_ptr<int64_t>() + 6 * i;
+    if (i < kNumConfigs) {
+      const Config& c = kConfigs[i];
+      row[0] = 8 * c.nt * c.wn;   // block_n
+      row[1] = 32 * c.wn * c.wk;  // threads
+      row[4] = 0;                 // kind: mma.sync
+      row[5] = i == 0 ? mma_ctas_per_sm<2>() : i == 1 ? mma_ctas_per_sm<3>() : mma_ctas_per_sm<4>();
+    } else {
+      const TmaGemmInfo info = tma_gemm_info(static_cast<int>(i - kNumConfigs));
+      row[0] = info.block_n;
+      row[1] = info.threads;
+      row[4] = 1;                 // kind: TMA + wgmma
+      row[5] = info.ctas_per_sm;
+    }
     row[2] = kMaxM;                       // most rows
     row[3] = major >= 9 ? kMaxSplit : 1;  // most split_k
+    row[5] = std::min<int64_t>(row[5], 2);
   }
   return t;
 }
@@ -354,9 +346,10 @@ at::Tensor run_skinny(const at::Tensor& x, const at::Tensor& w, const std::optio
   TORCH_CHECK(x.stride(1) == 1 && w.is_contiguous(), "skinny_gemm: x rows and w must be contiguous");
   TORCH_CHECK(K % 8 == 0 && N % 8 == 0 && x.stride(0) % 8 == 0 && aligned16(x.data_ptr()) && aligned16(w.data_ptr()),
               "skinny_gemm: K, N and x's row stride must be multiples of 8 elements, pointers 16-byte aligned");
-  const int major = capability_major(x.get_device());
+  const auto [major, minor] = capability(x.get_device());
   TORCH_CHECK(major >= 8, "skinny_gemm: needs compute capability 8.0+");
-  TORCH_CHECK(config >= 0 && config < kNumConfigs, "skinny_gemm: config must be in [0, ", num(kNumConfigs), "), got ",
+  const int configs = num_configs(major, minor);
+  TORCH_CHECK(config >= 0 && config < configs, "skinny_gemm: config must be in [0, ", num(configs), "), got ",
               num(config));
   const int64_t max_split = std::min<int64_t>(major >= 9 ? kMaxSplit : 1, ceil_div(K, kBK));
   TORCH_CHECK(split_k >= 1 && split_k <= max_split, "skinny_gemm: split_k must be in [1, ", num(max_split),
@@ -375,7 +368,9 @@ at::Tensor run_skinny(const at::Tensor& x, const at::Tensor& w, const std::optio
   at::Tensor out = acc ? *acc : at::empty({M, N}, x.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int s = static_cast<int>(split_k);
-  if (x.scalar_type() == at::kBFloat16)
+  if (config >= kNumConfigs)
+    tma_gemm_run(static_cast<int>(config - kNumConfigs), x, w, bias, out, acc != nullptr, s, stream);
+  else if (x.scalar_type() == at::kBFloat16)
     dispatch<__nv_bfloat16>(config, x, w, bias, out, acc != nullptr, s, stream);
   else
     dispatch<__half>(config, x, w, bias, out, acc != nullptr, s, stream);

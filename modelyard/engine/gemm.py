@@ -9,8 +9,8 @@ down_proj (session 6). No single choice wins at every M.
 
 So before the decode CUDA graphs are captured, `tune` times, for every 16-bit linear-layer shape of
 the decoder and LM head and every graph batch size, torch's `F.linear` against cuBLASLt's heuristic
-candidates (csrc/lt_gemm.cu) and, for batch sizes up to 32, the skinny GEMM's (config, split_k)
-candidates, on the model's own weights (several layers in turn, so the L2 cache holds none of them,
+candidates (csrc/lt_gemm.cu) and the skinny GEMM's (config, split_k) candidates (its mma.sync kernels
+up to batch 32; on sm_90a builds its TMA + wgmma kernels, csrc/tma_gemm.cu, up to 64), on the model's own weights (several layers in turn, so the L2 cache holds none of them,
 as in a real step) inside CUDA graphs (as the step runs), and keeps the fastest. Each candidate's
 result is checked against `F.linear` first. While the graphs are captured the plan is active, and
 `linear` runs the chosen kernel; everywhere else (prefill, eager decode, CPU) it is `F.linear`.
@@ -51,6 +51,7 @@ _MAX_REL_ERR = 1e-2         # a candidate whose output differs from F.linear by 
 _SKINNY_MAX_M = 32          # skinny_gemm candidates up to this batch size (it loses to cuBLAS above)
 _SKINNY_SPLITS = 3          # split_k values timed per skinny config: the largest giving <= 2 CTAs per SM
 _PDL_TUNE_MAX_M = 16        # with PDL, time skinny_gemm with it up to this batch size (see tune)
+_TMA_PDL_MAX_M = 8          # PDL-timed TMA candidates only up to this batch size (see _skinny_candidates)
 
 
 @dataclass(frozen=True)
@@ -88,10 +89,12 @@ class LtAlgo:
 
 @dataclass(frozen=True)
 class Skinny:
-    """csrc skinny_gemm with one of its configs (block_n columns per CTA) and split_k CTAs per cluster."""
+    """csrc skinny_gemm with one of its configs (block_n columns per CTA; tma: one of the TMA + wgmma
+    kernels of csrc/tma_gemm.cu rather than an mma.sync one) and split_k CTAs per cluster."""
     config: int
     split_k: int
     block_n: int = 0
+    tma: bool = False
     kind = "skinny"
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -101,7 +104,7 @@ class Skinny:
         kernels.get().skinny_gemm_add_(out, x, w, self.config, self.split_k)
 
     def __repr__(self) -> str:
-        return f"skinny[block_n={self.block_n}, split_k={self.split_k}]"
+        return f"{'tma' if self.tma else 'skinny'}[block_n={self.block_n}, split_k={self.split_k}]"
 
 
 Choice = LtAlgo | Skinny
@@ -123,9 +126,10 @@ class GemmPlan:
         if not self.timings:
             return self.note
         kinds = [c.kind for c in self.choices.values() if c is not None]
+        tma = sum(isinstance(c, Skinny) and c.tma for c in self.choices.values())
         saved = sum(r["torch_us"] - r["chosen_us"] for r in self.timings)
         return (f"tuned in {self.seconds:.1f}s: cuBLASLt for {kinds.count('cublaslt')}, skinny_gemm for "
-                f"{kinds.count('skinny')} of {len(self.choices)} (batch size, shape) pairs, {saved:.0f} us saved "
+                f"{kinds.count('skinny')} ({tma} TMA) of {len(self.choices)} (batch size, shape) pairs, {saved:.0f} us saved "
                 f"summed over one call of each")
 
 
@@ -209,16 +213,20 @@ def _graph_us(fn: Callable[[], object], calls: int, reps: int = 5) -> float:
 
 def _skinny_candidates(configs: list[list[int]], m: int, shape: GemmShape, sms: int) -> list[Skinny]:
     """skinny_gemm (config, split_k) pairs for an m-row problem: per config the _SKINNY_SPLITS largest
-    split_k giving at most 2 CTAs per SM (split_k 1 when even that gives more)."""
-    if m > _SKINNY_MAX_M or shape.n % 8 or shape.k % 8:
+    split_k filling the SMs with as many CTAs as one holds (at most 2; split_k 1 when even that gives
+    more). The mma.sync configs up to _SKINNY_MAX_M rows; the TMA ones up to their most rows (64),
+    except at sizes in (_TMA_PDL_MAX_M, _PDL_TUNE_MAX_M]: timed with PDL there, at 16 they were
+    picked where the step then ran 1-4% slower (H100, benchmarks/RESULTS.md session 9), while at
+    1..8 the step got 1.6-2.2% faster."""
+    if shape.n % 8 or shape.k % 8:
         return []
     out = []
-    for config, (block_n, _threads, max_m, max_split) in enumerate(configs):
-        if m > max_m:
+    for config, (block_n, _threads, max_m, max_split, kind, per_sm) in enumerate(configs):
+        if m > max_m or (kind == 0 and m > _SKINNY_MAX_M) or (kind == 1 and _TMA_PDL_MAX_M < m <= _PDL_TUNE_MAX_M):
             continue
         tiles = -(-shape.n // block_n)
-        top = max(1, min(max_split, -(-shape.k // 64), 2 * sms // tiles))
-        out += [Skinny(config, s, block_n) for s in range(top, max(0, top - _SKINNY_SPLITS), -1)]
+        top = max(1, min(max_split, -(-shape.k // 64), per_sm * sms // tiles))
+        out += [Skinny(config, s, block_n, kind == 1) for s in range(top, max(0, top - _SKINNY_SPLITS), -1)]
     return out
 
 
@@ -298,7 +306,7 @@ def tune(model: nn.Module, sizes: Sequence[int], device: torch.device, pdl: bool
         return plan
     t0 = time.perf_counter()
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    skinny_configs = k.skinny_gemm_configs().tolist()      # rows: block_n, threads, most M, most split_k
+    skinny_configs = k.skinny_gemm_configs().tolist()      # rows: csrc/ops.h
     gen = torch.Generator(device=device).manual_seed(0)
     for shape, pairs in linear_weights(model).items():
         pairs = pairs[:_ROTATE]

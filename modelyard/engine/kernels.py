@@ -69,7 +69,11 @@ def _parse_arch(arch: str | tuple[int, int] | None) -> tuple[int, int]:
 def _cuda_flags(arch: tuple[int, int]) -> list[str]:
     cc = f"{arch[0]}{arch[1]}"
     # Naming the exact target keeps cpp_extension from adding its own list and makes the build
-    # native machine code for this GPU (no PTX JIT at load, Hopper instructions available).
+    # native machine code for this GPU (no PTX JIT at load). On sm_90 the target is sm_90a, whose
+    # code runs only on that architecture (the build is for the GPU present anyway) and which has
+    # wgmma, the instructions of csrc/tma_gemm.cu (MODELYARD_SM90A tells its host code they are in).
+    if arch == (9, 0):
+        return [*_CUDA_FLAGS, "-gencode=arch=compute_90a,code=sm_90a", "-DMODELYARD_SM90A=1"]
     return [*_CUDA_FLAGS, f"-gencode=arch=compute_{cc},code=sm_{cc}"]
 
 
@@ -103,7 +107,7 @@ def build_key(arch: tuple[int, int], src: Path | None = None) -> str:
     from torch.utils.cpp_extension import CUDA_HOME
 
     for part in (torch.__version__, str(torch.version.cuda), str(CUDA_HOME), f"sm_{arch[0]}{arch[1]}",
-                 *_CUDA_FLAGS, *_CXX_FLAGS):
+                 *_cuda_flags(arch), *_CXX_FLAGS):
         h.update(part.encode())
     return h.hexdigest()[:16]
 

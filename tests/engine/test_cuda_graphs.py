@@ -368,19 +368,18 @@ def test_decode_gemm_tuning(ckpt64):
         assert plan.summary().startswith("tuned in")
 
         k = kernels.get()
-        forced_lt, forced_skinny = gemm.GemmPlan(), gemm.GemmPlan()
+        forced_lt = gemm.GemmPlan()
         for m, s in plan.choices:
             w, b = shapes[s][0]
             x = torch.randn(m, s.k, device="cuda", dtype=s.dtype)
             algos, _ = k.lt_gemm_algos(x, w, b, None, None, s.dtype, 1)
             forced_lt.choices[(m, s)] = gemm.LtAlgo(algos[0].clone())
-            forced_skinny.choices[(m, s)] = gemm.Skinny(config=0, split_k=2 if s.k > 64 else 1)
         graphs = eng.runner.graphs
         bs = eng.kv_cache.spec.block_size
         spans = [_span(0, 5, 3, [10]), _span(1, 6, bs + 1, [20, 21]), _span(2, 7, 0, [30])]
         graphs.capture(gemm.GemmPlan())
         plain = graphs.run(spans).clone()
-        for forced in (forced_lt, forced_skinny):
+        for forced in (forced_lt, *_forced_skinny_plans(list(plan.choices))):
             graphs.capture(forced)
             assert forced.tuned_calls > 0
             tuned = graphs.run(spans).clone()
@@ -390,14 +389,24 @@ def test_decode_gemm_tuning(ckpt64):
         eng.close()
 
 
+def _forced_skinny_plans(keys) -> list:
+    """Plans running skinny_gemm on every (batch size, shape) in keys: its first mma.sync config, and
+    (on Hopper builds) its first TMA + wgmma config, each with split_k 2 where K allows."""
+    from modelyard.engine import gemm, kernels
+    rows = kernels.get().skinny_gemm_configs().tolist()
+    configs = [0] + [i for i, r in enumerate(rows) if r[4] == 1][:1]
+    return [gemm.GemmPlan(choices={(m, s): gemm.Skinny(config=c, split_k=2 if s.k > 64 else 1, tma=rows[c][4] == 1)
+                                   for m, s in keys}) for c in configs]
+
+
 @requires_cuda
 @torch.inference_mode()
 def test_pdl_graphs_match(ckpt64, images):
     """Decode graphs captured with programmatic dependent launch (EngineConfig.pdl: the rotary + cache
     write, SiLU, decode attention and skinny_gemm may start while the kernel before them ends) give
     the same logits and tokens, bit for bit, as graphs without it; bf16, so the folded norms'
-    reductions run ahead of the kernels' waits, and with skinny_gemm forced on every linear layer
-    (its first weight stages load ahead of the wait). Reported in stats where the GPU supports it."""
+    reductions run ahead of the kernels' waits, and with skinny_gemm forced on every linear layer,
+    mma.sync and TMA kernels (their first weight stages load ahead of the wait). Reported in stats where the GPU supports it."""
     from modelyard.engine import gemm, kernels
     outs = {}
     for pdl in (False, True):
@@ -410,17 +419,18 @@ def test_pdl_graphs_match(ckpt64, images):
             graphs = eng.runner.graphs
             bs = eng.kv_cache.spec.block_size
             spans = [_span(0, 5, 3, [10]), _span(1, 6, bs + 1, [20, 21]), _span(2, 7, 0, [30])]
-            logits = graphs.run(spans).clone()
-            skinny = gemm.GemmPlan(choices={(m, s): gemm.Skinny(config=0, split_k=2 if s.k > 64 else 1)
-                                            for m in graphs.sizes for s in gemm.linear_weights(eng.model)})
-            graphs.capture(skinny)
-            assert skinny.tuned_calls > 0
-            res = eng.generate(_requests(images, 6, max_new=10))
-            outs[pdl] = (logits, graphs.run(spans).clone(), [r.token_ids for r in res])
+            runs = [graphs.run(spans).clone()]
+            for forced in _forced_skinny_plans([(m, s) for m in graphs.sizes for s in gemm.linear_weights(eng.model)]):
+                graphs.capture(forced)
+                assert forced.tuned_calls > 0
+                runs.append(graphs.run(spans).clone())
+            res = eng.generate(_requests(images, 6, max_new=10))       # with the last plan's graphs
+            outs[pdl] = (runs, [r.token_ids for r in res])
         finally:
             eng.close()
-    assert torch.equal(outs[True][0], outs[False][0])
-    assert torch.equal(outs[True][1], outs[False][1])
-    assert outs[True][2] == outs[False][2]
+    assert len(outs[True][0]) == len(outs[False][0]) >= 2
+    for with_pdl, without in zip(outs[True][0], outs[False][0]):
+        assert torch.equal(with_pdl, without)
+    assert outs[True][1] == outs[False][1]
     k = kernels.get()
     assert k.set_pdl(False) is False           # the captures restored the library's setting: off

@@ -1,6 +1,7 @@
-"""csrc skinny_gemm (small-batch decode GEMMs, mma.sync, split-K over a thread-block cluster):
-every config and split_k against a float64 reference across M = 1..64, ragged N and K, bias,
-bf16 / fp16, strided rows; determinism; the argument checks. GPU only."""
+"""csrc skinny_gemm (small-batch decode GEMMs, split-K over a thread-block cluster; mma.sync kernels,
+and on Hopper TMA + wgmma ones, csrc/tma_gemm.cu): every config and split_k against a float64
+reference across M = 1..64, ragged N and K, bias, bf16 / fp16, strided rows; determinism; the
+argument checks. GPU only."""
 from __future__ import annotations
 
 import pytest
@@ -27,7 +28,14 @@ def k():
 def configs(k):
     rows = k.skinny_gemm_configs().tolist()
     assert rows, "an sm_80+ GPU offers every config"
+    assert [r[4] for r in rows] == sorted(r[4] for r in rows)      # mma.sync configs first, then TMA
+    if torch.cuda.get_device_capability() == (9, 0):
+        assert sum(r[4] == 1 for r in rows) >= 1, "an sm_90a build offers the TMA + wgmma configs"
     return rows
+
+
+def tma_configs(configs):
+    return [i for i, r in enumerate(configs) if r[4] == 1]
 
 
 def _splits(K, max_split):
@@ -41,8 +49,8 @@ def test_every_config_matches_the_reference(k, configs, dtype, bias, M, N, K):
     x, w, b = linear_inputs(M, N, K, dtype, bias)
     ref = linear_ref(x, w, b)
     tol = 2 * rel_err(F.linear(x, w, b), ref) + 1e-3     # torch's own rounding, with headroom
-    for config, (block_n, threads, max_m, max_split) in enumerate(configs):
-        assert block_n % 8 == 0 and threads % 32 == 0 and max_m == 64
+    for config, (block_n, threads, max_m, max_split, kind, per_sm) in enumerate(configs):
+        assert block_n % 8 == 0 and threads % 32 == 0 and max_m == 64 and kind in (0, 1) and 1 <= per_sm <= 2
         for split in _splits(K, max_split):
             out = k.skinny_gemm(x, w, b, config, split)
             assert out.shape == (M, N) and out.dtype == dtype
@@ -57,7 +65,7 @@ def test_add_in_place(k, configs, M, N, K):
     base = torch.randn(M, N, device="cuda").to(torch.bfloat16)
     ref = linear_ref(x, w, None) + base.double()
     tol = 2 * rel_err(torch.addmm(base, x, w.t()), ref) + 1e-3
-    for config, (_, _, _, max_split) in enumerate(configs):
+    for config, (_, _, _, max_split, _, _) in enumerate(configs):
         for split in _splits(K, max_split):
             out = base.clone()
             k.skinny_gemm_add_(out, x, w, config, split)
@@ -82,28 +90,32 @@ def test_strided_rows(k, configs):
     wide = torch.randn(16, 512 + 64, device="cuda").to(torch.bfloat16)
     x = wide[:, :512]
     w = (torch.randn(256, 512, device="cuda") / 512 ** 0.5).to(torch.bfloat16)
-    out = k.skinny_gemm(x, w, None, 2, min(2, configs[2][3]))
-    assert torch.equal(out, k.skinny_gemm(x.contiguous(), w, None, 2, min(2, configs[2][3])))
-    assert rel_err(out, linear_ref(x.contiguous(), w, None)) < 1e-2
+    for config in [2] + tma_configs(configs):
+        out = k.skinny_gemm(x, w, None, config, min(2, configs[config][3]))
+        assert torch.equal(out, k.skinny_gemm(x.contiguous(), w, None, config, min(2, configs[config][3])))
+        assert rel_err(out, linear_ref(x.contiguous(), w, None)) < 1e-2
 
 
 def test_inside_a_cuda_graph(k, configs):
-    x, w, b = linear_inputs(16, 512, 1024, torch.bfloat16, True, seed=2)
-    split = min(4, configs[1][3])
-    eager = k.skinny_gemm(x, w, b, 1, split)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        k.skinny_gemm(x, w, b, 1, split)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = k.skinny_gemm(x, w, b, 1, split)
-    x.copy_(x.flip(0))
-    g.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out, k.skinny_gemm(x, w, b, 1, split))
-    assert rel_err(out, eager.flip(0)) < 1e-2
+    """Replayed with new x: the TMA kernels' tensor maps (captured kernel arguments) point at x's
+    buffer, so they read the new values as the mma.sync kernels do."""
+    for config in [1] + tma_configs(configs):
+        x, w, b = linear_inputs(16, 512, 1024, torch.bfloat16, True, seed=2)
+        split = min(4, configs[config][3])
+        eager = k.skinny_gemm(x, w, b, config, split)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            k.skinny_gemm(x, w, b, config, split)
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = k.skinny_gemm(x, w, b, config, split)
+        x.copy_(x.flip(0))
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, k.skinny_gemm(x, w, b, config, split)), config
+        assert rel_err(out, eager.flip(0)) < 1e-2, config
 
 
 def test_argument_checks(k, configs):
