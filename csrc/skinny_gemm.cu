@@ -1,6 +1,6 @@
 // Skinny GEMMs for small decode batches: out[M, N] = x[M, K] w[N, K]^T (+ bias[N]) with M <= 64 rows
 // (skinny_gemm_add_: out += x w^T in place, the residual add of the decoder's folded norms),
-// bf16 or fp16 with float32 accumulation. `config` picks the kernel: the first kNumConfigs are this
+// bf16 or fp16 with float32 accumulation. `config` picks the kernel: the first kNumMmaConfigs are this
 // file's mma.sync kernels (sm_80+), the rest (Hopper builds only) tma_gemm.cu's TMA + wgmma ones.
 //
 // A decode step's linear layers read every weight once for a handful of rows, so their speed is how
@@ -41,11 +41,7 @@ struct Config {
   int nt, wn, wk;
 };
 constexpr Config kConfigs[] = {{2, 4, 2}, {3, 4, 2}, {4, 4, 2}};  // block_n 64, 96, 128
-constexpr int kNumConfigs = sizeof(kConfigs) / sizeof(kConfigs[0]);  // mma.sync; then tma_gemm.cu's
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
+constexpr int kNumMmaConfigs = sizeof(kConfigs) / sizeof(kConfigs[0]);  // mma.sync; then tma_gemm.cu's
 
 // 16 bytes global -> shared, bypassing L1; zero-filled when !valid (src is then not read).
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
@@ -257,7 +253,7 @@ void launch(const at::Tensor& x, const at::Tensor& w, const T* bias, at::Tensor&
 template <typename T, int MT>
 void dispatch_config(int64_t config, const at::Tensor& x, const at::Tensor& w, const T* b, at::Tensor& out,
                      bool acc, int split_k, cudaStream_t stream) {
-  static_assert(kNumConfigs == 3, "one case per config");
+  static_assert(kNumMmaConfigs == 3, "one case per config");
   switch (config) {
     case 0: return launch<T, MT, 2, 4, 2>(x, w, b, out, acc, split_k, stream);
     case 1: return launch<T, MT, 3, 4, 2>(x, w, b, out, acc, split_k, stream);
@@ -283,7 +279,7 @@ std::pair<int, int> capability(int device) {
 }
 
 // The configs usable on this device: the mma.sync ones from compute capability 8.0, then the TMA ones.
-int num_configs(int major, int minor) { return major >= 8 ? kNumConfigs + tma_gemm_num_configs(major, minor) : 0; }
+int num_configs(int major, int minor) { return major >= 8 ? kNumMmaConfigs + tma_gemm_num_configs(major, minor) : 0; }
 
 // CTAs of the M = 64 instance one SM holds (by shared memory), at most 2: what the tuner's split_k
 // candidates aim at.
@@ -307,14 +303,14 @@ at::Tensor skinny_gemm_configs() {
   auto t = at::empty({n, 6}, at::TensorOptions().dtype(at::kLong));
   for (int64_t i = 0; i < n; ++i) {
     int64_t* row = t.data_ptr<int64_t>() + 6 * i;
-    if (i < kNumConfigs) {
+    if (i < kNumMmaConfigs) {
       const Config& c = kConfigs[i];
       row[0] = 8 * c.nt * c.wn;   // block_n
       row[1] = 32 * c.wn * c.wk;  // threads
       row[4] = 0;                 // kind: mma.sync
       row[5] = i == 0 ? mma_ctas_per_sm<2>() : i == 1 ? mma_ctas_per_sm<3>() : mma_ctas_per_sm<4>();
     } else {
-      const TmaGemmInfo info = tma_gemm_info(static_cast<int>(i - kNumConfigs));
+      const TmaGemmInfo info = tma_gemm_info(static_cast<int>(i - kNumMmaConfigs));
       row[0] = info.block_n;
       row[1] = info.threads;
       row[4] = 1;                 // kind: TMA + wgmma
@@ -368,8 +364,8 @@ at::Tensor run_skinny(const at::Tensor& x, const at::Tensor& w, const std::optio
   at::Tensor out = acc ? *acc : at::empty({M, N}, x.options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int s = static_cast<int>(split_k);
-  if (config >= kNumConfigs)
-    tma_gemm_run(static_cast<int>(config - kNumConfigs), x, w, bias, out, acc != nullptr, s, stream);
+  if (config >= kNumMmaConfigs)
+    tma_gemm_run(static_cast<int>(config - kNumMmaConfigs), x, w, bias, out, acc != nullptr, s, stream);
   else if (x.scalar_type() == at::kBFloat16)
     dispatch<__nv_bfloat16>(config, x, w, bias, out, acc != nullptr, s, stream);
   else

@@ -36,14 +36,7 @@ constexpr int kThreads = kConsumers + 32; // and the producer warp
 constexpr int kRowBytes = kBK * 2;
 constexpr int kXBytes = kBM * kRowBytes;  // 8 KiB
 
-struct TmaConfig {
-  int block_n, stages;
-};
-// block_n a multiple of 64 (wgmma m64n64k16 per 64 columns); stages so that 2 CTAs share an SM
-// (~100 KiB each) or 1 streams deeper (~200 KiB). Measured and dropped (H100, NOTES-perf.md v9):
-// block_n 256 (never the fastest), block_n 64 with 12 stages (no faster than 6).
-constexpr TmaConfig kTmaConfigs[] = {{64, 6}, {128, 4}, {128, 8}, {192, 6}};
-constexpr int kNumTmaConfigs = sizeof(kTmaConfigs) / sizeof(kTmaConfigs[0]);
+constexpr int kNumTmaConfigs = 4;  // (block_n, stages) pairs: with_config
 
 template <int BN, int STAGES>
 struct Layout {
@@ -55,9 +48,6 @@ struct Layout {
 };
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
 __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count));
 }
@@ -148,7 +138,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   using L = Layout<BN, STAGES>;
   constexpr int NC = BN / 64;  // m64n64 accumulators per thread
   extern __shared__ __align__(1024) uint8_t smem_raw[];
-  const uint32_t raw = smem_u32(smem_raw);
+  const uint32_t raw = smem_addr(smem_raw);
   const uint32_t base = (raw + 1023) & ~1023u;  // the 128B swizzle wants 1024-byte aligned tiles
   float* red = reinterpret_cast<float*>(smem_raw + (base - raw));
   const uint32_t full0 = base + L::kPipeBytes, empty0 = full0 + STAGES * 8;
@@ -310,25 +300,33 @@ auto prepared_kernel() {
 }
 
 template <typename T, int BN, int STAGES>
-void run(const at::Tensor& x, const at::Tensor& w, const T* bias, at::Tensor& out, bool accumulate, int split_k,
-         cudaStream_t stream) {
+void run(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, at::Tensor& out,
+         bool accumulate, int split_k, cudaStream_t stream) {
   const int M = static_cast<int>(x.size(0)), K = static_cast<int>(x.size(1)), N = static_cast<int>(w.size(0));
   const CUtensorMap tx = tensor_map(x, M, x.stride(0), kBM), tw = tensor_map(w, N, K, BN);
   const int kb_per_split = static_cast<int>(ceil_div(ceil_div(K, kBK), split_k));
   launch_ex(prepared_kernel<T, BN, STAGES>(), dim3(split_k, static_cast<unsigned>(ceil_div(N, BN)), 1),
-            dim3(kThreads, 1, 1), Layout<BN, STAGES>::kSmem, split_k, stream, tx, tw, bias,
+            dim3(kThreads, 1, 1), Layout<BN, STAGES>::kSmem, split_k, stream, tx, tw,
+            bias ? static_cast<const T*>(bias->data_ptr()) : nullptr,
             static_cast<T*>(out.data_ptr()), accumulate, M, N, K, kb_per_split);
 }
 
-template <typename T>
-void dispatch(int config, const at::Tensor& x, const at::Tensor& w, const T* b, at::Tensor& out, bool acc,
-              int split_k, cudaStream_t stream) {
+template <int BN_, int STAGES_>
+struct Cfg {
+  static constexpr int kBN = BN_, kStages = STAGES_;
+};
+// f(Cfg<block_n, stages>{}) for config: the one place a config index becomes template arguments.
+// block_n a multiple of 64 (wgmma m64n64k16 per 64 columns); stages so that 2 CTAs share an SM
+// (~100 KiB each) or 1 streams deeper (~200 KiB). Measured and dropped (H100, NOTES-perf.md v9):
+// block_n 256 (never the fastest), block_n 64 with 12 stages (no faster than 6).
+template <typename F>
+void with_config(int config, F&& f) {
   static_assert(kNumTmaConfigs == 4, "one case per config");
   switch (config) {
-    case 0: return run<T, 64, 6>(x, w, b, out, acc, split_k, stream);
-    case 1: return run<T, 128, 4>(x, w, b, out, acc, split_k, stream);
-    case 2: return run<T, 128, 8>(x, w, b, out, acc, split_k, stream);
-    default: return run<T, 192, 6>(x, w, b, out, acc, split_k, stream);
+    case 0: return f(Cfg<64, 6>{});
+    case 1: return f(Cfg<128, 4>{});
+    case 2: return f(Cfg<128, 8>{});
+    default: return f(Cfg<192, 6>{});
   }
 }
 
@@ -345,29 +343,26 @@ int tma_gemm_num_configs(int major, int minor) {
 }
 
 TmaGemmInfo tma_gemm_info(int config) {
-  int per_sm = 0;
-  auto occupancy = [&](auto kernel, int smem) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
-  };
-  switch (config) {
-    case 0: occupancy(tma_gemm_kernel<__nv_bfloat16, 64, 6>, Layout<64, 6>::kSmem); break;
-    case 1: occupancy(tma_gemm_kernel<__nv_bfloat16, 128, 4>, Layout<128, 4>::kSmem); break;
-    case 2: occupancy(tma_gemm_kernel<__nv_bfloat16, 128, 8>, Layout<128, 8>::kSmem); break;
-    default: occupancy(tma_gemm_kernel<__nv_bfloat16, 192, 6>, Layout<192, 6>::kSmem); break;
-  }
-  return {kTmaConfigs[config].block_n, kThreads, per_sm};
+  TmaGemmInfo info{0, kThreads, 0};
+  with_config(config, [&](auto c) {
+    using C = decltype(c);
+    info.block_n = C::kBN;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&info.ctas_per_sm,
+                                                                 prepared_kernel<__nv_bfloat16, C::kBN, C::kStages>(),
+                                                                 kThreads, Layout<C::kBN, C::kStages>::kSmem));
+  });
+  return info;
 }
 
 void tma_gemm_run(int config, const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
                   at::Tensor& out, bool accumulate, int split_k, cudaStream_t stream) {
-  if (x.scalar_type() == at::kBFloat16) {
-    dispatch<__nv_bfloat16>(config, x, w, bias ? static_cast<const __nv_bfloat16*>(bias->data_ptr()) : nullptr, out,
-                            accumulate, split_k, stream);
-  } else {
-    dispatch<__half>(config, x, w, bias ? static_cast<const __half*>(bias->data_ptr()) : nullptr, out, accumulate,
-                     split_k, stream);
-  }
+  with_config(config, [&](auto c) {
+    using C = decltype(c);
+    if (x.scalar_type() == at::kBFloat16)
+      run<__nv_bfloat16, C::kBN, C::kStages>(x, w, bias, out, accumulate, split_k, stream);
+    else
+      run<__half, C::kBN, C::kStages>(x, w, bias, out, accumulate, split_k, stream);
+  });
 }
 
 }  // namespace modelyard
