@@ -281,6 +281,13 @@ std::pair<int, int> capability(int device) {
 // The configs usable on this device: the mma.sync ones from compute capability 8.0, then the TMA ones.
 int num_configs(int major, int minor) { return major >= 8 ? kNumMmaConfigs + tma_gemm_num_configs(major, minor) : 0; }
 
+// The most split_k `config` takes: clusters from compute capability 9.0, none for the pair kernels
+// (their cluster splits the rows).
+int max_split_of(int config, int major) {
+  if (major < 9) return 1;
+  return config >= kNumMmaConfigs && tma_gemm_pair(config - kNumMmaConfigs) ? 1 : kMaxSplit;
+}
+
 // CTAs of the M = 64 instance one SM holds (by shared memory), at most 2: what the tuner's split_k
 // candidates aim at.
 template <int NT>
@@ -313,11 +320,11 @@ at::Tensor skinny_gemm_configs() {
       const TmaGemmInfo info = tma_gemm_info(static_cast<int>(i - kNumMmaConfigs));
       row[0] = info.block_n;
       row[1] = info.threads;
-      row[4] = 1;                 // kind: TMA + wgmma
+      row[4] = tma_gemm_pair(static_cast<int>(i - kNumMmaConfigs)) ? 2 : 1;  // kind: TMA + wgmma, rows split over a CTA pair or K over a cluster
       row[5] = info.ctas_per_sm;
     }
     row[2] = kMaxM;                       // most rows
-    row[3] = major >= 9 ? kMaxSplit : 1;  // most split_k
+    row[3] = max_split_of(static_cast<int>(i), major);
     row[5] = std::min<int64_t>(row[5], 2);
   }
   return t;
@@ -347,7 +354,7 @@ at::Tensor run_skinny(const at::Tensor& x, const at::Tensor& w, const std::optio
   const int configs = num_configs(major, minor);
   TORCH_CHECK(config >= 0 && config < configs, "skinny_gemm: config must be in [0, ", num(configs), "), got ",
               num(config));
-  const int64_t max_split = std::min<int64_t>(major >= 9 ? kMaxSplit : 1, ceil_div(K, kBK));
+  const int64_t max_split = std::min<int64_t>(max_split_of(static_cast<int>(config), major), ceil_div(K, kBK));
   TORCH_CHECK(split_k >= 1 && split_k <= max_split, "skinny_gemm: split_k must be in [1, ", num(max_split),
               "] here (K = ", num(K), "), got ", num(split_k));
   if (bias) {

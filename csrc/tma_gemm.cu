@@ -18,6 +18,8 @@
 //   - rows past M, columns past N and K past its end are TMA's zero fill: no bounds checks inside;
 //   - launched with PDL (common.cuh) in the decode graphs, the producer requests the first stages'
 //     weights before griddepcontrol.wait, while the kernel ahead of it is still finishing.
+// tma_gemm_pair_kernel (below) is the other decomposition: the rows split over a CTA pair that
+// receives each weight tile by TMA multicast, no split-K.
 #include <c10/cuda/CUDAException.h>
 #include <cuda.h>
 #include <cudaTypedefs.h>
@@ -36,7 +38,7 @@ constexpr int kThreads = kConsumers + 32; // and the producer warp
 constexpr int kRowBytes = kBK * 2;
 constexpr int kXBytes = kBM * kRowBytes;  // 8 KiB
 
-constexpr int kNumTmaConfigs = 4;  // (block_n, stages) pairs: with_config
+constexpr int kNumTmaConfigs = 7;  // with_config
 
 template <int BN, int STAGES>
 struct Layout {
@@ -74,6 +76,29 @@ __device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap* map, i
       : "memory");
 }
 
+// The same, multicast: the box lands at `dst` and completes the barrier at `bar` (offsets in this
+// CTA's shared memory) in every CTA of the cluster whose bit is set in `mask`.
+__device__ __forceinline__ void tma_load_multicast(uint32_t dst, const CUtensorMap* map, int c0, int c1, uint32_t bar,
+                                                   uint16_t mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
+      " [%0], [%1, {%2, %3}], [%4], %5;" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar), "h"(mask)
+      : "memory");
+}
+// Arrives on the barrier at offset `bar` of cluster rank `rank`'s shared memory (this CTA's included).
+// The default semantics (release, CTA scope), as CUTLASS's ClusterBarrier: an explicit
+// .release.cluster made every arrival wait for the SM's loads in flight, so the pipeline drained at
+// each stage (3x slower, NOTES-perf.md v10).
+__device__ __forceinline__ void mbar_arrive_cluster(uint32_t bar, uint32_t rank) {
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(bar), "r"(rank));
+  asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];" ::"r"(remote) : "memory");
+}
+// Every thread of every CTA of the cluster arrives (release) / waits for all to have arrived (acquire).
+__device__ __forceinline__ void cluster_arrive() { asm volatile("barrier.cluster.arrive.release;" ::: "memory"); }
+__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.acquire;" ::: "memory"); }
+
 // wgmma shared-memory descriptor of a K-major tile of 128-byte rows in the 128B swizzle, 8-row
 // groups 1024 bytes apart (start address and strides in 16-byte units; layout type 1 = 128B swizzle).
 // Adding 2 (32 bytes) moves to the next k16 slice of the rows.
@@ -104,6 +129,26 @@ __device__ __forceinline__ void wgmma_64x64(float (&d)[32], uint64_t a, uint64_t
 #undef MY_WGMMA
 #undef MY_D8
 }
+// d[64 x 32] += a[64 x 16] b[32 x 16]^T, both from shared memory; d's layout as wgmma_64x64's over
+// 32 columns (j < 4).
+template <typename T>
+__device__ __forceinline__ void wgmma_64x32(float (&d)[16], uint64_t a, uint64_t b) {
+#define MY_D8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
+                 "+f"(d[i + 6]), "+f"(d[i + 7])
+#define MY_WGMMA(TYPE)                                                                                          \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"                                                    \
+               "wgmma.mma_async.sync.aligned.m64n32k16.f32." TYPE "." TYPE                                     \
+               " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, 0, 0;\n}\n" \
+               : MY_D8(0), MY_D8(8)                                                                            \
+               : "l"(a), "l"(b), "r"(1))
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    MY_WGMMA("bf16");
+  } else {
+    MY_WGMMA("f16");
+  }
+#undef MY_WGMMA
+#undef MY_D8
+}
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
 template <int N>
@@ -114,6 +159,7 @@ __device__ __forceinline__ void wgmma_wait() {
 // Diagnostics (not built by default): with MODELYARD_TMA_TRACE defined, thread 0 of every CTA prints
 // its timeline (start, first stage arrived, main loop done, both epilogue barriers, end; globaltimer
 // ns) after the epilogue: how NOTES-perf.md v9 split a call's time into ramp, stream and epilogue.
+// The pair kernel prints "TP rank block smid" and its start, stages 0, 1, STAGES and last arrived, end.
 __device__ __forceinline__ uint64_t globaltimer() {
   uint64_t t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
@@ -125,6 +171,26 @@ template <int N>
 __device__ __forceinline__ void fence_regs(float (&d)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+// One thread: fetches both tensor maps' descriptors early and initialises the stages' barriers:
+// full (the producer's arrival and the bytes), empty (`releases` consumer arrivals).
+template <int STAGES>
+__device__ __forceinline__ void init_pipeline(const CUtensorMap* tx, const CUtensorMap* tw, uint32_t full0,
+                                              uint32_t empty0, uint32_t releases) {
+  asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(tx)) : "memory");
+  asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(tw)) : "memory");
+  for (int s = 0; s < STAGES; ++s) {
+    mbar_init(full0 + 8 * s, 1);
+    mbar_init(empty0 + 8 * s, releases);
+  }
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+}
+template <int NC, int E>
+__device__ __forceinline__ void zero(float (&acc)[NC][E]) {
+#pragma unroll
+  for (int c = 0; c < NC; ++c)
+#pragma unroll
+    for (int e = 0; e < E; ++e) acc[c][e] = 0.f;
 }
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
@@ -154,25 +220,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int kb_total = (K + kBK - 1) / kBK, kb0 = split * kb_per_split;
   const int nkb = max(0, min(kb_per_split, kb_total - kb0));
 
-  if (tid == kConsumers) {
-    asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&tx)) : "memory");
-    asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&tw)) : "memory");
-    for (int s = 0; s < STAGES; ++s) {
-      mbar_init(full0 + 8 * s, 1);
-      mbar_init(empty0 + 8 * s, kConsumers);
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-  }
+  if (tid == kConsumers) init_pipeline<STAGES>(&tx, &tw, full0, empty0, kConsumers);
   __syncthreads();
 
   const TileShare<kBM, BN, kThreads> share(split, splits);
   Vec<T, 4> pre[TileShare<kBM, BN, kThreads>::kIters];
 
   float acc[NC][32];
-#pragma unroll
-  for (int c = 0; c < NC; ++c)
-#pragma unroll
-    for (int e = 0; e < 32; ++e) acc[c][e] = 0.f;
+  zero(acc);
 
   if (tid >= kConsumers) {
     // The producer (one thread). The first stages' weights go out before pdl_wait: nothing before
@@ -261,6 +316,159 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
 
+// The pair kernels (cuBLAS's decomposition of these shapes, NOTES-perf.md v9, v10): rows split across the
+// two CTAs of a cluster instead of K. Both CTAs of a pair own the same block_n columns and all of K;
+// rank r multiplies x rows [32 r, 32 r + 32). Each W tile is read once for both: each CTA's producer
+// loads half of its rows by TMA multicast into the same stage of both CTAs, whose full barriers each
+// count the whole tile; a stage is refilled only once the consumers of both CTAs have released it
+// (each consumer warp arrives on both CTAs' empty barriers). No split-K: no partial sums and no
+// reduction barrier, an epilogue of plain stores. The operands are swapped so that the 32 rows fit a
+// wgmma without padding: d[block_n x 32] = W x^T, m64n32k16 per 64 columns, transposed on the way out.
+// A stage may hold NK consecutive 64-wide K blocks (one TMA box each): 256 contiguous bytes per weight
+// row per refill instead of 128 streamed faster on the smaller shapes (o_proj, down_proj).
+constexpr int kPairRows = 32;                        // x rows per CTA
+constexpr int kPairXBytes = kPairRows * kRowBytes;   // 4 KiB
+
+template <int BN, int STAGES, int NK = 1>
+struct PairLayout {
+  static constexpr int kWBytes = BN * kRowBytes;  // one 64-wide K block of w
+  static constexpr int kStageBytes = NK * (kWBytes + kPairXBytes);  // NK w tiles, then NK x tiles; 1024-aligned
+  static constexpr int kPipeBytes = STAGES * kStageBytes;
+  static constexpr int kRS = BN + 4;  // the output tile's row stride (floats): conflict-free transposed writes
+  static_assert(kPairRows * kRS * 4 <= kPipeBytes, "the output tile reuses the pipeline's shared memory");
+  static constexpr int kSmem = 1024 + kPipeBytes + 2 * STAGES * 8;
+};
+
+// Grid (2, ceil(N / BN)) in clusters of 2 along x.
+template <typename T, int BN, int STAGES, int NK>
+__global__ void __launch_bounds__(kThreads, 1)
+    tma_gemm_pair_kernel(const __grid_constant__ CUtensorMap tx, const __grid_constant__ CUtensorMap tw,
+                         const T* __restrict__ bias, T* out, bool accumulate, int M, int N, int K) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using L = PairLayout<BN, STAGES, NK>;
+  constexpr int NC = BN / 64;          // m64n32 accumulators per thread
+  constexpr int kHalfRows = BN / 2;    // W rows each CTA of the pair loads for both
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  const uint32_t raw = smem_addr(smem_raw);
+  const uint32_t base = (raw + 1023) & ~1023u;
+  float* tile = reinterpret_cast<float*>(smem_raw + (base - raw));
+  const uint32_t full0 = base + L::kPipeBytes, empty0 = full0 + STAGES * 8;
+  auto w_tile = [&](int s, int q) { return base + s * L::kStageBytes + q * L::kWBytes; };
+  auto x_tile = [&](int s, int q) { return base + s * L::kStageBytes + NK * L::kWBytes + q * kPairXBytes; };
+
+  const int tid = threadIdx.x, rank = blockIdx.x, n0 = blockIdx.y * BN, m0 = rank * kPairRows;
+  const int nkb = (K + NK * kBK - 1) / (NK * kBK), rows = M - m0;  // rows <= 0: this CTA only helps load W
+  T* out_r = out + static_cast<int64_t>(m0) * N;
+
+  if (tid == kConsumers) init_pipeline<STAGES>(&tx, &tw, full0, empty0, 2 * (kConsumers / 32));  // each consumer warp of both CTAs
+  cluster_arrive();  // the partner's barriers exist before anything is multicast into it
+  cluster_wait();
+#ifdef MODELYARD_TMA_TRACE
+  uint64_t tq[6] = {globaltimer(), 0, 0, 0, 0, 0};
+#endif
+
+  const TileShare<kPairRows, BN, kThreads> share(0, 1);
+  Vec<T, 4> pre[TileShare<kPairRows, BN, kThreads>::kIters];
+  float acc[NC][16];
+  zero(acc);
+
+  if (tid >= kConsumers) {
+    const int first_round = min(nkb, STAGES);
+    auto load_w = [&](int kb, int s) {
+#pragma unroll
+      for (int q = 0; q < NK; ++q)
+        tma_load_multicast(w_tile(s, q) + rank * kHalfRows * kRowBytes, &tw, (kb * NK + q) * kBK,
+                           n0 + rank * kHalfRows, full0 + 8 * s, 0x3);
+    };
+    auto load_x = [&](int kb, int s) {
+#pragma unroll
+      for (int q = 0; q < NK; ++q) tma_load(x_tile(s, q), &tx, (kb * NK + q) * kBK, m0, full0 + 8 * s);
+    };
+    if (tid == kConsumers) {
+      for (int kb = 0; kb < first_round; ++kb) {
+        mbar_expect_tx(full0 + 8 * kb, L::kStageBytes);
+        load_w(kb, kb);
+      }
+    }
+    pdl_wait();
+    pdl_trigger();
+    if (accumulate) load_out_share(pre, share, out_r, rows, N, n0);
+    if (tid == kConsumers) {
+      for (int kb = 0; kb < first_round; ++kb) load_x(kb, kb);
+      for (int kb = first_round; kb < nkb; ++kb) {
+        const int s = kb % STAGES;
+        mbar_wait(empty0 + 8 * s, ((kb / STAGES) - 1) & 1);  // both CTAs are done with kb - STAGES
+        mbar_expect_tx(full0 + 8 * s, L::kStageBytes);
+        load_w(kb, s);
+        load_x(kb, s);
+      }
+    }
+  } else {
+    pdl_wait();
+    pdl_trigger();
+    if (accumulate) load_out_share(pre, share, out_r, rows, N, n0);
+    const int lane = tid & 31;
+    for (int kb = 0; kb < nkb; ++kb) {
+      const int s = kb % STAGES;
+      mbar_wait(full0 + 8 * s, (kb / STAGES) & 1);
+#ifdef MODELYARD_TMA_TRACE
+      if (kb == 0) tq[1] = globaltimer();
+      if (kb == 1) tq[2] = globaltimer();
+      if (kb == STAGES) tq[3] = globaltimer();
+      if (kb == nkb - 1) tq[4] = globaltimer();
+#endif
+      wgmma_fence();
+#pragma unroll
+      for (int c = 0; c < NC; ++c) fence_regs(acc[c]);
+#pragma unroll
+      for (int q = 0; q < NK; ++q) {
+        const uint64_t dw = sw128_desc(w_tile(s, q)), dx = sw128_desc(x_tile(s, q));
+#pragma unroll
+        for (int j = 0; j < kBK / 16; ++j)
+#pragma unroll
+          for (int c = 0; c < NC; ++c) wgmma_64x32<T>(acc[c], dw + 2 * j + c * (64 * kRowBytes >> 4), dx + 2 * j);
+      }
+      wgmma_commit();
+#pragma unroll
+      for (int c = 0; c < NC; ++c) fence_regs(acc[c]);
+      wgmma_wait<1>();  // the stage before this one is read: release it in both CTAs
+      if (kb > 0 && lane < 2) mbar_arrive_cluster(empty0 + 8 * ((kb - 1) % STAGES), lane);
+      __syncwarp();
+    }
+    wgmma_wait<0>();
+#pragma unroll
+    for (int c = 0; c < NC; ++c) fence_regs(acc[c]);
+  }
+  // Neither CTA may exit while the other can still arrive on its barriers: the wait is at the end.
+  cluster_arrive();
+  __syncthreads();  // every stage consumed: the pipeline's shared memory becomes the output tile
+
+  if (tid < kConsumers) {
+    // acc[c][4 j + 2 h + e] is d[column n][row m], n = 64 c + 16 warp + lane / 4 + 8 h, m = 8 j + 2 (lane % 4) + e.
+    const int lane = tid & 31, n = 16 * (tid >> 5) + (lane >> 2), m = 2 * (lane & 3);
+#pragma unroll
+    for (int c = 0; c < NC; ++c)
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) tile[(8 * j + m + e) * L::kRS + 64 * c + n + 8 * h] = acc[c][4 * j + 2 * h + e];
+  }
+  __syncthreads();
+  cluster_reduce_store<T, kPairRows, BN, L::kRS, kThreads>(tile, share, 1, pre, out_r, bias, accumulate, rows, N, n0);
+  cluster_wait();
+#ifdef MODELYARD_TMA_TRACE
+  if (tid == 0) {
+    tq[5] = globaltimer();
+    unsigned smid;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
+    printf("TP %d %d %u %llu %llu %llu %llu %llu %llu\n", rank, blockIdx.y, smid, tq[0], tq[1], tq[2], tq[3], tq[4], tq[5]);
+  }
+#endif
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+}
+
 PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
   static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
     void* p = nullptr;
@@ -288,45 +496,67 @@ CUtensorMap tensor_map(const at::Tensor& t, int64_t rows, int64_t stride, int bo
   return map;
 }
 
-template <typename T, int BN, int STAGES>
+template <int BN_, int STAGES_, bool PAIR_ = false, int NK_ = 1>
+struct Cfg {
+  static constexpr int kBN = BN_, kStages = STAGES_, kNK = NK_;
+  static constexpr bool kPair = PAIR_;  // tma_gemm_pair_kernel: rows split over a CTA pair, no split-K
+  static constexpr int kSmem = PAIR_ ? PairLayout<BN_, STAGES_, NK_>::kSmem : Layout<BN_, STAGES_>::kSmem;
+};
+
+template <typename T, typename C>
 auto prepared_kernel() {
-  auto kernel = tma_gemm_kernel<T, BN, STAGES>;
+  auto kernel = [] {
+    if constexpr (C::kPair)
+      return tma_gemm_pair_kernel<T, C::kBN, C::kStages, C::kNK>;
+    else
+      return tma_gemm_kernel<T, C::kBN, C::kStages>;
+  }();
   static const bool once = [&] {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Layout<BN, STAGES>::kSmem));
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem));
     return true;
   }();
   (void)once;
   return kernel;
 }
 
-template <typename T, int BN, int STAGES>
+template <typename T, typename C>
 void run(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, at::Tensor& out,
          bool accumulate, int split_k, cudaStream_t stream) {
   const int M = static_cast<int>(x.size(0)), K = static_cast<int>(x.size(1)), N = static_cast<int>(w.size(0));
-  const CUtensorMap tx = tensor_map(x, M, x.stride(0), kBM), tw = tensor_map(w, N, K, BN);
-  const int kb_per_split = static_cast<int>(ceil_div(ceil_div(K, kBK), split_k));
-  launch_ex(prepared_kernel<T, BN, STAGES>(), dim3(split_k, static_cast<unsigned>(ceil_div(N, BN)), 1),
-            dim3(kThreads, 1, 1), Layout<BN, STAGES>::kSmem, split_k, stream, tx, tw,
-            bias ? static_cast<const T*>(bias->data_ptr()) : nullptr,
-            static_cast<T*>(out.data_ptr()), accumulate, M, N, K, kb_per_split);
+  const T* b = bias ? static_cast<const T*>(bias->data_ptr()) : nullptr;
+  T* o = static_cast<T*>(out.data_ptr());
+  const unsigned blocks = static_cast<unsigned>(ceil_div(N, C::kBN));
+  if constexpr (C::kPair) {
+    TORCH_CHECK(split_k == 1, "tma_gemm: the pair configs do not split K");
+    const CUtensorMap tx = tensor_map(x, M, x.stride(0), kPairRows), tw = tensor_map(w, N, K, C::kBN / 2);
+    launch_ex(prepared_kernel<T, C>(), dim3(2, blocks, 1), dim3(kThreads, 1, 1), C::kSmem, 2, stream, tx, tw, b, o,
+              accumulate, M, N, K);
+  } else {
+    const CUtensorMap tx = tensor_map(x, M, x.stride(0), kBM), tw = tensor_map(w, N, K, C::kBN);
+    const int kb_per_split = static_cast<int>(ceil_div(ceil_div(K, kBK), split_k));
+    launch_ex(prepared_kernel<T, C>(), dim3(split_k, blocks, 1), dim3(kThreads, 1, 1), C::kSmem, split_k, stream, tx,
+              tw, b, o, accumulate, M, N, K, kb_per_split);
+  }
 }
 
-template <int BN_, int STAGES_>
-struct Cfg {
-  static constexpr int kBN = BN_, kStages = STAGES_;
-};
-// f(Cfg<block_n, stages>{}) for config: the one place a config index becomes template arguments.
-// block_n a multiple of 64 (wgmma m64n64k16 per 64 columns); stages so that 2 CTAs share an SM
-// (~100 KiB each) or 1 streams deeper (~200 KiB). Measured and dropped (H100, NOTES-perf.md v9):
-// block_n 256 (never the fastest), block_n 64 with 12 stages (no faster than 6).
+// f(Cfg<block_n, stages[, pair, K blocks per stage]>{}) for config: the one place a config index
+// becomes template arguments. block_n a multiple of 64 (wgmma m64n64k16 per 64 columns, or m64n32k16
+// for a pair); stages so that 2 CTAs share an SM (~100 KiB each) or 1 streams deeper (~200 KiB).
+// Measured and dropped (NOTES-perf.md v9, v10): block_n 256 (never the fastest), block_n 64 with 12
+// stages (no faster than 6); for the pair kernel 16 single-block stages (as fast as 8 double ones),
+// 4 K blocks per stage, 2 CTAs per SM with 2 K blocks per stage, an L2 evict-first hint on the
+// weights (no gain), and W loaded by each CTA for itself instead of multicast (no faster, no slower).
 template <typename F>
 void with_config(int config, F&& f) {
-  static_assert(kNumTmaConfigs == 4, "one case per config");
+  static_assert(kNumTmaConfigs == 7, "one case per config");
   switch (config) {
     case 0: return f(Cfg<64, 6>{});
     case 1: return f(Cfg<128, 4>{});
     case 2: return f(Cfg<128, 8>{});
-    default: return f(Cfg<192, 6>{});
+    case 3: return f(Cfg<192, 6>{});
+    case 4: return f(Cfg<64, 8, true>{});
+    case 5: return f(Cfg<64, 8, true, 2>{});
+    default: return f(Cfg<128, 4, true>{});
   }
 }
 
@@ -347,11 +577,16 @@ TmaGemmInfo tma_gemm_info(int config) {
   with_config(config, [&](auto c) {
     using C = decltype(c);
     info.block_n = C::kBN;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&info.ctas_per_sm,
-                                                                 prepared_kernel<__nv_bfloat16, C::kBN, C::kStages>(),
-                                                                 kThreads, Layout<C::kBN, C::kStages>::kSmem));
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&info.ctas_per_sm, prepared_kernel<__nv_bfloat16, C>(),
+                                                                 kThreads, C::kSmem));
   });
   return info;
+}
+
+bool tma_gemm_pair(int config) {
+  bool pair = false;
+  with_config(config, [&](auto c) { pair = decltype(c)::kPair; });
+  return pair;
 }
 
 void tma_gemm_run(int config, const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
@@ -359,9 +594,9 @@ void tma_gemm_run(int config, const at::Tensor& x, const at::Tensor& w, const st
   with_config(config, [&](auto c) {
     using C = decltype(c);
     if (x.scalar_type() == at::kBFloat16)
-      run<__nv_bfloat16, C::kBN, C::kStages>(x, w, bias, out, accumulate, split_k, stream);
+      run<__nv_bfloat16, C>(x, w, bias, out, accumulate, split_k, stream);
     else
-      run<__half, C::kBN, C::kStages>(x, w, bias, out, accumulate, split_k, stream);
+      run<__half, C>(x, w, bias, out, accumulate, split_k, stream);
   });
 }
 

@@ -52,6 +52,7 @@ _SKINNY_MAX_M = 32          # skinny_gemm candidates up to this batch size (it l
 _SKINNY_SPLITS = 3          # split_k values timed per skinny config: the largest giving <= 2 CTAs per SM
 _PDL_TUNE_MAX_M = 16        # with PDL, time skinny_gemm with it up to this batch size (see tune)
 _TMA_PDL_MAX_M = 8          # PDL-timed TMA candidates only up to this batch size (see _skinny_candidates)
+_PAIR_MIN_M = 33            # the TMA pair kernels (kind 2: 32 rows per CTA of a pair) from this batch size
 
 
 @dataclass(frozen=True)
@@ -217,16 +218,19 @@ def _skinny_candidates(configs: list[list[int]], m: int, shape: GemmShape, sms: 
     more). The mma.sync configs up to _SKINNY_MAX_M rows; the TMA ones up to their most rows (64),
     except at sizes in (_TMA_PDL_MAX_M, _PDL_TUNE_MAX_M]: timed with PDL there, at 16 they were
     picked where the step then ran 1-4% slower (H100, benchmarks/RESULTS.md session 9), while at
-    1..8 the step got 1.6-2.2% faster."""
+    1..8 the step got 1.6-2.2% faster. The pair kernels (kind 2) from _PAIR_MIN_M rows: below, one
+    CTA of each pair would only help load the weights."""
     if shape.n % 8 or shape.k % 8:
         return []
     out = []
     for config, (block_n, _threads, max_m, max_split, kind, per_sm) in enumerate(configs):
         if m > max_m or (kind == 0 and m > _SKINNY_MAX_M) or (kind == 1 and _TMA_PDL_MAX_M < m <= _PDL_TUNE_MAX_M):
             continue
+        if kind == 2 and m < _PAIR_MIN_M:
+            continue
         tiles = -(-shape.n // block_n)
         top = max(1, min(max_split, -(-shape.k // 64), per_sm * sms // tiles))
-        out += [Skinny(config, s, block_n, kind == 1) for s in range(top, max(0, top - _SKINNY_SPLITS), -1)]
+        out += [Skinny(config, s, block_n, kind >= 1) for s in range(top, max(0, top - _SKINNY_SPLITS), -1)]
     return out
 
 
