@@ -267,7 +267,8 @@ def decode_gemms() -> None:
             us, algo, listed = _wide_best(k, x, ws, copies)
             row(f"decode gemm {name} {K}->{N}", f"bf16 best of {listed} wide cuBLASLt M={M}", us / 1e3, N * K * 2,
                 algo=algo)
-            for kind, label in ((0, "skinny_gemm mma.sync"), (1, "skinny_gemm TMA"), (2, "skinny_gemm TMA pair")):
+            for kind, label in ((0, "skinny_gemm mma.sync"), (1, "skinny_gemm TMA"), (2, "skinny_gemm TMA pair"),
+                                (3, "skinny_gemm TMA x-shared")):
                 runs = [(_graph_us(lambda c=c, s=s: [k.skinny_gemm(x, w, None, c, s) for w in ws], copies), c, bn, s)
                         for c, (bn, _, max_m, max_split, kd, _) in enumerate(skinny) if kd == kind and M <= max_m
                         for s in range(1, max_split + 1)]

@@ -93,7 +93,8 @@ bool set_pdl(bool enabled);
 // Small-batch decode GEMMs (skinny_gemm.cu): x [M <= 64, K] w [N, K]^T (+ bias [N]) -> [M, N], 16-bit.
 // skinny_gemm_configs() -> int64 [n, 6] CPU, one row per config usable on the current device: block_n,
 // threads, most rows M, most split_k, kind (0: mma.sync, sm_80+; 1: TMA + wgmma, tma_gemm.cu, sm_90a
-// builds; 2: the same with the rows split over a CTA pair, split_k 1), CTAs an SM holds (at most 2);
+// builds; 2: the same with the rows split over a CTA pair, split_k 1; 3: x shared by a cluster of
+// column blocks through TMA multicast, split_k 1), CTAs an SM holds (at most 2);
 // empty below compute capability 8.0. split_k CTAs (one cluster) share each block_n columns' K.
 at::Tensor skinny_gemm_configs();
 at::Tensor skinny_gemm(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,

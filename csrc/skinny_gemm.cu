@@ -281,11 +281,11 @@ std::pair<int, int> capability(int device) {
 // The configs usable on this device: the mma.sync ones from compute capability 8.0, then the TMA ones.
 int num_configs(int major, int minor) { return major >= 8 ? kNumMmaConfigs + tma_gemm_num_configs(major, minor) : 0; }
 
-// The most split_k `config` takes: clusters from compute capability 9.0, none for the pair kernels
-// (their cluster splits the rows).
+// The most split_k `config` takes: clusters from compute capability 9.0, none for the TMA kernels
+// whose cluster does something else (kinds 2 and 3: rows split over a pair, x shared).
 int max_split_of(int config, int major) {
   if (major < 9) return 1;
-  return config >= kNumMmaConfigs && tma_gemm_pair(config - kNumMmaConfigs) ? 1 : kMaxSplit;
+  return config >= kNumMmaConfigs && tma_gemm_kind(config - kNumMmaConfigs) > 1 ? 1 : kMaxSplit;
 }
 
 // CTAs of the M = 64 instance one SM holds (by shared memory), at most 2: what the tuner's split_k
@@ -320,7 +320,7 @@ at::Tensor skinny_gemm_configs() {
       const TmaGemmInfo info = tma_gemm_info(static_cast<int>(i - kNumMmaConfigs));
       row[0] = info.block_n;
       row[1] = info.threads;
-      row[4] = tma_gemm_pair(static_cast<int>(i - kNumMmaConfigs)) ? 2 : 1;  // kind: TMA + wgmma, rows split over a CTA pair or K over a cluster
+      row[4] = tma_gemm_kind(static_cast<int>(i - kNumMmaConfigs));  // TMA + wgmma: 1 split-K, 2 pair, 3 x shared
       row[5] = info.ctas_per_sm;
     }
     row[2] = kMaxM;                       // most rows

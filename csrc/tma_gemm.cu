@@ -14,12 +14,14 @@
 //     warpgroup multiplies each stage with wgmma.mma_async straight from shared memory, keeping one
 //     stage's wgmmas in flight while it releases the one before;
 //   - split-K over the CTAs of a thread-block cluster, summed through distributed shared memory
-//     (gemm_epilogue.cuh, as skinny_gemm): no workspace, no second kernel, deterministic;
+//     (gemm_epilogue.cuh, as skinny_gemm): no workspace, no second kernel, deterministic; or
+//     (kind 3, XC > 1) no split-K and a cluster of column blocks sharing x by TMA multicast;
 //   - rows past M, columns past N and K past its end are TMA's zero fill: no bounds checks inside;
 //   - launched with PDL (common.cuh) in the decode graphs, the producer requests the first stages'
 //     weights before griddepcontrol.wait, while the kernel ahead of it is still finishing.
-// tma_gemm_pair_kernel (below) is the other decomposition: the rows split over a CTA pair that
-// receives each weight tile by TMA multicast, no split-K.
+// tma_gemm_pair_kernel (below, kind 2) is the other decomposition: the rows split over a CTA pair
+// that receives each weight tile by TMA multicast, no split-K. Where each wins (none yet beats
+// cuBLAS at M = 64 on an H200): benchmarks/NOTES-perf.md v10.
 #include <c10/cuda/CUDAException.h>
 #include <cuda.h>
 #include <cudaTypedefs.h>
@@ -38,7 +40,7 @@ constexpr int kThreads = kConsumers + 32; // and the producer warp
 constexpr int kRowBytes = kBK * 2;
 constexpr int kXBytes = kBM * kRowBytes;  // 8 KiB
 
-constexpr int kNumTmaConfigs = 7;  // with_config
+constexpr int kNumTmaConfigs = 9;  // with_config
 
 template <int BN, int STAGES>
 struct Layout {
@@ -196,7 +198,11 @@ __device__ __forceinline__ void zero(float (&acc)[NC][E]) {
 
 // Grid (split_k, ceil(N / BN)), clusters of split_k CTAs along x: CTA `split` multiplies K blocks
 // [split * kb_per_split, (split + 1) * kb_per_split) of columns [n0, n0 + BN).
-template <typename T, int BN, int STAGES>
+// With XC > 1 instead (no split-K): grid (ceil(N / BN) rounded up to XC), clusters of XC CTAs with
+// consecutive column blocks, which share x: each loads 64 / XC of its rows for all of them by TMA
+// multicast (cuBLAS's structure for the wide shapes, NOTES-perf.md v10), so L2 serves x once per
+// cluster; a stage is refilled once every CTA of the cluster has released it.
+template <typename T, int BN, int STAGES, int XC = 1>
 __global__ void __launch_bounds__(kThreads, 1)
     tma_gemm_kernel(const __grid_constant__ CUtensorMap tx, const __grid_constant__ CUtensorMap tw,
                     const T* __restrict__ bias, T* out, bool accumulate, int M, int N, int K, int kb_per_split) {
@@ -216,12 +222,22 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint64_t tr1 = 0, tr2 = 0, tra = 0, trb = 0;
   const uint64_t tr0 = globaltimer();
 #endif
-  const int split = blockIdx.x, splits = gridDim.x, n0 = blockIdx.y * BN;
+  const int split = XC > 1 ? 0 : blockIdx.x, splits = XC > 1 ? 1 : gridDim.x;
+  const int n0 = (XC > 1 ? blockIdx.x : blockIdx.y) * BN, rank = blockIdx.x % XC;
+  constexpr int kXRows = kBM / XC;  // x rows this CTA loads (for the whole cluster with XC > 1)
   const int kb_total = (K + kBK - 1) / kBK, kb0 = split * kb_per_split;
   const int nkb = max(0, min(kb_per_split, kb_total - kb0));
 
-  if (tid == kConsumers) init_pipeline<STAGES>(&tx, &tw, full0, empty0, kConsumers);
+  if (tid == kConsumers) init_pipeline<STAGES>(&tx, &tw, full0, empty0, XC > 1 ? XC * (kConsumers / 32) : kConsumers);
   __syncthreads();
+  if (XC > 1) cluster_arrive();  // waited for before the first x load: the others' barriers exist
+  auto load_x = [&](int kb, int s) {
+    if (XC > 1)
+      tma_load_multicast(x_tile(s) + rank * kXRows * kRowBytes, &tx, (kb0 + kb) * kBK, rank * kXRows, full0 + 8 * s,
+                         (1u << XC) - 1);
+    else
+      tma_load(x_tile(s), &tx, (kb0 + kb) * kBK, 0, full0 + 8 * s);
+  };
 
   const TileShare<kBM, BN, kThreads> share(split, splits);
   Vec<T, 4> pre[TileShare<kBM, BN, kThreads>::kIters];
@@ -242,20 +258,23 @@ __global__ void __launch_bounds__(kThreads, 1)
     pdl_wait();
     pdl_trigger();
     if (accumulate) load_out_share(pre, share, out, M, N, n0);
+    if (XC > 1) cluster_wait();
     if (tid == kConsumers) {
-      for (int kb = 0; kb < first_round; ++kb) tma_load(x_tile(kb), &tx, (kb0 + kb) * kBK, 0, full0 + 8 * kb);
+      for (int kb = 0; kb < first_round; ++kb) load_x(kb, kb);
       for (int kb = first_round; kb < nkb; ++kb) {
         const int s = kb % STAGES;
         mbar_wait(empty0 + 8 * s, ((kb / STAGES) - 1) & 1);  // the consumers are done with kb - STAGES
         mbar_expect_tx(full0 + 8 * s, L::kStageBytes);
         tma_load(w_tile(s), &tw, (kb0 + kb) * kBK, n0, full0 + 8 * s);
-        tma_load(x_tile(s), &tx, (kb0 + kb) * kBK, 0, full0 + 8 * s);
+        load_x(kb, s);
       }
     }
   } else {
     pdl_wait();
     pdl_trigger();
     if (accumulate) load_out_share(pre, share, out, M, N, n0);
+    if (XC > 1) cluster_wait();
+    const int lane = tid & 31;
     for (int kb = 0; kb < nkb; ++kb) {
       const int s = kb % STAGES;
       mbar_wait(full0 + 8 * s, (kb / STAGES) & 1);
@@ -273,8 +292,13 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_commit();
 #pragma unroll
       for (int c = 0; c < NC; ++c) fence_regs(acc[c]);
-      wgmma_wait<1>();  // the stage before this one is read: hand it back to the producer
-      if (kb > 0) mbar_arrive(empty0 + 8 * ((kb - 1) % STAGES));
+      wgmma_wait<1>();  // the stage before this one is read: hand it back to the producer(s)
+      if (XC > 1) {
+        if (kb > 0 && lane < XC) mbar_arrive_cluster(empty0 + 8 * ((kb - 1) % STAGES), lane);
+        __syncwarp();
+      } else if (kb > 0) {
+        mbar_arrive(empty0 + 8 * ((kb - 1) % STAGES));
+      }
     }
     wgmma_wait<0>();
 #pragma unroll
@@ -283,6 +307,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     tr2 = globaltimer();
 #endif
   }
+  if (XC > 1) cluster_arrive();  // no CTA exits while another can still arrive on its barriers
   __syncthreads();  // every stage consumed: the pipeline's shared memory becomes the reduction tile
 #ifdef MODELYARD_TMA_TRACE
   tra = globaltimer();
@@ -304,6 +329,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   trb = globaltimer();
 #endif
   cluster_reduce_store<T, kBM, BN, L::kRS, kThreads>(red, share, splits, pre, out, bias, accumulate, M, N, n0);
+  if (XC > 1) cluster_wait();
 #ifdef MODELYARD_TMA_TRACE
   if (tid == 0) {
     const uint64_t tr3 = globaltimer();
@@ -496,9 +522,9 @@ CUtensorMap tensor_map(const at::Tensor& t, int64_t rows, int64_t stride, int bo
   return map;
 }
 
-template <int BN_, int STAGES_, bool PAIR_ = false, int NK_ = 1>
+template <int BN_, int STAGES_, bool PAIR_ = false, int NK_ = 1, int XC_ = 1>
 struct Cfg {
-  static constexpr int kBN = BN_, kStages = STAGES_, kNK = NK_;
+  static constexpr int kBN = BN_, kStages = STAGES_, kNK = NK_, kXC = XC_;  // kXC: tma_gemm_kernel's x cluster
   static constexpr bool kPair = PAIR_;  // tma_gemm_pair_kernel: rows split over a CTA pair, no split-K
   static constexpr int kSmem = PAIR_ ? PairLayout<BN_, STAGES_, NK_>::kSmem : Layout<BN_, STAGES_>::kSmem;
 };
@@ -509,7 +535,7 @@ auto prepared_kernel() {
     if constexpr (C::kPair)
       return tma_gemm_pair_kernel<T, C::kBN, C::kStages, C::kNK>;
     else
-      return tma_gemm_kernel<T, C::kBN, C::kStages>;
+      return tma_gemm_kernel<T, C::kBN, C::kStages, C::kXC>;
   }();
   static const bool once = [&] {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem));
@@ -531,6 +557,11 @@ void run(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tenso
     const CUtensorMap tx = tensor_map(x, M, x.stride(0), kPairRows), tw = tensor_map(w, N, K, C::kBN / 2);
     launch_ex(prepared_kernel<T, C>(), dim3(2, blocks, 1), dim3(kThreads, 1, 1), C::kSmem, 2, stream, tx, tw, b, o,
               accumulate, M, N, K);
+  } else if constexpr (C::kXC > 1) {
+    TORCH_CHECK(split_k == 1, "tma_gemm: the x-multicast configs do not split K");
+    const CUtensorMap tx = tensor_map(x, M, x.stride(0), kBM / C::kXC), tw = tensor_map(w, N, K, C::kBN);
+    launch_ex(prepared_kernel<T, C>(), dim3(static_cast<unsigned>(ceil_div(blocks, C::kXC) * C::kXC), 1, 1),
+              dim3(kThreads, 1, 1), C::kSmem, C::kXC, stream, tx, tw, b, o, accumulate, M, N, K, ceil_div(K, kBK));
   } else {
     const CUtensorMap tx = tensor_map(x, M, x.stride(0), kBM), tw = tensor_map(w, N, K, C::kBN);
     const int kb_per_split = static_cast<int>(ceil_div(ceil_div(K, kBK), split_k));
@@ -544,11 +575,13 @@ void run(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tenso
 // for a pair); stages so that 2 CTAs share an SM (~100 KiB each) or 1 streams deeper (~200 KiB).
 // Measured and dropped (NOTES-perf.md v9, v10): block_n 256 (never the fastest), block_n 64 with 12
 // stages (no faster than 6); for the pair kernel 16 single-block stages (as fast as 8 double ones),
-// 4 K blocks per stage, 2 CTAs per SM with 2 K blocks per stage, an L2 evict-first hint on the
-// weights (no gain), and W loaded by each CTA for itself instead of multicast (no faster, no slower).
+// 4 K blocks per stage, 2 CTAs per SM with 2 K blocks per stage, block_n 128 (never the fastest pair
+// on the H200), an L2 evict-first hint on the weights (no gain), and W loaded by each CTA for itself
+// instead of multicast (no faster, no slower); for the x-sharing kernel clusters of 2 (slower than
+// 4) and block_n 128 with 8 stages at 1 CTA per SM.
 template <typename F>
 void with_config(int config, F&& f) {
-  static_assert(kNumTmaConfigs == 7, "one case per config");
+  static_assert(kNumTmaConfigs == 9, "one case per config");
   switch (config) {
     case 0: return f(Cfg<64, 6>{});
     case 1: return f(Cfg<128, 4>{});
@@ -556,7 +589,9 @@ void with_config(int config, F&& f) {
     case 3: return f(Cfg<192, 6>{});
     case 4: return f(Cfg<64, 8, true>{});
     case 5: return f(Cfg<64, 8, true, 2>{});
-    default: return f(Cfg<128, 4, true>{});
+    case 6: return f(Cfg<64, 6, false, 1, 4>{});
+    case 7: return f(Cfg<128, 4, false, 1, 4>{});
+    default: return f(Cfg<192, 4, false, 1, 4>{});
   }
 }
 
@@ -583,10 +618,13 @@ TmaGemmInfo tma_gemm_info(int config) {
   return info;
 }
 
-bool tma_gemm_pair(int config) {
-  bool pair = false;
-  with_config(config, [&](auto c) { pair = decltype(c)::kPair; });
-  return pair;
+int tma_gemm_kind(int config) {
+  int kind = 1;
+  with_config(config, [&](auto c) {
+    using C = decltype(c);
+    kind = C::kPair ? 2 : C::kXC > 1 ? 3 : 1;
+  });
+  return kind;
 }
 
 void tma_gemm_run(int config, const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,

@@ -218,13 +218,13 @@ def _skinny_candidates(configs: list[list[int]], m: int, shape: GemmShape, sms: 
     more). The mma.sync configs up to _SKINNY_MAX_M rows; the TMA ones up to their most rows (64),
     except at sizes in (_TMA_PDL_MAX_M, _PDL_TUNE_MAX_M]: timed with PDL there, at 16 they were
     picked where the step then ran 1-4% slower (H100, benchmarks/RESULTS.md session 9), while at
-    1..8 the step got 1.6-2.2% faster. The pair kernels (kind 2) from _PAIR_MIN_M rows: below, one
-    CTA of each pair would only help load the weights."""
+    1..8 the step got 1.6-2.2% faster; the same for the x-sharing ones (kind 3). The pair kernels
+    (kind 2) from _PAIR_MIN_M rows: below, one CTA of each pair would only help load the weights."""
     if shape.n % 8 or shape.k % 8:
         return []
     out = []
     for config, (block_n, _threads, max_m, max_split, kind, per_sm) in enumerate(configs):
-        if m > max_m or (kind == 0 and m > _SKINNY_MAX_M) or (kind == 1 and _TMA_PDL_MAX_M < m <= _PDL_TUNE_MAX_M):
+        if m > max_m or (kind == 0 and m > _SKINNY_MAX_M) or (kind in (1, 3) and _TMA_PDL_MAX_M < m <= _PDL_TUNE_MAX_M):
             continue
         if kind == 2 and m < _PAIR_MIN_M:
             continue

@@ -391,11 +391,11 @@ def test_decode_gemm_tuning(ckpt64):
 
 def _forced_skinny_plans(keys) -> list:
     """Plans running skinny_gemm on every (batch size, shape) in keys: its first mma.sync config, and
-    (on Hopper builds) its first TMA + wgmma config of each kind (split-K, pair), each with split_k 2
-    where K and the config allow."""
+    (on Hopper builds) its first TMA + wgmma config of each kind (split-K, pair, x shared), each with
+    split_k 2 where K and the config allow."""
     from modelyard.engine import gemm, kernels
     rows = kernels.get().skinny_gemm_configs().tolist()
-    configs = [0] + [next(i for i, r in enumerate(rows) if r[4] == kind) for kind in (1, 2) if kind in [r[4] for r in rows]]
+    configs = [0] + [next(i for i, r in enumerate(rows) if r[4] == kind) for kind in (1, 2, 3) if kind in [r[4] for r in rows]]
     return [gemm.GemmPlan(choices={(m, s): gemm.Skinny(config=c, split_k=min(2 if s.k > 64 else 1, rows[c][3]),
                                                        tma=rows[c][4] >= 1)
                                    for m, s in keys}) for c in configs]

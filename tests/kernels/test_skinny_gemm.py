@@ -30,8 +30,8 @@ def configs(k):
     assert rows, "an sm_80+ GPU offers every config"
     assert [r[4] for r in rows] == sorted(r[4] for r in rows)      # mma.sync configs first, then TMA
     if torch.cuda.get_device_capability() == (9, 0):
-        assert {1, 2} <= {r[4] for r in rows}, "an sm_90a build offers the TMA + wgmma configs, split-K and pair"
-    assert all(r[3] == 1 for r in rows if r[4] == 2), "the pair configs do not split K"
+        assert {1, 2, 3} <= {r[4] for r in rows}, "an sm_90a build offers the TMA + wgmma configs of each kind"
+    assert all(r[3] == 1 for r in rows if r[4] in (2, 3)), "the pair and x-sharing configs do not split K"
     return rows
 
 
@@ -51,7 +51,7 @@ def test_every_config_matches_the_reference(k, configs, dtype, bias, M, N, K):
     ref = linear_ref(x, w, b)
     tol = 2 * rel_err(F.linear(x, w, b), ref) + 1e-3     # torch's own rounding, with headroom
     for config, (block_n, threads, max_m, max_split, kind, per_sm) in enumerate(configs):
-        assert block_n % 8 == 0 and threads % 32 == 0 and max_m == 64 and kind in (0, 1, 2) and 1 <= per_sm <= 2
+        assert block_n % 8 == 0 and threads % 32 == 0 and max_m == 64 and kind in (0, 1, 2, 3) and 1 <= per_sm <= 2
         for split in _splits(K, max_split):
             out = k.skinny_gemm(x, w, b, config, split)
             assert out.shape == (M, N) and out.dtype == dtype
@@ -139,9 +139,8 @@ def test_argument_checks(k, configs):
     ]
     if max_split == 1:
         bad.append((lambda: k.skinny_gemm(x, w, None, 0, 2), "split_k must be"))
-    pair = [i for i, r in enumerate(configs) if r[4] == 2]
-    if pair:
-        bad.append((lambda: k.skinny_gemm(x, w, None, pair[0], 2), "split_k must be"))
+    for c in [i for i, r in enumerate(configs) if r[4] in (2, 3)]:
+        bad.append((lambda c=c: k.skinny_gemm(x, w, None, c, 2), "split_k must be"))
     for fn, msg in bad:
         with pytest.raises((RuntimeError, NotImplementedError), match=msg):
             fn()
