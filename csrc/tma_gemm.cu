@@ -109,48 +109,44 @@ __device__ __forceinline__ uint64_t sw128_desc(uint32_t addr) {
          (1ull << 62);
 }
 
+// One wgmma.mma_async of SHAPE with float32 accumulators ACC (operands %0..), descriptors A and B
+// and scale-d P (their operand numbers, after the accumulators), bf16 or f16 by T; the accumulator
+// constraints follow.
+#define MY_WGMMA_TYPED(TYPE, SHAPE, ACC, A, B, P, ...)                                                    \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " P ", 0;\n"                                             \
+               "wgmma.mma_async.sync.aligned." SHAPE ".f32." TYPE "." TYPE " " ACC ", " A ", " B         \
+               ", p, 1, 1, 0, 0;\n}\n"                                                                    \
+               : __VA_ARGS__                                                                              \
+               : "l"(a), "l"(b), "r"(1))
+#define MY_WGMMA(...)                                         \
+  do {                                                        \
+    if constexpr (std::is_same_v<T, __nv_bfloat16>)           \
+      MY_WGMMA_TYPED("bf16", __VA_ARGS__);                    \
+    else                                                      \
+      MY_WGMMA_TYPED("f16", __VA_ARGS__);                     \
+  } while (0)
+#define MY_D8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
+                 "+f"(d[i + 6]), "+f"(d[i + 7])
 // d[64 x 64] += a[64 x 16] b[64 x 16]^T, both from shared memory. d's layout: thread t of the
 // warpgroup holds d[8 j + {0..3}] = rows 16 (t / 32) + (t % 32) / 4 (+ 8 for the last two), columns
 // 8 j + 2 (t % 4) + {0, 1}.
 template <typename T>
 __device__ __forceinline__ void wgmma_64x64(float (&d)[32], uint64_t a, uint64_t b) {
-#define MY_D8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
-                 "+f"(d[i + 6]), "+f"(d[i + 7])
-#define MY_WGMMA(TYPE)                                                                                          \
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                                    \
-               "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE                                     \
-               " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, " \
-               "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"     \
-               : MY_D8(0), MY_D8(8), MY_D8(16), MY_D8(24)                                                      \
-               : "l"(a), "l"(b), "r"(1))
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    MY_WGMMA("bf16");
-  } else {
-    MY_WGMMA("f16");
-  }
-#undef MY_WGMMA
-#undef MY_D8
+  MY_WGMMA("m64n64k16",
+           "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, "
+           "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31}",
+           "%32", "%33", "%34", MY_D8(0), MY_D8(8), MY_D8(16), MY_D8(24));
 }
 // d[64 x 32] += a[64 x 16] b[32 x 16]^T, both from shared memory; d's layout as wgmma_64x64's over
 // 32 columns (j < 4).
 template <typename T>
 __device__ __forceinline__ void wgmma_64x32(float (&d)[16], uint64_t a, uint64_t b) {
-#define MY_D8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
-                 "+f"(d[i + 6]), "+f"(d[i + 7])
-#define MY_WGMMA(TYPE)                                                                                          \
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"                                                    \
-               "wgmma.mma_async.sync.aligned.m64n32k16.f32." TYPE "." TYPE                                     \
-               " {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, 0, 0;\n}\n" \
-               : MY_D8(0), MY_D8(8)                                                                            \
-               : "l"(a), "l"(b), "r"(1))
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    MY_WGMMA("bf16");
-  } else {
-    MY_WGMMA("f16");
-  }
-#undef MY_WGMMA
-#undef MY_D8
+  MY_WGMMA("m64n32k16", "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}", "%16", "%17",
+           "%18", MY_D8(0), MY_D8(8));
 }
+#undef MY_D8
+#undef MY_WGMMA
+#undef MY_WGMMA_TYPED
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
 template <int N>

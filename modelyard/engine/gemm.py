@@ -224,9 +224,8 @@ def _skinny_candidates(configs: list[list[int]], m: int, shape: GemmShape, sms: 
         return []
     out = []
     for config, (block_n, _threads, max_m, max_split, kind, per_sm) in enumerate(configs):
-        if m > max_m or (kind == 0 and m > _SKINNY_MAX_M) or (kind in (1, 3) and _TMA_PDL_MAX_M < m <= _PDL_TUNE_MAX_M):
-            continue
-        if kind == 2 and m < _PAIR_MIN_M:
+        if (m > max_m or (kind == 0 and m > _SKINNY_MAX_M) or (kind == 2 and m < _PAIR_MIN_M)
+                or (kind in (1, 3) and _TMA_PDL_MAX_M < m <= _PDL_TUNE_MAX_M)):
             continue
         tiles = -(-shape.n // block_n)
         top = max(1, min(max_split, -(-shape.k // 64), per_sm * sms // tiles))

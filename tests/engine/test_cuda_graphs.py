@@ -395,7 +395,8 @@ def _forced_skinny_plans(keys) -> list:
     split_k 2 where K and the config allow."""
     from modelyard.engine import gemm, kernels
     rows = kernels.get().skinny_gemm_configs().tolist()
-    configs = [0] + [next(i for i, r in enumerate(rows) if r[4] == kind) for kind in (1, 2, 3) if kind in [r[4] for r in rows]]
+    kinds = [r[4] for r in rows]
+    configs = [0] + [kinds.index(kind) for kind in (1, 2, 3) if kind in kinds]
     return [gemm.GemmPlan(choices={(m, s): gemm.Skinny(config=c, split_k=min(2 if s.k > 64 else 1, rows[c][3]),
                                                        tma=rows[c][4] >= 1)
                                    for m, s in keys}) for c in configs]
