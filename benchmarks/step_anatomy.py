@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.throughput import decode_step_bench, log, measure_ceilings  # noqa: E402
+from benchmarks.throughput import bench_checkpoint, decode_step_bench, log, measure_ceilings  # noqa: E402
 
 
 def kernel_table(eng, batch: int, replays: int = 5) -> list[str]:
@@ -97,13 +97,9 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("step_anatomy.py needs a CUDA GPU", file=sys.stderr)
         return 2
-    from modelyard import testing
     from modelyard.engine import Engine, EngineConfig
     batches = [int(b) for b in args.batches.split(",")]
-    path = Path(args.ckpt_dir) / f"{args.arch}-{args.size}"
-    if not (path / "config.json").exists():
-        log(f"making checkpoint {path}")
-        testing.make_checkpoint(args.arch, path, size=args.size)
+    path = bench_checkpoint(args.ckpt_dir, args.arch, args.size)
     eng = Engine.from_pretrained(path, EngineConfig(dtype="bfloat16", max_batch_size=max(batches)))
     graphs = eng.runner.graphs
     if graphs is None:

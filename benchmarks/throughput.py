@@ -34,6 +34,16 @@ def log(msg: str) -> None:
     print(f"[{time.perf_counter() - _T0:7.1f}s] {msg}", flush=True)
 
 
+def bench_checkpoint(ckpt_dir, arch: str, size: str) -> Path:
+    """The random-weight checkpoint the benchmarks share, <ckpt_dir>/<arch>-<size>, made on first use."""
+    from modelyard import testing
+    path = Path(ckpt_dir) / f"{arch}-{size}"
+    if not (path / "config.json").exists():
+        log(f"making checkpoint {path}")
+        testing.make_checkpoint(arch, path, size=size)
+    return path
+
+
 def measure_ceilings() -> dict:
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
@@ -335,11 +345,8 @@ def main(argv=None):
 
     from modelyard import testing
     root = Path(args.ckpt_dir)
-    path = root / f"{args.arch}-{args.size}"
     t0 = time.perf_counter()
-    if not (path / "config.json").exists():
-        log(f"making checkpoint {path}")
-        testing.make_checkpoint(args.arch, path, size=args.size)
+    path = bench_checkpoint(root, args.arch, args.size)
     make_s = time.perf_counter() - t0
     log(f"checkpoint ready ({make_s:.1f}s); images")
     images = testing.make_images(root / f"images-{args.image_size}", args.images, seed=0,
