@@ -6,8 +6,9 @@ step would take without the non-GEMM kernels.
    (the graph's launch gaps).
 2. Removal bounds (timing only; the logits are wrong in these variants): the step re-captured with
    the same GEMM plan but without the rotary + cache-write kernel, the SiLU kernel, the decode
-   attention kernel, and combinations. Each figure is the most that fusing or hiding that work
-   could save, measured rather than summed from kernel durations (PDL overlaps some of them).
+   attention kernel, and combinations; and with the rotary + cache and SiLU kernels kept but their
+   folded-norm reductions left out (scale 1). Each figure is the most that fusing or hiding that
+   work could save, measured rather than summed from kernel durations (PDL overlaps some of them).
 
 Every figure is also given against the weights-read floor (decode weight bytes / measured copy
 bandwidth), as benchmarks/throughput.py reports the step. Makes (or reuses) the random checkpoint.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -59,9 +61,11 @@ def kernel_table(eng, batch: int, replays: int = 5) -> list[str]:
 
 
 @contextlib.contextmanager
-def without(rotary: bool, silu: bool, attention: bool, max_batch: int, spec, device="cuda"):
+def without(rotary: bool, silu: bool, attention: bool, max_batch: int, spec, device="cuda", norms: bool = False):
     """The decoder with the chosen kernels replaced by nothing (a preallocated buffer stands in for
-    their outputs, so no other kernel is added); the originals come back on exit. Timing only."""
+    their outputs, so no other kernel is added); the originals come back on exit. Timing only.
+    `norms`: the rotary + cache and SiLU kernels run without their folded-norm reduction (scale 1),
+    the bound for a design that computes the norm scales off the critical path."""
     from modelyard.engine import ops
     from modelyard.engine.attention import base
     saved = base.AttentionBackend.write_kv, ops.silu_and_mul, ops.paged_decode_attention
@@ -69,6 +73,14 @@ def without(rotary: bool, silu: bool, attention: bool, max_batch: int, spec, dev
     act = torch.zeros(max_batch, spec.intermediate_size, device=dev, dtype=dt)
     att = torch.zeros(max_batch, spec.num_heads, spec.head_dim, device=dev, dtype=dt)
     try:
+        if norms:
+            write_kv, silu_and_mul = saved[0], saved[1]
+
+            def write_kv_unscaled(self, k, v, k_cache, v_cache, meta, q=None, rotary=None):
+                rotary = rotary and dataclasses.replace(rotary, norm_x=None)
+                return write_kv(self, k, v, k_cache, v_cache, meta, q, rotary)
+            base.AttentionBackend.write_kv = write_kv_unscaled
+            ops.silu_and_mul = lambda x, *a, **kw: silu_and_mul(x)
         if rotary:
             base.AttentionBackend.write_kv = lambda self, *a, **kw: None
         if silu:
@@ -80,9 +92,11 @@ def without(rotary: bool, silu: bool, attention: bool, max_batch: int, spec, dev
         base.AttentionBackend.write_kv, ops.silu_and_mul, ops.paged_decode_attention = saved
 
 
-VARIANTS = [("every kernel", False, False, False), ("no rotary + cache write", True, False, False),
-            ("no SiLU", False, True, False), ("no decode attention", False, False, True),
-            ("no rotary, no SiLU", True, True, False), ("GEMMs only", True, True, True)]
+# (name, rotary, silu, attention, norms): what each re-capture leaves out
+VARIANTS = [("every kernel", False, False, False, False), ("no folded-norm reductions", False, False, False, True),
+            ("no rotary + cache write", True, False, False, False), ("no SiLU", False, True, False, False),
+            ("no decode attention", False, False, True, False), ("no rotary, no SiLU", True, True, False, False),
+            ("GEMMs only", True, True, True, False)]
 
 
 def main(argv=None) -> int:
@@ -118,8 +132,8 @@ def main(argv=None) -> int:
     spec = eng.model.language_model.spec
     plan = graphs.gemm_plan
     try:
-        for name, rot, silu, attn in VARIANTS:
-            with without(rot, silu, attn, max(batches), spec):
+        for name, rot, silu, attn, norms in VARIANTS:
+            with without(rot, silu, attn, max(batches), spec, norms=norms):
                 graphs.capture(plan)
                 cells = []
                 for b in batches:
