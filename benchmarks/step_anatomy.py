@@ -7,7 +7,7 @@ step would take without the non-GEMM kernels.
 2. Removal bounds (timing only; the logits are wrong in these variants): the step re-captured with
    the same GEMM plan but without the rotary + cache-write kernel, the SiLU kernel, the decode
    attention kernel, and combinations; and with the rotary + cache and SiLU kernels kept but their
-   folded-norm reductions left out (scale 1). Each figure is the most that fusing or hiding that
+   folded-norm scaling left out. Each figure is the most that fusing or hiding that
    work could save, measured rather than summed from kernel durations (PDL overlaps some of them).
 
 Every figure is also given against the weights-read floor (decode weight bytes / measured copy
@@ -64,8 +64,8 @@ def kernel_table(eng, batch: int, replays: int = 5) -> list[str]:
 def without(rotary: bool, silu: bool, attention: bool, max_batch: int, spec, device="cuda", norms: bool = False):
     """The decoder with the chosen kernels replaced by nothing (a preallocated buffer stands in for
     their outputs, so no other kernel is added); the originals come back on exit. Timing only.
-    `norms`: the rotary + cache and SiLU kernels run without their folded-norm reduction (scale 1),
-    the bound for a design that computes the norm scales off the critical path."""
+    `norms`: the rotary + cache and SiLU kernels run without their folded-norm scale (as if 1): the
+    bound for the scales' cost (their rms_scale kernels still run, beside the GEMMs)."""
     from modelyard.engine import ops
     from modelyard.engine.attention import base
     saved = base.AttentionBackend.write_kv, ops.silu_and_mul, ops.paged_decode_attention
@@ -77,7 +77,7 @@ def without(rotary: bool, silu: bool, attention: bool, max_batch: int, spec, dev
             write_kv, silu_and_mul = saved[0], saved[1]
 
             def write_kv_unscaled(self, k, v, k_cache, v_cache, meta, q=None, rotary=None):
-                rotary = rotary and dataclasses.replace(rotary, norm_x=None)
+                rotary = rotary and dataclasses.replace(rotary, norm_scale=None)
                 return write_kv(self, k, v, k_cache, v_cache, meta, q, rotary)
             base.AttentionBackend.write_kv = write_kv_unscaled
             ops.silu_and_mul = lambda x, *a, **kw: silu_and_mul(x)
@@ -93,7 +93,7 @@ def without(rotary: bool, silu: bool, attention: bool, max_batch: int, spec, dev
 
 
 # (name, rotary, silu, attention, norms): what each re-capture leaves out
-VARIANTS = [("every kernel", False, False, False, False), ("no folded-norm reductions", False, False, False, True),
+VARIANTS = [("every kernel", False, False, False, False), ("no folded-norm scaling", False, False, False, True),
             ("no rotary + cache write", True, False, False, False), ("no SiLU", False, True, False, False),
             ("no decode attention", False, False, True, False), ("no rotary, no SiLU", True, True, False, False),
             ("GEMMs only", True, True, True, False)]

@@ -125,7 +125,7 @@ __device__ __forceinline__ float block_sum(float x, float* scratch) {
 }
 
 // 1 / sqrt(mean(row^2) + eps) in float32, every thread of the block gets it: the RMSNorm scale of a row
-// whose norm a kernel applies on the fly (the decoder's folded norms, engine/models/decoder.py). The
+// (rms_scale: the decoder's folded norms, engine/models/decoder.py). The
 // row is n elements (n % VEC == 0, 16-byte aligned for VEC > 1); every thread of the block must call it.
 template <typename T, int VEC>
 __device__ __forceinline__ float block_inv_rms(const T* __restrict__ row, int n, float eps, float* scratch) {
@@ -143,7 +143,7 @@ __device__ __forceinline__ float block_inv_rms(const T* __restrict__ row, int n,
   return rsqrtf(ss / static_cast<float>(n) + eps);
 }
 
-// x * scale rounded to T: a folded norm's consumer scaling a projection output by block_inv_rms.
+// x * scale rounded to T: a folded norm's consumer scaling a projection output by its row's scale.
 template <typename T, int VEC>
 __device__ __forceinline__ Vec<T, VEC> scaled(Vec<T, VEC> x, float scale) {
 #pragma unroll
@@ -231,16 +231,14 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // fired, while string insertion worked; keeping numbers out of iostreams sidesteps that mismatch.
 inline std::string num(int64_t v) { return std::to_string(v); }
 
-// The optional norm_x [rows, H] (and eps) of an op that applies a folded norm (block_inv_rms): like
-// `like` (device, dtype), one row per row of the op, a contiguous last dim.
-inline void check_norm_x(const char* op, const std::optional<at::Tensor>& norm_x, double eps, const at::Tensor& like,
-                         int64_t rows) {
-  if (!norm_x) return;
-  TORCH_CHECK(norm_x->device() == like.device() && norm_x->scalar_type() == like.scalar_type() && norm_x->dim() == 2 &&
-                  norm_x->size(0) == rows && norm_x->size(1) > 0 && norm_x->stride(1) == 1,
-              op, ": norm_x must be [", num(rows), ", H] in ", like.scalar_type(),
-              " on the same device, with a contiguous last dim");
-  TORCH_CHECK(eps >= 0, op, ": norm_eps must be >= 0");
+// The optional norm_scale of an op that applies a folded norm's scale (rms_scale's output): float32
+// [rows] (or [rows, 1]), contiguous, on `like`'s device.
+inline void check_norm_scale(const char* op, const std::optional<at::Tensor>& norm_scale, const at::Tensor& like,
+                             int64_t rows) {
+  if (!norm_scale) return;
+  TORCH_CHECK(norm_scale->device() == like.device() && norm_scale->scalar_type() == at::kFloat &&
+                  norm_scale->numel() == rows && norm_scale->size(0) == rows && norm_scale->is_contiguous(),
+              op, ": norm_scale must be a contiguous float32 [", num(rows), "] on the same device");
 }
 
 inline std::string shape(at::IntArrayRef s) {

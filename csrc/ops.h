@@ -26,6 +26,10 @@ void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tenso
 // x [T, H], weight [H] -> [T, H].
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 
+// out [T] float32 <- 1 / sqrt(mean(x_row^2) + eps) for each row of x [T, H]: the folded norms' scale
+// (engine/models/decoder.py), read by rotary_embedding_and_cache and silu_and_mul (norm_scale).
+void rms_scale(const at::Tensor& x, double eps, at::Tensor& out);
+
 // -> (rms_norm(x + residual), x + residual), both new tensors.
 std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm(const at::Tensor& x, const at::Tensor& residual,
                                                       const at::Tensor& weight, double eps);
@@ -46,17 +50,17 @@ void rotary_embedding(const at::Tensor& positions, at::Tensor& query, at::Tensor
                       const at::Tensor& cos_sin_cache, bool is_neox);
 
 // rotary_embedding on query and key, then reshape_and_cache of the rotated key and value [T, Hk, D],
-// in one launch; the same results as the two ops in sequence. With norm_x [T, H], q, k and v are first
-// scaled in place by each token's RMSNorm scale 1 / sqrt(mean(norm_x^2) + norm_eps) (folded norms).
+// in one launch; the same results as the two ops in sequence. With norm_scale [T] float32, q, k and v
+// are first multiplied in place by each token's scale and rounded (folded norms; rms_scale's output).
 void rotary_embedding_and_cache(const at::Tensor& positions, at::Tensor& query, at::Tensor& key,
                                 at::Tensor& value, at::Tensor& k_cache, at::Tensor& v_cache,
                                 const at::Tensor& slot_mapping, int64_t head_dim, const at::Tensor& cos_sin_cache,
                                 bool is_neox, double k_scale, double v_scale,
-                                const std::optional<at::Tensor>& norm_x, double norm_eps);
+                                const std::optional<at::Tensor>& norm_scale);
 
-// x [..., 2I] -> silu(x[..., :I]) * x[..., I:]  [..., I]. With norm_x [rows, H], both halves of a row are
-// first scaled by that row's RMSNorm scale 1 / sqrt(mean(norm_x^2) + norm_eps) and rounded (folded norms).
-at::Tensor silu_and_mul(const at::Tensor& x, const std::optional<at::Tensor>& norm_x, double norm_eps);
+// x [..., 2I] -> silu(x[..., :I]) * x[..., I:]  [..., I]. With norm_scale [rows] float32, both halves of
+// a row are first multiplied by the row's scale and rounded (folded norms; rms_scale's output).
+at::Tensor silu_and_mul(const at::Tensor& x, const std::optional<at::Tensor>& norm_scale);
 
 // x [..., 2I] -> per_token_quant_fp8(silu_and_mul(x)) bit for bit: (q [..., I] float8_e4m3fn,
 // scales [..., 1] float32).

@@ -39,18 +39,18 @@ def test_without_replaces_the_chosen_kernels_and_restores_them(rotary, silu, att
 
 
 def test_without_norms_keeps_the_kernels_but_drops_their_norm_input(monkeypatch):
-    """norms=True: write_kv gets the rotary without norm_x and silu_and_mul no norm_x; both restored."""
+    """norms=True: write_kv gets the rotary without norm_scale and silu_and_mul no norm_scale; both restored."""
     seen = {}
     monkeypatch.setattr(base.AttentionBackend, "write_kv",
                         lambda self, k, v, kc, vc, meta, q=None, rotary=None: seen.setdefault("rotary", rotary))
-    monkeypatch.setattr(ops, "silu_and_mul", lambda x, norm_x=None, norm_eps=0.0: seen.setdefault("norm_x", norm_x))
+    monkeypatch.setattr(ops, "silu_and_mul", lambda x, norm_scale=None: seen.setdefault("norm_scale", norm_scale))
     before = _originals()
-    rot = base.Rotary(torch.zeros(2, dtype=torch.long), torch.zeros(4, 8), True, torch.ones(2, 16), 1e-6)
+    rot = base.Rotary(torch.zeros(2, dtype=torch.long), torch.zeros(4, 8), True, torch.ones(2))
     with step_anatomy.without(False, False, False, 8, SPEC, device="cpu", norms=True):
         base.AttentionBackend.write_kv(None, 1, 2, 3, 4, None, None, rot)
-        ops.silu_and_mul(torch.zeros(2, 48), torch.ones(2, 16), 1e-6)
-    assert seen["rotary"].norm_x is None and seen["rotary"].positions is rot.positions
-    assert seen["norm_x"] is None
+        ops.silu_and_mul(torch.zeros(2, 48), torch.ones(2))
+    assert seen["rotary"].norm_scale is None and seen["rotary"].positions is rot.positions
+    assert seen["norm_scale"] is None
     assert _originals() == before
 
 

@@ -161,9 +161,9 @@ def test_rotary_and_cache_equals_the_two_ops(dtype, cache_dtype, is_neox, hq, hk
 @pytest.mark.parametrize("hq,hk,d", [(32, 32, 128), (28, 4, 128), (4, 2, 72)])
 @pytest.mark.parametrize("aligned", [True, False])
 def test_rotary_and_cache_with_a_folded_norm(dtype, cache_dtype, hq, hk, d, aligned):
-    """norm_x: q, k and v (padding rows too) are scaled in place by each row's RMSNorm scale before the
-    rotation and the cache write; the kernel against the torch reference, with 16-byte and scalar
-    (unaligned, strided) norm_x rows. The scale's sum order differs: one unit in the last place."""
+    """norm_scale: q, k and v (padding rows too) are scaled in place by each row's RMSNorm scale (rms_scale
+    of 16-byte and of scalar, unaligned and strided, rows) before the rotation and the cache write; the
+    kernel against the torch reference."""
     k_ = kernels.get()
     T, nb, bs, H, eps = 19, 16, 16, 520, 1e-5
     cache_dtype = cache_dtype or dtype
@@ -176,22 +176,22 @@ def test_rotary_and_cache_with_a_folded_norm(dtype, cache_dtype, hq, hk, d, alig
     qkv = torch.randn(T, (hq + 2 * hk) * d, device="cuda", dtype=dtype) * 8
     h = torch.randn(T, H + 1, device="cuda", dtype=dtype) * 3
     norm_x = h[:, :H].contiguous() if aligned else h[:, 1:]
+    s = ops.rms_scale(norm_x, eps)
     fresh = torch.randn(nb, bs, hk, d, device="cuda").to(cache_dtype)
     outs = []
     for run in (ops.rotary_embedding_and_cache_ref, k_.rotary_embedding_and_cache):
         x = qkv.clone()
         q, k, v = x[:, :hq * d], x[:, hq * d:(hq + hk) * d].view(T, hk, d), x[:, (hq + hk) * d:].view(T, hk, d)
         kc, vc = fresh.clone(), fresh.clone()
-        run(pos, q, k, v, kc, vc, slots, d, cos_sin, True, *scales, norm_x, eps)
+        run(pos, q, k, v, kc, vc, slots, d, cos_sin, True, *scales, s)
         outs.append((x, kc.float(), vc.float()))
     (x0, kc0, vc0), (x1, kc1, vc1) = outs
     _close(x1, x0, dtype)
     tol = 2e-2 if fp8 else {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
     assert rel_err(kc1, kc0) < tol and rel_err(vc1, vc0) < tol
-    # the scaling happened: v's rows (not rotated) are the input's times each row's scale
-    s = ops.inv_rms_ref(norm_x, eps)
+    # the scaling happened: v's rows (not rotated) are the input's times each row's RMSNorm scale
     v_in = qkv[:, (hq + hk) * d:].float()
-    assert rel_err(x1[:, (hq + hk) * d:], v_in * s) < 2 * tol + 1e-6
+    assert rel_err(x1[:, (hq + hk) * d:], v_in * ops.inv_rms_ref(norm_x, eps)) < 2 * tol + 1e-6
     untouched = torch.ones(nb * bs, dtype=torch.bool, device="cuda")
     untouched[slots[slots >= 0]] = False                    # the padding row writes nothing
     assert torch.equal(kc1.view(nb * bs, -1)[untouched], fresh.float().view(nb * bs, -1)[untouched])
@@ -211,9 +211,12 @@ def test_rotary_and_cache_argument_checks():
         k_.rotary_embedding_and_cache(pos, q, k, k.clone(), kc, kc.clone(), slots, 64, cos_sin, True, 0.5, 1.0)
     with pytest.raises(RuntimeError, match="rotary_embedding_and_cache: positions"):
         k_.rotary_embedding_and_cache(pos.float(), q, k, k.clone(), kc, kc.clone(), slots, 64, cos_sin, True, 1.0, 1.0)
-    with pytest.raises(RuntimeError, match="rotary_embedding_and_cache: norm_x must be"):
+    with pytest.raises(RuntimeError, match="rotary_embedding_and_cache: norm_scale must be"):
         k_.rotary_embedding_and_cache(pos, q, k, k.clone(), kc, kc.clone(), slots, 64, cos_sin, True, 1.0, 1.0,
-                                      torch.randn(2, 64, device="cuda", dtype=torch.bfloat16), 1e-6)
+                                      torch.ones(2, device="cuda"))
+    with pytest.raises(RuntimeError, match="rotary_embedding_and_cache: norm_scale must be"):
+        k_.rotary_embedding_and_cache(pos, q, k, k.clone(), kc, kc.clone(), slots, 64, cos_sin, True, 1.0, 1.0,
+                                      torch.ones(3, device="cuda", dtype=torch.bfloat16))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -227,16 +230,32 @@ def test_silu_and_mul(dtype, shape):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("inter,aligned", [(11008, True), (100, True), (11008, False)])
 def test_silu_and_mul_with_a_folded_norm(dtype, inter, aligned):
-    """norm_x: gate and up scaled by each row's RMSNorm scale first; 16-byte and scalar norm_x rows."""
+    """norm_scale: gate and up multiplied by each row's scale first (16-byte and scalar x rows)."""
     T, H, eps = 37, 4096, 1e-6
-    x = torch.randn(T, 2 * inter, device="cuda", dtype=dtype) * 16
-    h = torch.randn(T, H + 1, device="cuda", dtype=dtype) * 3
-    norm_x = h[:, :H].contiguous() if aligned else h[:, 1:]
-    out = ops.silu_and_mul(x, norm_x, eps)
-    _close(out, ops.silu_and_mul_ref(x, norm_x, eps), dtype)
+    x = torch.randn(T, 2 * inter + (0 if aligned else 1), device="cuda", dtype=dtype)[:, :2 * inter] * 16
+    s = ops.rms_scale(torch.randn(T, H, device="cuda", dtype=dtype) * 3, eps)
+    out = ops.silu_and_mul(x, s)
+    _close(out, ops.silu_and_mul_ref(x, s), dtype)
     assert rel_err(out, ops.silu_and_mul(x)) > 0.1          # the scaling happened (s ~ 1/3 here)
-    with pytest.raises(RuntimeError, match="silu_and_mul: norm_x must be"):
-        ops.silu_and_mul(x, norm_x[:5], eps)
+    with pytest.raises(RuntimeError, match="silu_and_mul: norm_scale must be"):
+        ops.silu_and_mul(x, s[:5])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("H,aligned", [(4096, True), (520, True), (4096, False), (3, False)])
+def test_rms_scale(dtype, H, aligned):
+    """One scale per row, 16-byte and scalar (strided, unaligned) rows, against the float32 reference
+    (a different sum order: a few units in the last place at most)."""
+    T, eps = 67, 1e-5
+    h = torch.randn(T, H + 1, device="cuda", dtype=dtype) * 3
+    x = h[:, :H] if aligned else h[:, 1:]
+    out = torch.full((T,), float("nan"), device="cuda")
+    ops.rms_scale(x, eps, out=out)
+    assert torch.allclose(out, ops.rms_scale_ref(x, eps), rtol=1e-6, atol=0)
+    with pytest.raises(RuntimeError, match="rms_scale: out must be"):
+        ops.rms_scale(x, eps, out=torch.empty(T - 1, device="cuda"))
+    with pytest.raises(RuntimeError, match="rms_scale: out must be"):
+        ops.rms_scale(x, eps, out=torch.empty(T, device="cuda", dtype=torch.float16))
 
 
 def test_ops_capture_in_one_cuda_graph():

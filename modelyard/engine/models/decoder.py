@@ -8,9 +8,11 @@ AttentionMetadata; the attention backend writes and reads the paged cache.
 Folded norms (DecoderModel.fold_norms, EngineConfig.fold_norms): RMSNorm(h) W^T = s * (h (W diag(g))^T)
 with s = 1 / sqrt(mean(h^2) + eps) one number per token and g the norm's weight. So each layer's two
 norm weights are multiplied into qkv_proj's and gate_up_proj's columns once at load, those GEMMs read
-the residual stream h itself, and the kernels that consume their outputs apply s (computed from h)
-before their own work: the rotary + cache-write kernel scales q, k and v, the SiLU-and-mul kernel gate
-and up. The residual adds go into the o_proj and down_proj GEMMs (h += x W^T, beta 1), so h is updated
+the residual stream h itself, and the kernels that consume their outputs apply s before their own
+work: the rotary + cache-write kernel scales q, k and v, the SiLU-and-mul kernel gate and up. s comes
+from a small kernel (ops.rms_scale, one CTA per token); under CUDA graph capture it runs on a forked
+branch beside the GEMM that reads the same h (qkv_proj, gate_up_proj), off the critical path (-0.07 ms
+per decode step at batch 1 to 64, H200, benchmarks/RESULTS.md, session 12). The residual adds go into the o_proj and down_proj GEMMs (h += x W^T, beta 1), so h is updated
 in place and no norm kernel runs inside the layers: two kernels fewer per layer, which at decode
 sizes are latency-bound (3.7-3.9 us each on an H200, benchmarks/RESULTS.md, session 7). Decode steps
 run these folded layers; prefill and mixed steps keep the norm kernels (with the norm weights, now
@@ -164,11 +166,38 @@ class DecoderLayer(nn.Module):
 
     def forward_folded(self, rotary: Rotary, h: torch.Tensor, kv_cache, meta, attn) -> None:
         """h += attention(norm(h)); h += mlp(norm(h)), in place, with the norms folded (module docstring).
-        Each consumer reads h before the GEMM that adds to it is launched."""
+        Each norm scale is taken from h before the GEMM that adds to h is launched."""
         sa, mlp = self.self_attn, self.mlp
-        rotary = replace(rotary, norm_x=h, norm_eps=self.input_layernorm.eps)
-        sa.o_proj.add_(h, sa.attend(rotary, sa.qkv_proj(h), kv_cache, meta, attn))
-        mlp.down_proj.add_(h, ops.silu_and_mul(mlp.gate_up_proj(h), h, self.post_attention_layernorm.eps))
+        s, qkv = _scale_beside(h, self.input_layernorm.eps, sa.qkv_proj)
+        sa.o_proj.add_(h, sa.attend(replace(rotary, norm_scale=s), qkv, kv_cache, meta, attn))
+        s, gate_up = _scale_beside(h, self.post_attention_layernorm.eps, mlp.gate_up_proj)
+        mlp.down_proj.add_(h, ops.silu_and_mul(gate_up, s))
+
+
+# Whether graph captures put the norm scales' kernel on a forked branch (a switch for A/B measurements;
+# off, it runs on the main stream before the GEMM, as in eager mode).
+SCALE_BESIDE = True
+_side_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _scale_beside(h: torch.Tensor, eps: float, proj) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ops.rms_scale(h), proj(h)). Under CUDA graph capture the scale's kernel is a forked branch of the
+    graph that runs beside proj's GEMM (both only read h); the stream joins back before the scale is
+    used. Eagerly it runs first on the current stream (a fork per layer would cost more host time than
+    the kernel)."""
+    s = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)  # allocated on the main stream
+    if not (SCALE_BESIDE and h.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return ops.rms_scale(h, eps, out=s), proj(h)
+    main = torch.cuda.current_stream(h.device)
+    side = _side_streams.get(h.device)
+    if side is None:
+        side = _side_streams[h.device] = torch.cuda.Stream(h.device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        ops.rms_scale(h, eps, out=s)
+    out = proj(h)
+    main.wait_stream(side)
+    return s, out
 
 
 class DecoderModel(nn.Module):
