@@ -65,7 +65,7 @@ def without(rotary: bool, silu: bool, attention: bool, max_batch: int, spec, dev
     """The decoder with the chosen kernels replaced by nothing (a preallocated buffer stands in for
     their outputs, so no other kernel is added); the originals come back on exit. Timing only.
     `norms`: the rotary + cache and SiLU kernels run without their folded-norm scale (as if 1): the
-    bound for the scales' cost (their rms_scale kernels still run, beside the GEMMs)."""
+    bound for the scales' cost (in the graphs their rms_scale kernels still run, beside the GEMMs)."""
     from modelyard.engine import ops
     from modelyard.engine.attention import base
     saved = base.AttentionBackend.write_kv, ops.silu_and_mul, ops.paged_decode_attention
@@ -77,7 +77,7 @@ def without(rotary: bool, silu: bool, attention: bool, max_batch: int, spec, dev
             write_kv, silu_and_mul = saved[0], saved[1]
 
             def write_kv_unscaled(self, k, v, k_cache, v_cache, meta, q=None, rotary=None):
-                rotary = rotary and dataclasses.replace(rotary, norm_scale=None)
+                rotary = rotary and dataclasses.replace(rotary, norm_x=None, norm_scale=None)
                 return write_kv(self, k, v, k_cache, v_cache, meta, q, rotary)
             base.AttentionBackend.write_kv = write_kv_unscaled
             ops.silu_and_mul = lambda x, *a, **kw: silu_and_mul(x)

@@ -125,7 +125,7 @@ __device__ __forceinline__ float block_sum(float x, float* scratch) {
 }
 
 // 1 / sqrt(mean(row^2) + eps) in float32, every thread of the block gets it: the RMSNorm scale of a row
-// (rms_scale: the decoder's folded norms, engine/models/decoder.py). The
+// (rms_scale, and the folded-norm consumers given norm_x: engine/models/decoder.py). The
 // row is n elements (n % VEC == 0, 16-byte aligned for VEC > 1); every thread of the block must call it.
 template <typename T, int VEC>
 __device__ __forceinline__ float block_inv_rms(const T* __restrict__ row, int n, float eps, float* scratch) {
@@ -230,6 +230,18 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // insertion compiled into this library crashed inside libstdc++ (SIGSEGV in num_put) when a check
 // fired, while string insertion worked; keeping numbers out of iostreams sidesteps that mismatch.
 inline std::string num(int64_t v) { return std::to_string(v); }
+
+// The optional norm_x [rows, H] (and eps) of an op that applies a folded norm (block_inv_rms): like
+// `like` (device, dtype), one row per row of the op, a contiguous last dim.
+inline void check_norm_x(const char* op, const std::optional<at::Tensor>& norm_x, double eps, const at::Tensor& like,
+                         int64_t rows) {
+  if (!norm_x) return;
+  TORCH_CHECK(norm_x->device() == like.device() && norm_x->scalar_type() == like.scalar_type() && norm_x->dim() == 2 &&
+                  norm_x->size(0) == rows && norm_x->size(1) > 0 && norm_x->stride(1) == 1,
+              op, ": norm_x must be [", num(rows), ", H] in ", like.scalar_type(),
+              " on the same device, with a contiguous last dim");
+  TORCH_CHECK(eps >= 0, op, ": norm_eps must be >= 0");
+}
 
 // The optional norm_scale of an op that applies a folded norm's scale (rms_scale's output): float32
 // [rows] (or [rows, 1]), contiguous, on `like`'s device.

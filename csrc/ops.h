@@ -50,17 +50,21 @@ void rotary_embedding(const at::Tensor& positions, at::Tensor& query, at::Tensor
                       const at::Tensor& cos_sin_cache, bool is_neox);
 
 // rotary_embedding on query and key, then reshape_and_cache of the rotated key and value [T, Hk, D],
-// in one launch; the same results as the two ops in sequence. With norm_scale [T] float32, q, k and v
-// are first multiplied in place by each token's scale and rounded (folded norms; rms_scale's output).
+// in one launch; the same results as the two ops in sequence. With norm_x [T, H], q, k and v are first
+// scaled in place by each token's RMSNorm scale 1 / sqrt(mean(norm_x^2) + norm_eps), reduced in the
+// kernel, or with norm_scale [T] float32 by that scale computed already (rms_scale) (folded norms).
 void rotary_embedding_and_cache(const at::Tensor& positions, at::Tensor& query, at::Tensor& key,
                                 at::Tensor& value, at::Tensor& k_cache, at::Tensor& v_cache,
                                 const at::Tensor& slot_mapping, int64_t head_dim, const at::Tensor& cos_sin_cache,
                                 bool is_neox, double k_scale, double v_scale,
+                                const std::optional<at::Tensor>& norm_x, double norm_eps,
                                 const std::optional<at::Tensor>& norm_scale);
 
-// x [..., 2I] -> silu(x[..., :I]) * x[..., I:]  [..., I]. With norm_scale [rows] float32, both halves of
-// a row are first multiplied by the row's scale and rounded (folded norms; rms_scale's output).
-at::Tensor silu_and_mul(const at::Tensor& x, const std::optional<at::Tensor>& norm_scale);
+// x [..., 2I] -> silu(x[..., :I]) * x[..., I:]  [..., I]. With norm_x [rows, H], both halves of a row are
+// first scaled by that row's RMSNorm scale 1 / sqrt(mean(norm_x^2) + norm_eps) and rounded, or with
+// norm_scale [rows] float32 by that scale computed already (rms_scale) (folded norms).
+at::Tensor silu_and_mul(const at::Tensor& x, const std::optional<at::Tensor>& norm_x, double norm_eps,
+                        const std::optional<at::Tensor>& norm_scale);
 
 // x [..., 2I] -> per_token_quant_fp8(silu_and_mul(x)) bit for bit: (q [..., I] float8_e4m3fn,
 // scales [..., 1] float32).

@@ -5,10 +5,12 @@
 // cos_sin_cache [max_pos, D] float32 holds [cos(D/2) | sin(D/2)] per position; the rotation is done
 // in float32 and rounded once, as the torch reference does.
 //
-// With norm_scale (rotary_embedding_and_cache only; [T] float32, rms_scale's output), q, k and v are
-// first multiplied by the token's scale and rounded: the decoder's folded input norm
-// (engine/models/decoder.py), whose qkv projection read the un-normalized residual stream and whose
-// norm weight lives in the projection's weights. v is scaled in place too (the prefill
+// With norm_x (rotary_embedding_and_cache only), q, k and v are first multiplied by the RMSNorm scale
+// of the token's row of norm_x, 1 / sqrt(mean(norm_x^2) + eps), and rounded: the decoder's folded
+// input norm (engine/models/decoder.py), whose qkv projection read the un-normalized residual stream
+// and whose norm weight lives in the projection's weights. Or with norm_scale, that scale computed
+// already (rms_scale, [T] float32: the decode graphs compute it beside the qkv GEMM, so this kernel
+// reads one float instead of reducing the row). v is scaled in place too (the prefill
 // attention reads it there).
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -80,18 +82,28 @@ __global__ void rotary_kernel(const P* __restrict__ positions, T* __restrict__ q
 // rotary_kernel plus the cache write of the token's K (rotated) and V rows, in one launch: the items
 // past the rotary ones copy V. A negative slot (padding row) is rotated but not written, as the two
 // separate ops do. C == T copies; C == fp8_e4m3 stores x * inv_scale rounded to e4m3.
-// kNorm: q, k and v are scaled by norm_scale[t] first (see the top).
+// kNorm: q, k and v are scaled by norm_scale[t], or without it by the RMSNorm scale of row t of
+// norm_x, first (see the top).
 template <typename T, typename C, typename P, bool kNeox, int VEC, bool kNorm>
 __global__ void rotary_cache_kernel(const P* __restrict__ positions, T* __restrict__ query, T* __restrict__ key,
                                     T* __restrict__ value, C* __restrict__ k_cache, C* __restrict__ v_cache,
                                     const int64_t* __restrict__ slot_mapping, const float* __restrict__ cos_sin,
                                     int64_t q_stride, int64_t k_stride, int64_t v_stride, int num_heads,
                                     int num_kv_heads, int head_dim, float k_inv_scale, float v_inv_scale,
+                                    const T* __restrict__ norm_x, int64_t norm_stride, int norm_dim, float norm_eps,
                                     const float* __restrict__ norm_scale) {
   const int64_t t = blockIdx.x;
-  // Before pdl_wait: rms_scale wrote norm_scale before the qkv GEMM ahead of this kernel ended (the
-  // decoder orders it so), and the GEMM does not write it.
-  const float ns = kNorm ? norm_scale[t] : 1.f;
+  float ns = 1.f;
+  // Before pdl_wait: norm_x is the residual stream, which the qkv GEMM before this kernel only reads;
+  // norm_scale was written by rms_scale, which ended before this launch (the decoder orders it so).
+  if constexpr (kNorm) {
+    if (norm_scale != nullptr) {
+      ns = norm_scale[t];
+    } else {
+      __shared__ float scratch[32];
+      ns = block_inv_rms<T, VEC>(norm_x + t * norm_stride, norm_dim, norm_eps, scratch);
+    }
+  }
   pdl_wait();
   pdl_trigger();
   const int64_t slot = slot_mapping[t];
@@ -221,12 +233,15 @@ void rotary_embedding_and_cache(const at::Tensor& positions, at::Tensor& query, 
                                 at::Tensor& value, at::Tensor& k_cache, at::Tensor& v_cache,
                                 const at::Tensor& slot_mapping, int64_t head_dim, const at::Tensor& cos_sin_cache,
                                 bool is_neox, double k_scale, double v_scale,
+                                const std::optional<at::Tensor>& norm_x, double norm_eps,
                                 const std::optional<at::Tensor>& norm_scale) {
   const char* op = "rotary_embedding_and_cache";
   const RotaryShape r = check_rotary(op, positions, query, key, head_dim, cos_sin_cache);
   const bool fp8 = check_kv_write(op, key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale);
   TORCH_CHECK(key.size(2) == head_dim, op, ": key must be [T, Hk, head_dim]");
-  const bool norm = norm_scale.has_value();
+  TORCH_CHECK(!(norm_x && norm_scale), op, ": pass norm_x or norm_scale, not both");
+  const bool norm = norm_x.has_value() || norm_scale.has_value();
+  check_norm_x(op, norm_x, norm_eps, query, r.T);
   check_norm_scale(op, norm_scale, query, r.T);
   if (r.T == 0) return;
   const c10::cuda::OptionalCUDAGuard guard(query.device());
@@ -238,7 +253,11 @@ void rotary_embedding_and_cache(const at::Tensor& positions, at::Tensor& query, 
     auto* v = reinterpret_cast<scalar_t*>(value.data_ptr());
     const float* cs = cos_sin_cache.data_ptr<float>();
     const int64_t v_stride = value.stride(0);
-    const float* nsc = norm ? norm_scale->data_ptr<float>() : nullptr;
+    const auto* nx = norm_x ? reinterpret_cast<const scalar_t*>(norm_x->data_ptr()) : nullptr;
+    const int64_t n_stride = norm_x ? norm_x->stride(0) : 0;
+    const int n_dim = norm_x ? static_cast<int>(norm_x->size(1)) : 0;
+    const float* nsc = norm_scale ? norm_scale->data_ptr<float>() : nullptr;
+    const float n_eps = static_cast<float>(norm_eps);
     TORCH_CHECK(value.stride(1) == head_dim, op, ": value heads must be packed [T, Hk, head_dim]");
     constexpr int VEC = 16 / sizeof(scalar_t);
     // As rotary_embedding, and V rows and the cache (VEC elements of its own width: 16 bytes, or
@@ -247,9 +266,11 @@ void rotary_embedding_and_cache(const at::Tensor& positions, at::Tensor& query, 
     const bool vec = is_neox && (head_dim / 2) % VEC == 0 && r.q_stride % VEC == 0 && r.k_stride % VEC == 0 &&
                      v_stride % VEC == 0 && aligned16(q) && aligned16(k) && aligned16(v) &&
                      reinterpret_cast<uintptr_t>(k_cache.data_ptr()) % cache_align == 0 &&
-                     reinterpret_cast<uintptr_t>(v_cache.data_ptr()) % cache_align == 0;
+                     reinterpret_cast<uintptr_t>(v_cache.data_ptr()) % cache_align == 0 &&
+                     (!norm_x || vec_elems(*norm_x, {n_stride}, n_dim) == VEC);
     // Up to one item per thread: at decode sizes the kernel is a chain of dependent loads and
     // stores, and a second pass per thread would double it (64 x 32 heads of 128: 1024 items).
+    // Whole warps: the folded norm's block reduction needs them.
     const int threads = static_cast<int>(ceil_div(
         threads_for((r.Hq + r.Hk) * head_dim / 2 / (vec ? VEC : 1) + r.Hk * head_dim / (vec ? VEC : 1), 1024), 32) * 32);
     const int D = static_cast<int>(head_dim);
@@ -259,7 +280,7 @@ void rotary_embedding_and_cache(const at::Tensor& positions, at::Tensor& query, 
       using C = std::remove_pointer_t<decltype(kc)>;
       auto go = [&](auto kernel) {
         launch(kernel, r.T, threads, stream, pos, q, k, v, kc, vc, slots, cs, r.q_stride, r.k_stride, v_stride, r.Hq,
-               r.Hk, D, kis, vis, nsc);
+               r.Hk, D, kis, vis, nx, n_stride, n_dim, n_eps, nsc);
       };
       if (vec) {
         norm ? go(rotary_cache_kernel<scalar_t, C, P, true, VEC, true>)

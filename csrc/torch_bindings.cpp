@@ -19,8 +19,9 @@ TORCH_LIBRARY(modelyard, m) {
   m.def(
       "rotary_embedding_and_cache(Tensor positions, Tensor(a!) query, Tensor(b!) key, Tensor(e!) value, "
       "Tensor(c!) k_cache, Tensor(d!) v_cache, Tensor slot_mapping, int head_dim, Tensor cos_sin_cache, "
-      "bool is_neox, float k_scale=1.0, float v_scale=1.0, Tensor? norm_scale=None) -> ()");
-  m.def("silu_and_mul(Tensor x, Tensor? norm_scale=None) -> Tensor");
+      "bool is_neox, float k_scale=1.0, float v_scale=1.0, Tensor? norm_x=None, float norm_eps=0.0, "
+      "Tensor? norm_scale=None) -> ()");
+  m.def("silu_and_mul(Tensor x, Tensor? norm_x=None, float norm_eps=0.0, Tensor? norm_scale=None) -> Tensor");
   m.def("rms_scale(Tensor x, float eps, Tensor(a!) out) -> ()");
   m.def("per_token_quant_fp8(Tensor x) -> (Tensor, Tensor)");
   m.def("rms_norm_quant_fp8(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)");

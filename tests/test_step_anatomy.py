@@ -39,18 +39,20 @@ def test_without_replaces_the_chosen_kernels_and_restores_them(rotary, silu, att
 
 
 def test_without_norms_keeps_the_kernels_but_drops_their_norm_input(monkeypatch):
-    """norms=True: write_kv gets the rotary without norm_scale and silu_and_mul no norm_scale; both restored."""
+    """norms=True: write_kv gets the rotary without norm_x / norm_scale, silu_and_mul none; both restored."""
     seen = {}
     monkeypatch.setattr(base.AttentionBackend, "write_kv",
                         lambda self, k, v, kc, vc, meta, q=None, rotary=None: seen.setdefault("rotary", rotary))
-    monkeypatch.setattr(ops, "silu_and_mul", lambda x, norm_scale=None: seen.setdefault("norm_scale", norm_scale))
+    monkeypatch.setattr(ops, "silu_and_mul", lambda x, *a, **kw: seen.setdefault("silu", (a, kw)))
     before = _originals()
-    rot = base.Rotary(torch.zeros(2, dtype=torch.long), torch.zeros(4, 8), True, torch.ones(2))
+    rot = base.Rotary(torch.zeros(2, dtype=torch.long), torch.zeros(4, 8), True, torch.ones(2, 16), 1e-6,
+                      torch.ones(2))
     with step_anatomy.without(False, False, False, 8, SPEC, device="cpu", norms=True):
         base.AttentionBackend.write_kv(None, 1, 2, 3, 4, None, None, rot)
-        ops.silu_and_mul(torch.zeros(2, 48), torch.ones(2))
-    assert seen["rotary"].norm_scale is None and seen["rotary"].positions is rot.positions
-    assert seen["norm_scale"] is None
+        ops.silu_and_mul(torch.zeros(2, 48), norm_scale=torch.ones(2))
+    assert seen["rotary"].norm_x is None and seen["rotary"].norm_scale is None
+    assert seen["rotary"].positions is rot.positions
+    assert seen["silu"] == ((), {})
     assert _originals() == before
 
 

@@ -160,10 +160,12 @@ def test_rotary_and_cache_equals_the_two_ops(dtype, cache_dtype, is_neox, hq, hk
                                                (torch.bfloat16, torch.float8_e4m3fn)])
 @pytest.mark.parametrize("hq,hk,d", [(32, 32, 128), (28, 4, 128), (4, 2, 72)])
 @pytest.mark.parametrize("aligned", [True, False])
-def test_rotary_and_cache_with_a_folded_norm(dtype, cache_dtype, hq, hk, d, aligned):
-    """norm_scale: q, k and v (padding rows too) are scaled in place by each row's RMSNorm scale (rms_scale
-    of 16-byte and of scalar, unaligned and strided, rows) before the rotation and the cache write; the
-    kernel against the torch reference."""
+@pytest.mark.parametrize("via", ["norm_x", "norm_scale"])
+def test_rotary_and_cache_with_a_folded_norm(dtype, cache_dtype, hq, hk, d, aligned, via):
+    """q, k and v (padding rows too) are scaled in place by each row's RMSNorm scale before the rotation
+    and the cache write, reduced in the kernel from norm_x rows (16-byte, or scalar: unaligned and
+    strided) or given as norm_scale (rms_scale of the same rows); the kernel against the torch
+    reference. The scale's sum order differs: one unit in the last place."""
     k_ = kernels.get()
     T, nb, bs, H, eps = 19, 16, 16, 520, 1e-5
     cache_dtype = cache_dtype or dtype
@@ -176,14 +178,14 @@ def test_rotary_and_cache_with_a_folded_norm(dtype, cache_dtype, hq, hk, d, alig
     qkv = torch.randn(T, (hq + 2 * hk) * d, device="cuda", dtype=dtype) * 8
     h = torch.randn(T, H + 1, device="cuda", dtype=dtype) * 3
     norm_x = h[:, :H].contiguous() if aligned else h[:, 1:]
-    s = ops.rms_scale(norm_x, eps)
+    norm = (norm_x, eps, None) if via == "norm_x" else (None, 0.0, ops.rms_scale(norm_x, eps))
     fresh = torch.randn(nb, bs, hk, d, device="cuda").to(cache_dtype)
     outs = []
     for run in (ops.rotary_embedding_and_cache_ref, k_.rotary_embedding_and_cache):
         x = qkv.clone()
         q, k, v = x[:, :hq * d], x[:, hq * d:(hq + hk) * d].view(T, hk, d), x[:, (hq + hk) * d:].view(T, hk, d)
         kc, vc = fresh.clone(), fresh.clone()
-        run(pos, q, k, v, kc, vc, slots, d, cos_sin, True, *scales, s)
+        run(pos, q, k, v, kc, vc, slots, d, cos_sin, True, *scales, *norm)
         outs.append((x, kc.float(), vc.float()))
     (x0, kc0, vc0), (x1, kc1, vc1) = outs
     _close(x1, x0, dtype)
@@ -211,12 +213,19 @@ def test_rotary_and_cache_argument_checks():
         k_.rotary_embedding_and_cache(pos, q, k, k.clone(), kc, kc.clone(), slots, 64, cos_sin, True, 0.5, 1.0)
     with pytest.raises(RuntimeError, match="rotary_embedding_and_cache: positions"):
         k_.rotary_embedding_and_cache(pos.float(), q, k, k.clone(), kc, kc.clone(), slots, 64, cos_sin, True, 1.0, 1.0)
+    with pytest.raises(RuntimeError, match="rotary_embedding_and_cache: norm_x must be"):
+        k_.rotary_embedding_and_cache(pos, q, k, k.clone(), kc, kc.clone(), slots, 64, cos_sin, True, 1.0, 1.0,
+                                      torch.randn(2, 64, device="cuda", dtype=torch.bfloat16), 1e-6)
     with pytest.raises(RuntimeError, match="rotary_embedding_and_cache: norm_scale must be"):
         k_.rotary_embedding_and_cache(pos, q, k, k.clone(), kc, kc.clone(), slots, 64, cos_sin, True, 1.0, 1.0,
-                                      torch.ones(2, device="cuda"))
+                                      None, 0.0, torch.ones(2, device="cuda"))
     with pytest.raises(RuntimeError, match="rotary_embedding_and_cache: norm_scale must be"):
         k_.rotary_embedding_and_cache(pos, q, k, k.clone(), kc, kc.clone(), slots, 64, cos_sin, True, 1.0, 1.0,
-                                      torch.ones(3, device="cuda", dtype=torch.bfloat16))
+                                      None, 0.0, torch.ones(3, device="cuda", dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="rotary_embedding_and_cache: pass norm_x or norm_scale, not both"):
+        k_.rotary_embedding_and_cache(pos, q, k, k.clone(), kc, kc.clone(), slots, 64, cos_sin, True, 1.0, 1.0,
+                                      torch.randn(3, 64, device="cuda", dtype=torch.bfloat16), 1e-6,
+                                      torch.ones(3, device="cuda"))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -230,15 +239,25 @@ def test_silu_and_mul(dtype, shape):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("inter,aligned", [(11008, True), (100, True), (11008, False)])
 def test_silu_and_mul_with_a_folded_norm(dtype, inter, aligned):
-    """norm_scale: gate and up multiplied by each row's scale first (16-byte and scalar x rows)."""
+    """Gate and up scaled by each row's RMSNorm scale first: reduced from norm_x (16-byte and scalar
+    rows) or given as norm_scale (x rows 16-byte or not)."""
     T, H, eps = 37, 4096, 1e-6
-    x = torch.randn(T, 2 * inter + (0 if aligned else 1), device="cuda", dtype=dtype)[:, :2 * inter] * 16
-    s = ops.rms_scale(torch.randn(T, H, device="cuda", dtype=dtype) * 3, eps)
-    out = ops.silu_and_mul(x, s)
-    _close(out, ops.silu_and_mul_ref(x, s), dtype)
+    x = torch.randn(T, 2 * inter, device="cuda", dtype=dtype) * 16
+    h = torch.randn(T, H + 1, device="cuda", dtype=dtype) * 3
+    norm_x = h[:, :H].contiguous() if aligned else h[:, 1:]
+    out = ops.silu_and_mul(x, norm_x, eps)
+    _close(out, ops.silu_and_mul_ref(x, norm_x, eps), dtype)
     assert rel_err(out, ops.silu_and_mul(x)) > 0.1          # the scaling happened (s ~ 1/3 here)
+    with pytest.raises(RuntimeError, match="silu_and_mul: norm_x must be"):
+        ops.silu_and_mul(x, norm_x[:5], eps)
+    s = ops.rms_scale(norm_x, eps)
+    xs = torch.randn(T, 2 * inter + (0 if aligned else 1), device="cuda", dtype=dtype)[:, :2 * inter] * 16
+    _close(ops.silu_and_mul(xs, norm_scale=s), ops.silu_and_mul_ref(xs, norm_scale=s), dtype)
+    _close(ops.silu_and_mul(x, norm_scale=s), out, dtype)
     with pytest.raises(RuntimeError, match="silu_and_mul: norm_scale must be"):
-        ops.silu_and_mul(x, s[:5])
+        ops.silu_and_mul(x, norm_scale=s[:5])
+    with pytest.raises(RuntimeError, match="silu_and_mul: pass norm_x or norm_scale, not both"):
+        ops.silu_and_mul(x, norm_x, eps, norm_scale=s)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -60,12 +60,14 @@ def gather_kv(cache: torch.Tensor, index: torch.Tensor, dtype: torch.dtype, scal
 @dataclass(frozen=True)
 class Rotary:
     """The rotary embedding write_kv applies to q and k (in place) before it stores k: the two run
-    as one kernel on CUDA (ops.rotary_embedding_and_cache). With norm_scale (a folded input norm,
-    engine/models/decoder.py), q, k and v are first multiplied by each token's RMSNorm scale."""
+    as one kernel on CUDA (ops.rotary_embedding_and_cache). With norm_x or norm_scale (a folded input
+    norm, engine/models/decoder.py), q, k and v are first scaled by each token's RMSNorm scale."""
     positions: torch.Tensor         # [T] int64
     cos_sin_cache: torch.Tensor     # [max_pos, head_dim] float32 rows [cos | sin]
     is_neox: bool = True
-    norm_scale: torch.Tensor | None = None   # [T] float32: ops.rms_scale of the rows q, k, v were projected from
+    norm_x: torch.Tensor | None = None       # [T, hidden]: the un-normalized rows q, k, v were projected from
+    norm_eps: float = 0.0
+    norm_scale: torch.Tensor | None = None   # [T] float32: their scales, computed already (ops.rms_scale)
 
 
 class AttentionBackend:
@@ -91,7 +93,8 @@ class AttentionBackend:
         else:
             ops.rotary_embedding_and_cache(rotary.positions, q, k, v, k_cache, v_cache, meta.slot_mapping,
                                            k.shape[-1], rotary.cos_sin_cache, rotary.is_neox,
-                                           self.k_scale, self.v_scale, rotary.norm_scale)
+                                           self.k_scale, self.v_scale, rotary.norm_x, rotary.norm_eps,
+                                           rotary.norm_scale)
 
     def forward(
         self,

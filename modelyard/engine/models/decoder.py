@@ -9,10 +9,10 @@ Folded norms (DecoderModel.fold_norms, EngineConfig.fold_norms): RMSNorm(h) W^T 
 with s = 1 / sqrt(mean(h^2) + eps) one number per token and g the norm's weight. So each layer's two
 norm weights are multiplied into qkv_proj's and gate_up_proj's columns once at load, those GEMMs read
 the residual stream h itself, and the kernels that consume their outputs apply s before their own
-work: the rotary + cache-write kernel scales q, k and v, the SiLU-and-mul kernel gate and up. s comes
-from a small kernel (ops.rms_scale, one CTA per token); under CUDA graph capture it runs on a forked
-branch beside the GEMM that reads the same h (qkv_proj, gate_up_proj), off the critical path (-0.07 ms
-per decode step at batch 1 to 64, H200, benchmarks/RESULTS.md, session 12). The residual adds go into the o_proj and down_proj GEMMs (h += x W^T, beta 1), so h is updated
+work: the rotary + cache-write kernel scales q, k and v, the SiLU-and-mul kernel gate and up. In the
+decode graphs s comes from a small kernel (ops.rms_scale, one CTA per token) on a forked branch beside
+the GEMM that reads the same h (qkv_proj, gate_up_proj), off the critical path (benchmarks/RESULTS.md,
+session 12); eagerly the consumers reduce h's rows themselves (fewer ops for the host to launch). The residual adds go into the o_proj and down_proj GEMMs (h += x W^T, beta 1), so h is updated
 in place and no norm kernel runs inside the layers: two kernels fewer per layer, which at decode
 sizes are latency-bound (3.7-3.9 us each on an H200, benchmarks/RESULTS.md, session 7). Decode steps
 run these folded layers; prefill and mixed steps keep the norm kernels (with the norm weights, now
@@ -168,26 +168,35 @@ class DecoderLayer(nn.Module):
         """h += attention(norm(h)); h += mlp(norm(h)), in place, with the norms folded (module docstring).
         Each norm scale is taken from h before the GEMM that adds to h is launched."""
         sa, mlp = self.self_attn, self.mlp
-        s, qkv = _scale_beside(h, self.input_layernorm.eps, sa.qkv_proj)
-        sa.o_proj.add_(h, sa.attend(replace(rotary, norm_scale=s), qkv, kv_cache, meta, attn))
-        s, gate_up = _scale_beside(h, self.post_attention_layernorm.eps, mlp.gate_up_proj)
-        mlp.down_proj.add_(h, ops.silu_and_mul(gate_up, s))
+        eps_in, eps_post = self.input_layernorm.eps, self.post_attention_layernorm.eps
+        if _scales_beside(h):
+            s, qkv = _scale_beside(h, eps_in, sa.qkv_proj)
+            sa.o_proj.add_(h, sa.attend(replace(rotary, norm_scale=s), qkv, kv_cache, meta, attn))
+            s, gate_up = _scale_beside(h, eps_post, mlp.gate_up_proj)
+            mlp.down_proj.add_(h, ops.silu_and_mul(gate_up, norm_scale=s))
+        else:  # each consumer reduces h's rows itself: no extra op for the host to launch
+            rotary = replace(rotary, norm_x=h, norm_eps=eps_in)
+            sa.o_proj.add_(h, sa.attend(rotary, sa.qkv_proj(h), kv_cache, meta, attn))
+            mlp.down_proj.add_(h, ops.silu_and_mul(mlp.gate_up_proj(h), h, eps_post))
 
 
-# Whether graph captures put the norm scales' kernel on a forked branch (a switch for A/B measurements;
-# off, it runs on the main stream before the GEMM, as in eager mode).
+# Whether graph captures compute the norm scales on a forked branch (a switch for A/B measurements).
 SCALE_BESIDE = True
 _side_streams: dict[torch.device, torch.cuda.Stream] = {}
 
 
+def _scales_beside(h: torch.Tensor) -> bool:
+    """Under CUDA graph capture the folded norms' scales come from ops.rms_scale on a forked branch of
+    the graph, beside the GEMM that reads the same h, and the consumers read them (-0.07 ms per decode
+    step, H200, benchmarks/RESULTS.md, session 12). Eagerly, the consumers reduce h's rows themselves:
+    the extra ops would cost the host more (eager decode is launch-bound) than the GPU saves."""
+    return SCALE_BESIDE and h.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def _scale_beside(h: torch.Tensor, eps: float, proj) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ops.rms_scale(h), proj(h)). Under CUDA graph capture the scale's kernel is a forked branch of the
-    graph that runs beside proj's GEMM (both only read h); the stream joins back before the scale is
-    used. Eagerly it runs first on the current stream (a fork per layer would cost more host time than
-    the kernel)."""
+    """(ops.rms_scale(h), proj(h)), the scale's kernel on a side stream that forks from the current one
+    and joins back before the scale is used; both only read h."""
     s = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)  # allocated on the main stream
-    if not (SCALE_BESIDE and h.is_cuda and torch.cuda.is_current_stream_capturing()):
-        return ops.rms_scale(h, eps, out=s), proj(h)
     main = torch.cuda.current_stream(h.device)
     side = _side_streams.get(h.device)
     if side is None:
