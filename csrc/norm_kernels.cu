@@ -168,15 +168,12 @@ void rms_scale(const at::Tensor& x, double eps, at::Tensor& out) {
     const int64_t nvec = H / (vectorized ? V : 1);
     // a few vectors per thread, all in flight at once (block_inv_rms unrolls by 4)
     const int threads = static_cast<int>(std::min<int64_t>(1024, std::max<int64_t>(32, ceil_div(ceil_div(nvec, 4), 32) * 32)));
-    const auto* xp = reinterpret_cast<const scalar_t*>(x.data_ptr());
-    float* op = out.data_ptr<float>();
-    if (vectorized) {
-      rms_scale_kernel<scalar_t, V><<<static_cast<unsigned>(T), threads, 0, stream>>>(xp, op, x.stride(0), H,
-                                                                                      static_cast<float>(eps));
-    } else {
-      rms_scale_kernel<scalar_t, 1><<<static_cast<unsigned>(T), threads, 0, stream>>>(xp, op, x.stride(0), H,
-                                                                                      static_cast<float>(eps));
-    }
+    auto go = [&](auto kernel) {
+      kernel<<<static_cast<unsigned>(T), threads, 0, stream>>>(reinterpret_cast<const scalar_t*>(x.data_ptr()),
+                                                               out.data_ptr<float>(), x.stride(0), H,
+                                                               static_cast<float>(eps));
+    };
+    vectorized ? go(rms_scale_kernel<scalar_t, V>) : go(rms_scale_kernel<scalar_t, 1>);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

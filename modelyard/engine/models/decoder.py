@@ -12,9 +12,10 @@ the residual stream h itself, and the kernels that consume their outputs apply s
 work: the rotary + cache-write kernel scales q, k and v, the SiLU-and-mul kernel gate and up. In the
 decode graphs s comes from a small kernel (ops.rms_scale, one CTA per token) on a forked branch beside
 the GEMM that reads the same h (qkv_proj, gate_up_proj), off the critical path (benchmarks/RESULTS.md,
-session 12); eagerly the consumers reduce h's rows themselves (fewer ops for the host to launch). The residual adds go into the o_proj and down_proj GEMMs (h += x W^T, beta 1), so h is updated
-in place and no norm kernel runs inside the layers: two kernels fewer per layer, which at decode
-sizes are latency-bound (3.7-3.9 us each on an H200, benchmarks/RESULTS.md, session 7). Decode steps
+session 12); eagerly the consumers reduce h's rows themselves (fewer ops for the host to launch). The
+residual adds go into the o_proj and down_proj GEMMs (h += x W^T, beta 1), so h is updated in place
+and no norm kernel runs inside the layers: two kernels fewer per layer, which at decode sizes are
+latency-bound (3.7-3.9 us each on an H200, benchmarks/RESULTS.md, session 7). Decode steps
 run these folded layers; prefill and mixed steps keep the norm kernels (with the norm weights, now
 inside the projections, set to 1: the same function), since there the folded layers measured 2%
 slower on a 16k-token step (extra passes over h in the consumers at 16k rows, a beta-1 GEMM). The
@@ -168,16 +169,10 @@ class DecoderLayer(nn.Module):
         """h += attention(norm(h)); h += mlp(norm(h)), in place, with the norms folded (module docstring).
         Each norm scale is taken from h before the GEMM that adds to h is launched."""
         sa, mlp = self.self_attn, self.mlp
-        eps_in, eps_post = self.input_layernorm.eps, self.post_attention_layernorm.eps
-        if _scales_beside(h):
-            s, qkv = _scale_beside(h, eps_in, sa.qkv_proj)
-            sa.o_proj.add_(h, sa.attend(replace(rotary, norm_scale=s), qkv, kv_cache, meta, attn))
-            s, gate_up = _scale_beside(h, eps_post, mlp.gate_up_proj)
-            mlp.down_proj.add_(h, ops.silu_and_mul(gate_up, norm_scale=s))
-        else:  # each consumer reduces h's rows itself: no extra op for the host to launch
-            rotary = replace(rotary, norm_x=h, norm_eps=eps_in)
-            sa.o_proj.add_(h, sa.attend(rotary, sa.qkv_proj(h), kv_cache, meta, attn))
-            mlp.down_proj.add_(h, ops.silu_and_mul(mlp.gate_up_proj(h), h, eps_post))
+        norm, qkv = _folded_norm(h, self.input_layernorm.eps, sa.qkv_proj)
+        sa.o_proj.add_(h, sa.attend(replace(rotary, **norm), qkv, kv_cache, meta, attn))
+        norm, gate_up = _folded_norm(h, self.post_attention_layernorm.eps, mlp.gate_up_proj)
+        mlp.down_proj.add_(h, ops.silu_and_mul(gate_up, **norm))
 
 
 # Whether graph captures compute the norm scales on a forked branch (a switch for A/B measurements).
@@ -185,17 +180,14 @@ SCALE_BESIDE = True
 _side_streams: dict[torch.device, torch.cuda.Stream] = {}
 
 
-def _scales_beside(h: torch.Tensor) -> bool:
-    """Under CUDA graph capture the folded norms' scales come from ops.rms_scale on a forked branch of
-    the graph, beside the GEMM that reads the same h, and the consumers read them (-0.07 ms per decode
-    step, H200, benchmarks/RESULTS.md, session 12). Eagerly, the consumers reduce h's rows themselves:
-    the extra ops would cost the host more (eager decode is launch-bound) than the GPU saves."""
-    return SCALE_BESIDE and h.is_cuda and torch.cuda.is_current_stream_capturing()
-
-
-def _scale_beside(h: torch.Tensor, eps: float, proj) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ops.rms_scale(h), proj(h)), the scale's kernel on a side stream that forks from the current one
-    and joins back before the scale is used; both only read h."""
+def _folded_norm(h: torch.Tensor, eps: float, proj) -> tuple[dict, torch.Tensor]:
+    """(the folded norm's arguments for its consumer, proj(h)). Under CUDA graph capture the scale is
+    computed by ops.rms_scale on a forked branch of the graph, beside proj's GEMM (both only read h),
+    and the consumer gets norm_scale (-0.07 ms per decode step, H200, benchmarks/RESULTS.md, session 12).
+    Eagerly the consumer gets norm_x = h and reduces the rows itself: the extra ops would cost the host
+    more (eager decode is launch-bound) than the GPU saves."""
+    if not (SCALE_BESIDE and h.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return {"norm_x": h, "norm_eps": eps}, proj(h)
     s = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)  # allocated on the main stream
     main = torch.cuda.current_stream(h.device)
     side = _side_streams.get(h.device)
@@ -205,8 +197,8 @@ def _scale_beside(h: torch.Tensor, eps: float, proj) -> tuple[torch.Tensor, torc
     with torch.cuda.stream(side):
         ops.rms_scale(h, eps, out=s)
     out = proj(h)
-    main.wait_stream(side)
-    return s, out
+    main.wait_stream(side)  # joins before the consumer is launched
+    return {"norm_scale": s}, out
 
 
 class DecoderModel(nn.Module):
