@@ -157,7 +157,6 @@ def main(argv=None) -> int:
                 f"{ms:.3f} ms = {ms / floor_ms:.3f}x the weights floor")
     del bufs
 
-    x = torch.randn(args.batch, 1, dtype=torch.bfloat16, device="cuda")
     log(f"{'GEMM (n, k)':<22} {'cuBLAS us':>10} {'stream us':>10} {'ratio':>6}   graph chains of {args.copies} "
         f"over distinct weight copies, {args.batch} rows")
     seen = set()
@@ -166,7 +165,7 @@ def main(argv=None) -> int:
             continue
         seen.add((shape, add))
         ws = [torch.randn(shape, dtype=torch.bfloat16, device="cuda") for _ in range(args.copies)]
-        xin = x.expand(args.batch, shape[1]).contiguous()
+        xin = torch.randn(args.batch, shape[1], dtype=torch.bfloat16, device="cuda")
         out = torch.zeros(args.batch, shape[0], dtype=torch.bfloat16, device="cuda")
         if add:
             gemm = lambda: [out.addmm_(xin, w.t()) for w in ws]  # noqa: E731
