@@ -98,27 +98,11 @@ def step_reads(model, batch: int, context: int) -> list[tuple[str, int, tuple[in
     return reads
 
 
-def _graph_ms(fn, reps: int = 10) -> float:
-    s = torch.cuda.Stream()
-    with torch.cuda.stream(s):
-        fn()
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, stream=s):
-            fn()
-    for _ in range(3):
-        g.replay()
-    torch.cuda.synchronize()
-    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        e0.record()
-        g.replay()
-        e1.record()
-        e1.synchronize()
-        times.append(e0.elapsed_time(e1))
-    del g
-    return min(times)
+def _graph_ms(fn, calls: int = 1) -> float:
+    """Milliseconds per call of fn (which makes `calls` calls), timed as the decode-GEMM tuner times:
+    one CUDA graph, median of 10 replays."""
+    from modelyard.engine.gemm import _graph_us
+    return _graph_us(fn, calls, reps=10) / 1e3
 
 
 def main(argv=None) -> int:
@@ -171,8 +155,8 @@ def main(argv=None) -> int:
             gemm = lambda: [out.addmm_(xin, w.t()) for w in ws]  # noqa: E731
         else:
             gemm = lambda: [F.linear(xin, w) for w in ws]  # noqa: E731
-        g_us = _graph_ms(gemm) * 1e3 / args.copies
-        s_us = _graph_ms(lambda: [read(w, 8 * sms, sink) for w in ws]) * 1e3 / args.copies
+        g_us = _graph_ms(gemm, args.copies) * 1e3
+        s_us = _graph_ms(lambda: [read(w, 8 * sms, sink) for w in ws], args.copies) * 1e3
         label = f"{name.split('.')[-1]} {shape}{' +=' if add else ''}"
         log(f"{label:<22} {g_us:10.2f} {s_us:10.2f} {g_us / s_us:6.3f}")
         del ws
