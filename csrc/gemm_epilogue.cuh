@@ -49,6 +49,9 @@ __device__ __forceinline__ void load_out_share(Vec<T, 4> (&pre)[TileShare<BM, BN
 // order (deterministic), and writes rows < M, columns < N of out [M, N] (+ bias, or, with
 // accumulate, + pre: out's values from load_out_share; one rounding of the float sum, as cuBLAS with
 // beta 1). Every thread (THREADS per CTA) of every CTA of the cluster calls it.
+// With splits == 1 the tile is read as this CTA's shared memory: through the generic address that
+// map_shared_rank returns (one code path for both) the loads cost tma_gemm's block_n 192 kernel 7-20 us
+// per call (benchmarks/RESULTS.md session 14).
 template <typename T, int BM, int BN, int RS, int THREADS>
 __device__ __forceinline__ void cluster_reduce_store(const float* red, const TileShare<BM, BN, THREADS>& share,
                                                      int splits, const Vec<T, 4> (&pre)[TileShare<BM, BN, THREADS>::kIters],
@@ -65,18 +68,22 @@ __device__ __forceinline__ void cluster_reduce_store(const float* red, const Til
     if (!share.stored(i, M, N, n0)) continue;
     const int row = share.row(i), col = share.col(i);
     float f[4] = {0.f, 0.f, 0.f, 0.f};
-    for (int q = 0; q < splits; ++q) {
+    if (splits == 1) {  // this CTA's own tile, read as shared memory (not through a generic cluster address)
+      const float4 v = *reinterpret_cast<const float4*>(red + row * RS + col);
+      f[0] += v.x;  // (+=: the same bits as before, -0 included)
+      f[1] += v.y;
+      f[2] += v.z;
+      f[3] += v.w;
+    }
 #if __CUDA_ARCH__ >= 900
-      const float* part = splits > 1 ? cluster.map_shared_rank(red, q) : red;
-#else
-      const float* part = red;  // splits == 1 below 9.0 (checked on the host)
-#endif
-      const float4 v = *reinterpret_cast<const float4*>(part + row * RS + col);
+    for (int q = 0; splits > 1 && q < splits; ++q) {
+      const float4 v = *reinterpret_cast<const float4*>(cluster.map_shared_rank(red, q) + row * RS + col);
       f[0] += v.x;
       f[1] += v.y;
       f[2] += v.z;
       f[3] += v.w;
     }
+#endif
     Vec<T, 4> o;
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
