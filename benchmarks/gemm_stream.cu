@@ -21,8 +21,7 @@
 //   nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a benchmarks/gemm_stream.cu -lcublas -o /tmp/gemm_stream
 //   /tmp/gemm_stream            (python benchmarks/gemm_stream.py builds and runs it)
 // Results: benchmarks/RESULTS.md session 14; reading: NOTES-perf.md v14.
-// The PTX wrappers below (mbarrier, TMA, wgmma) mirror csrc/tma_gemm.cu's so that this file builds with
-// nvcc alone, without torch's headers: keep the two in step.
+// The PTX wrappers (mbarrier, TMA, wgmma) are csrc/tma_gemm.cu's, from csrc/tma_ptx.cuh (no torch headers).
 #include <cublas_v2.h>
 #include <cuda.h>
 #include <cudaTypedefs.h>
@@ -35,6 +34,8 @@
 #include <cstdlib>
 #include <vector>
 
+#include "../csrc/tma_ptx.cuh"
+
 #define CK(x)                                                                                     \
   do {                                                                                            \
     cudaError_t e_ = (x);                                                                         \
@@ -46,52 +47,15 @@
 
 namespace {
 
+using namespace modelyard;
+
 constexpr int kM = 64, kBK = 64, kXBytes = kM * kBK * 2;
 
-__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count));
-}
-__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  asm volatile("{\n.reg .pred p;\nWAIT_%=:\nmbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n@!p bra WAIT_%=;\n}" ::"r"(bar),
-               "r"(parity)
-               : "memory");
-}
-__device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap* map, int c0, int c1, uint32_t bar) {
-  asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(dst),
-               "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
-               : "memory");
-}
 __device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
   asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(dst), "l"(src),
                "r"(bytes), "r"(bar)
                : "memory");
 }
-// wgmma descriptor of a K-major tile of 128-byte rows in the 128B swizzle (as csrc/tma_gemm.cu).
-__device__ __forceinline__ uint64_t sw128_desc(uint32_t addr) {
-  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (1ull << 16) | (static_cast<uint64_t>(1024 >> 4) << 32) | (1ull << 62);
-}
-#define D8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
-__device__ __forceinline__ void wgmma_64x64(float (&d)[32], uint64_t a, uint64_t b) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, "
-      "%14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
-      : D8(0), D8(8), D8(16), D8(24)
-      : "l"(a), "l"(b), "r"(1));
-}
-#undef D8
-template <int N>
-__device__ __forceinline__ void fence_regs(float (&d)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
-}
-
 enum Level { kW = 0, kWX = 1, kMma = 2, kEpi = 3 };
 
 // grid (splits, ceil(N / BN)); CTA (split, nb) multiplies K blocks [split * kbps, ...) of columns
@@ -101,6 +65,7 @@ template <int NC, int LEVEL>
 __global__ void __launch_bounds__(160, 1) gemm_stream(const __grid_constant__ CUtensorMap tw, const __grid_constant__ CUtensorMap tx,
                                                       const uint8_t* wt, bool tiled, int KB, int kbps, int stages,
                                                       __nv_bfloat16* out, unsigned* sink) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // tma_ptx.cuh's wrappers exist in the sm_90a device pass only
   constexpr int BN = NC * 64;
   constexpr bool kX = LEVEL >= kWX, kMath = LEVEL >= kMma;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
@@ -158,20 +123,20 @@ __global__ void __launch_bounds__(160, 1) gemm_stream(const __grid_constant__ CU
       const int s = kb % stages;
       mbar_wait(full0 + 8 * s, (kb / stages) & 1);
       const uint64_t da = sw128_desc(base + s * kStage), db = sw128_desc(base + s * kStage + kXBytes);
-      asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+      wgmma_fence();
 #pragma unroll
       for (int c = 0; c < NC; ++c) fence_regs(acc[c]);
 #pragma unroll
       for (int j = 0; j < kBK / 16; ++j)
 #pragma unroll
-        for (int c = 0; c < NC; ++c) wgmma_64x64(acc[c], da + 2 * j, db + 2 * j + c * (64 * 128 >> 4));
-      asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+        for (int c = 0; c < NC; ++c) wgmma_64x64<__nv_bfloat16>(acc[c], da + 2 * j, db + 2 * j + c * (64 * 128 >> 4));
+      wgmma_commit();
 #pragma unroll
       for (int c = 0; c < NC; ++c) fence_regs(acc[c]);
-      asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");  // stage kb - 1 is read: hand it back
+      wgmma_wait<1>();  // stage kb - 1 is read: hand it back
       if (kb > 0 && lane == 0) mbar_arrive(empty0 + 8 * ((kb - 1) % stages));
     }
-    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+    wgmma_wait<0>();
 #pragma unroll
     for (int c = 0; c < NC; ++c) fence_regs(acc[c]);
     if constexpr (LEVEL == kEpi) {
@@ -207,6 +172,7 @@ __global__ void __launch_bounds__(160, 1) gemm_stream(const __grid_constant__ CU
       if (t == 12345.f) sink[0] = 1;
     }
   }
+#endif
 }
 
 struct alignas(16) V16 {

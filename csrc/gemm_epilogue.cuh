@@ -68,21 +68,21 @@ __device__ __forceinline__ void cluster_reduce_store(const float* red, const Til
     if (!share.stored(i, M, N, n0)) continue;
     const int row = share.row(i), col = share.col(i);
     float f[4] = {0.f, 0.f, 0.f, 0.f};
-    if (splits == 1) {  // this CTA's own tile, read as shared memory (not through a generic cluster address)
-      const float4 v = *reinterpret_cast<const float4*>(red + row * RS + col);
-      f[0] += v.x;  // (+=: the same bits as before, -0 included)
-      f[1] += v.y;
-      f[2] += v.z;
-      f[3] += v.w;
-    }
-#if __CUDA_ARCH__ >= 900
-    for (int q = 0; splits > 1 && q < splits; ++q) {
-      const float4 v = *reinterpret_cast<const float4*>(cluster.map_shared_rank(red, q) + row * RS + col);
+    auto add = [&](const float* part) {
+      const float4 v = *reinterpret_cast<const float4*>(part + row * RS + col);
       f[0] += v.x;
       f[1] += v.y;
       f[2] += v.z;
       f[3] += v.w;
+    };
+#if __CUDA_ARCH__ >= 900
+    if (splits > 1) {
+      for (int q = 0; q < splits; ++q) add(cluster.map_shared_rank(red, q));
+    } else {
+      add(red);  // this CTA's own tile, as shared memory
     }
+#else
+    add(red);  // splits == 1 below 9.0 (checked on the host)
 #endif
     Vec<T, 4> o;
 #pragma unroll

@@ -29,6 +29,7 @@
 #include "common.cuh"
 #include "gemm_epilogue.cuh"
 #include "skinny_gemm.h"
+#include "tma_ptx.cuh"
 
 namespace modelyard {
 namespace {
@@ -52,107 +53,6 @@ struct Layout {
 };
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count));
-}
-__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  asm volatile(
-      "{\n.reg .pred p;\nWAIT_%=:\n"
-      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
-      "@!p bra WAIT_%=;\n}" ::"r"(bar),
-      "r"(parity)
-      : "memory");
-}
-// A 2D box of `map` at (c0 = K element, c1 = row) into shared memory, completing `bar`'s transaction.
-__device__ __forceinline__ void tma_load(uint32_t dst, const CUtensorMap* map, int c0, int c1, uint32_t bar) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(
-          dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar)
-      : "memory");
-}
-
-// The same, multicast: the box lands at `dst` and completes the barrier at `bar` (offsets in this
-// CTA's shared memory) in every CTA of the cluster whose bit is set in `mask`.
-__device__ __forceinline__ void tma_load_multicast(uint32_t dst, const CUtensorMap* map, int c0, int c1, uint32_t bar,
-                                                   uint16_t mask) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
-      " [%0], [%1, {%2, %3}], [%4], %5;" ::"r"(dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(bar), "h"(mask)
-      : "memory");
-}
-// Arrives on the barrier at offset `bar` of cluster rank `rank`'s shared memory (this CTA's included).
-// The default semantics (release, CTA scope), as CUTLASS's ClusterBarrier: an explicit
-// .release.cluster made every arrival wait for the SM's loads in flight, so the pipeline drained at
-// each stage (3x slower, NOTES-perf.md v10).
-__device__ __forceinline__ void mbar_arrive_cluster(uint32_t bar, uint32_t rank) {
-  uint32_t remote;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(bar), "r"(rank));
-  asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];" ::"r"(remote) : "memory");
-}
-// Every thread of every CTA of the cluster arrives (release) / waits for all to have arrived (acquire).
-__device__ __forceinline__ void cluster_arrive() { asm volatile("barrier.cluster.arrive.release;" ::: "memory"); }
-__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.acquire;" ::: "memory"); }
-
-// wgmma shared-memory descriptor of a K-major tile of 128-byte rows in the 128B swizzle, 8-row
-// groups 1024 bytes apart (start address and strides in 16-byte units; layout type 1 = 128B swizzle).
-// Adding 2 (32 bytes) moves to the next k16 slice of the rows.
-__device__ __forceinline__ uint64_t sw128_desc(uint32_t addr) {
-  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (1ull << 16) | (static_cast<uint64_t>(1024 >> 4) << 32) |
-         (1ull << 62);
-}
-
-// One wgmma.mma_async of SHAPE with float32 accumulators ACC (operands %0..), descriptors A and B
-// and scale-d P (their operand numbers, after the accumulators), bf16 or f16 by T; the accumulator
-// constraints follow.
-#define MY_WGMMA_TYPED(TYPE, SHAPE, ACC, A, B, P, ...)                                                    \
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " P ", 0;\n"                                             \
-               "wgmma.mma_async.sync.aligned." SHAPE ".f32." TYPE "." TYPE " " ACC ", " A ", " B         \
-               ", p, 1, 1, 0, 0;\n}\n"                                                                    \
-               : __VA_ARGS__                                                                              \
-               : "l"(a), "l"(b), "r"(1))
-#define MY_WGMMA(...)                                         \
-  do {                                                        \
-    if constexpr (std::is_same_v<T, __nv_bfloat16>)           \
-      MY_WGMMA_TYPED("bf16", __VA_ARGS__);                    \
-    else                                                      \
-      MY_WGMMA_TYPED("f16", __VA_ARGS__);                     \
-  } while (0)
-#define MY_D8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
-                 "+f"(d[i + 6]), "+f"(d[i + 7])
-// d[64 x 64] += a[64 x 16] b[64 x 16]^T, both from shared memory. d's layout: thread t of the
-// warpgroup holds d[8 j + {0..3}] = rows 16 (t / 32) + (t % 32) / 4 (+ 8 for the last two), columns
-// 8 j + 2 (t % 4) + {0, 1}.
-template <typename T>
-__device__ __forceinline__ void wgmma_64x64(float (&d)[32], uint64_t a, uint64_t b) {
-  MY_WGMMA("m64n64k16",
-           "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, "
-           "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31}",
-           "%32", "%33", "%34", MY_D8(0), MY_D8(8), MY_D8(16), MY_D8(24));
-}
-// d[64 x 32] += a[64 x 16] b[32 x 16]^T, both from shared memory; d's layout as wgmma_64x64's over
-// 32 columns (j < 4).
-template <typename T>
-__device__ __forceinline__ void wgmma_64x32(float (&d)[16], uint64_t a, uint64_t b) {
-  MY_WGMMA("m64n32k16", "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}", "%16", "%17",
-           "%18", MY_D8(0), MY_D8(8));
-}
-#undef MY_D8
-#undef MY_WGMMA
-#undef MY_WGMMA_TYPED
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
-}
 #ifdef MODELYARD_TMA_TRACE
 // Diagnostics (not built by default): with MODELYARD_TMA_TRACE defined, thread 0 of every CTA prints
 // its timeline (start, first stage arrived, main loop done, both epilogue barriers, end; globaltimer
@@ -164,12 +64,6 @@ __device__ __forceinline__ uint64_t globaltimer() {
   return t;
 }
 #endif
-// Keeps the compiler from touching accumulators while a wgmma that writes them is in flight.
-template <int N>
-__device__ __forceinline__ void fence_regs(float (&d)[N]) {
-#pragma unroll
-  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
-}
 // One thread: fetches both tensor maps' descriptors early and initialises the stages' barriers:
 // full (the producer's arrival and the bytes), empty (`releases` consumer arrivals).
 template <int STAGES>
