@@ -5,9 +5,8 @@ step would take without the non-GEMM kernels.
    name: calls per step, us each, us per step; then the replay's span against its kernels' sum
    (the graph's launch gaps).
 2. Removal bounds (timing only; the logits are wrong in these variants): the step re-captured with
-   the same GEMM plan, but the gate_up GEMM and SiLU kernel unfused where the plan fuses them (the
-   "every kernel" row is then the unfused step), without the rotary + cache-write kernel, the SiLU
-   kernel, the decode attention kernel, and combinations; and with the rotary + cache and SiLU kernels kept but their
+   the same GEMM plan but without the rotary + cache-write kernel, the SiLU kernel, the decode
+   attention kernel, and combinations; and with the rotary + cache and SiLU kernels kept but their
    folded-norm scaling left out. Each figure is the most that fusing or hiding that
    work could save, measured rather than summed from kernel durations (PDL overlaps some of them).
 
@@ -132,15 +131,10 @@ def main(argv=None) -> int:
         return 0
     spec = eng.model.language_model.spec
     plan = graphs.gemm_plan
-    # The bounds take out the SiLU kernel, which a plan with the fused gate_up + SiLU no longer runs: they
-    # re-capture with the plan's GEMM choices but the unfused MLP, whose "every kernel" row is then the
-    # step without the fusion (the A/B of the fused kernel against the tables above).
-    unfused = dataclasses.replace(plan, fused={})
-    print("  removal bounds (the plan's GEMMs, gate_up + SiLU unfused):", flush=True)
     try:
         for name, rot, silu, attn, norms in VARIANTS:
             with without(rot, silu, attn, max(batches), spec, norms=norms):
-                graphs.capture(unfused)
+                graphs.capture(plan)
                 cells = []
                 for b in batches:
                     r = decode_step_bench(eng, b, args.context, copy_gbps)

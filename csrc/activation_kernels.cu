@@ -23,6 +23,15 @@ namespace {
 constexpr int kHeld = 32;
 constexpr int kTwoPassThreads = 256;
 
+// silu(a) * b with both roundings of the reference. Both kernels use this one expression so the
+// fused and plain results agree bit for bit.
+template <typename T>
+__device__ __forceinline__ T silu_mul(T a, T b) {
+  const float g = to_float(a);
+  const float s = to_float(from_float<T>(g / (1.f + __expf(-g))));
+  return from_float<T>(s * to_float(b));
+}
+
 // kNorm: gate and up are the un-normalized projections of a folded norm (engine/models/decoder.py):
 // each is first multiplied by the RMSNorm scale of the row's norm_x (every CTA of the row reduces it,
 // its loads in flight together with the row's) and rounded, as the projection of the normed row was.

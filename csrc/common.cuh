@@ -151,17 +151,6 @@ __device__ __forceinline__ Vec<T, VEC> scaled(Vec<T, VEC> x, float scale) {
   return x;
 }
 
-// silu(a) * b with both roundings of the torch reference (silu rounded to T before the multiply).
-// Every kernel that ends in the gated MLP's activation (silu_and_mul and its fp8 variant in
-// activation_kernels.cu, the gate_up + SiLU GEMM in tma_gemm.cu) uses this one expression, so their
-// results agree bit for bit given the same inputs.
-template <typename T>
-__device__ __forceinline__ T silu_mul(T a, T b) {
-  const float g = to_float(a);
-  const float s = to_float(from_float<T>(g / (1.f + __expf(-g))));
-  return from_float<T>(s * to_float(b));
-}
-
 // Max over the whole block; every thread gets the result. `scratch` holds 32 floats and may have
 // been used by a block_sum / block_max just before (hence the leading barrier).
 __device__ __forceinline__ float block_max(float x, float* scratch) {

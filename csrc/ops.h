@@ -109,11 +109,5 @@ at::Tensor skinny_gemm(const at::Tensor& x, const at::Tensor& w, const std::opti
                        int64_t config, int64_t split_k);
 // out [M, N] += x w^T in place (the folded norms' residual add), same kernels and checks.
 void skinny_gemm_add_(at::Tensor& out, const at::Tensor& x, const at::Tensor& w, int64_t config, int64_t split_k);
-// The decode MLP's first half in one kernel (Hopper, sm_90a builds): x [M <= 64, K], w [2I, K] (gate
-// rows then up rows), bfloat16 -> silu_and_mul(x w^T) [M, I], with norm_eps the rows of x first
-// scaled by their RMSNorm scale (a folded norm: silu_and_mul(x w^T, norm_x=x, norm_eps)).
-// gate_up_silu_configs() -> int64 [n] CPU: each config's output columns per CTA; empty where not built.
-at::Tensor gate_up_silu_configs();
-at::Tensor gate_up_silu(const at::Tensor& x, const at::Tensor& w, std::optional<double> norm_eps, int64_t config);
 
 }  // namespace modelyard

@@ -391,40 +391,4 @@ void skinny_gemm_add_(at::Tensor& out, const at::Tensor& x, const at::Tensor& w,
   run_skinny(x, w, std::nullopt, config, split_k, &out);
 }
 
-at::Tensor gate_up_silu_configs() {
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  const auto [major, minor] = capability(device);
-  const int64_t n = tma_gate_up_silu_num_configs(major, minor);
-  auto t = at::empty({n}, at::TensorOptions().dtype(at::kLong));
-  for (int64_t i = 0; i < n; ++i) t.data_ptr<int64_t>()[i] = tma_gate_up_silu_block(static_cast<int>(i));
-  return t;
-}
-
-at::Tensor gate_up_silu(const at::Tensor& x, const at::Tensor& w, std::optional<double> norm_eps, int64_t config) {
-  TORCH_CHECK(x.is_cuda() && w.is_cuda() && x.device() == w.device(), "gate_up_silu: x and w must be on one CUDA device");
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1) && w.size(0) % 2 == 0,
-              "gate_up_silu: need x [M, K] and w [2I, K], got ", shape(x.sizes()), " and ", shape(w.sizes()));
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16,
-              "gate_up_silu: x and w must be bfloat16 (the folded-norm decoder's dtype), got ", x.scalar_type(), " and ",
-              w.scalar_type());
-  const int64_t M = x.size(0), K = x.size(1), I = w.size(0) / 2;
-  TORCH_CHECK(M >= 1 && M <= kMaxM, "gate_up_silu: M must be in [1, ", num(kMaxM), "], got ", num(M));
-  TORCH_CHECK(I > 0 && K > 0 && 2 * I < (1ll << 31) && K < (1ll << 31), "gate_up_silu: bad I or K");
-  TORCH_CHECK(x.stride(1) == 1 && w.is_contiguous(), "gate_up_silu: x rows and w must be contiguous");
-  TORCH_CHECK(K % 8 == 0 && I % 8 == 0 && x.stride(0) % 8 == 0 && aligned16(x.data_ptr()) && aligned16(w.data_ptr()),
-              "gate_up_silu: K, I and x's row stride must be multiples of 8 elements, pointers 16-byte aligned");
-  TORCH_CHECK(!norm_eps || *norm_eps >= 0, "gate_up_silu: norm_eps must be >= 0");
-  const auto [major, minor] = capability(x.get_device());
-  const int configs = tma_gate_up_silu_num_configs(major, minor);
-  TORCH_CHECK(configs > 0, "gate_up_silu: needs an sm_90a build on a compute capability 9.0 device (TMA and wgmma)");
-  TORCH_CHECK(config >= 0 && config < configs, "gate_up_silu: config must be in [0, ", num(configs), "), got ",
-              num(config));
-  const c10::cuda::OptionalCUDAGuard guard(x.device());
-  at::Tensor out = at::empty({M, I}, x.options());
-  tma_gate_up_silu_run(static_cast<int>(config), x, w, out, norm_eps.value_or(0.0), norm_eps.has_value(),
-                       c10::cuda::getCurrentCUDAStream());
-  return out;
-}
-
 }  // namespace modelyard

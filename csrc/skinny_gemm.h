@@ -23,12 +23,4 @@ int tma_gemm_kind(int config);
 void tma_gemm_run(int config, const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
                   at::Tensor& out, bool accumulate, int split_k, cudaStream_t stream);
 
-// The gate_up + SiLU kernel (tma_gate_up_silu_kernel): its config count on a device (0 without
-// sm_90a), each config's output columns per CTA, and the launch; arguments checked by the caller
-// (skinny_gemm.cu's gate_up_silu): x [M <= 64, K] and w [2I, K] bfloat16, out [M, I].
-int tma_gate_up_silu_num_configs(int major, int minor);
-int tma_gate_up_silu_block(int config);
-void tma_gate_up_silu_run(int config, const at::Tensor& x, const at::Tensor& w, at::Tensor& out, double eps, bool norm,
-                          cudaStream_t stream);
-
 }  // namespace modelyard

@@ -118,9 +118,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int kb_total = (K + kBK - 1) / kBK, kb0 = split * kb_per_split;
   const int nkb = max(0, min(kb_per_split, kb_total - kb0));
 
-  // A stage is released by one arrival per consumer warp (of every CTA of the cluster with XC > 1): with
-  // one per thread, 128 arrivals a stage, the kernel streamed ~4 us slower on Llama-7B's gate_up (H200).
-  if (tid == kConsumers) init_pipeline<STAGES>(&tx, &tw, full0, empty0, XC * (kConsumers / 32));
+  if (tid == kConsumers) init_pipeline<STAGES>(&tx, &tw, full0, empty0, XC > 1 ? XC * (kConsumers / 32) : kConsumers);
   __syncthreads();
   if (XC > 1) cluster_arrive();  // waited for before the first x load: the others' barriers exist
   auto load_x = [&](int kb, int s) {
@@ -188,7 +186,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (XC > 1) {
         if (kb > 0 && lane < XC) mbar_arrive_cluster(empty0 + 8 * ((kb - 1) % STAGES), lane);
         __syncwarp();
-      } else if (kb > 0 && lane == 0) {  // the warp's wgmma_wait (aligned) is behind all of its lanes' reads
+      } else if (kb > 0) {
         mbar_arrive(empty0 + 8 * ((kb - 1) % STAGES));
       }
     }
@@ -387,161 +385,6 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
 
-// The gated MLP's first half in one kernel (kind 1's pipeline, split 1): out [M, I] = silu_mul(s * g,
-// s * u) with [g | u] = x w^T, w = gate_up_proj's [2I, K] weight (gate rows, then up rows), and s each
-// row's RMSNorm scale 1 / sqrt(mean(x_row^2) + eps) when `norm` (the decoder's folded norm: x is the
-// residual stream, the norm's weight is inside w, models/decoder.py), else 1. It replaces the decode
-// step's gate_up GEMM, the SiLU kernel and the side branch's rms_scale (gemm.py tunes it against them).
-//   - CTA b owns output columns [j0, j0 + BN / 2), j0 = b * BN / 2: each stage's w tile holds the
-//     gate rows j0.. and the up rows I + j0.. (two TMA boxes), so a thread's accumulators hold matching
-//     gate and up columns (tile columns t and t + BN / 2, same fragment position) and SiLU runs on them
-//     in registers; only the [M, I] product is written (the unfused path writes [M, 2I], reads it back);
-//   - the norm comes from the x tiles already in shared memory: each consumer thread adds the squares
-//     of 4 16-byte chunks of every stage's 64 x 64 x tile (conflict-free), summed per row at the end.
-//     No second pass over x and no rms_scale kernel, but the loads cost 1.3 us on Llama-7B's gate_up
-//     (H200; a sixth warp doing them instead cost 2.6: benchmarks/RESULTS.md session 15);
-//   - the roundings are the unfused path's: g and u rounded to T (the GEMM's output), scaled by s and
-//     rounded (silu_and_mul's folded norm), then silu_mul (common.cuh). Given the same s the result is
-//     the unfused one's bit for bit; s itself sums in another order than rms_scale (float rounding);
-//   - the producer warp leaves once it has issued every stage, and the epilogue runs on the consumer
-//     warpgroup alone (named barrier 1): no per-group bounds checks but the last CTA's columns and
-//     rows past M.
-template <typename T, int BN, int STAGES>
-__global__ void __launch_bounds__(kThreads, 1)
-    tma_gate_up_silu_kernel(const __grid_constant__ CUtensorMap tx, const __grid_constant__ CUtensorMap tw,
-                            T* __restrict__ out, int M, int I, int K, float eps, bool norm) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using L = Layout<BN, STAGES>;
-  constexpr int NC = BN / 64, HALF = BN / 2;
-  static_assert(HALF % 32 == 0, "a half tile is whole 8-column fragment groups");
-  constexpr int TS = HALF + 8;  // the output tile's row stride (elements): conflict-free fragment writes
-  static_assert(kBM * TS * static_cast<int>(sizeof(T)) <= L::kPipeBytes, "the output tile reuses the pipeline");
-  extern __shared__ __align__(1024) uint8_t smem_raw[];
-  __shared__ float row_ss[kBM];
-  const uint32_t raw = smem_addr(smem_raw);
-  const uint32_t base = (raw + 1023) & ~1023u;
-  uint8_t* smem = smem_raw + (base - raw);
-  const uint32_t full0 = base + L::kPipeBytes, empty0 = full0 + STAGES * 8;
-  auto x_tile = [&](int s) { return base + s * L::kStageBytes; };
-  auto w_tile = [&](int s) { return base + s * L::kStageBytes + kXBytes; };
-  const int tid = threadIdx.x, j0 = blockIdx.x * HALF, nkb = (K + kBK - 1) / kBK;
-
-  if (tid == kConsumers) init_pipeline<STAGES>(&tx, &tw, full0, empty0, kConsumers / 32);  // an arrival per warp
-  __syncthreads();
-  if (tid >= kConsumers) {
-    if (tid != kConsumers) return;
-    // The producer thread: weights of the first stages before pdl_wait (nothing before writes them).
-    auto load_w = [&](int kb, int s) {
-      mbar_expect_tx(full0 + 8 * s, L::kStageBytes);
-      tma_load(w_tile(s), &tw, kb * kBK, j0, full0 + 8 * s);
-      tma_load(w_tile(s) + HALF * kRowBytes, &tw, kb * kBK, I + j0, full0 + 8 * s);
-    };
-    const int first_round = min(nkb, STAGES);
-    for (int kb = 0; kb < first_round; ++kb) load_w(kb, kb);
-    pdl_wait();
-    pdl_trigger();
-    for (int kb = 0; kb < first_round; ++kb) tma_load(x_tile(kb), &tx, kb * kBK, 0, full0 + 8 * kb);
-    for (int kb = first_round; kb < nkb; ++kb) {
-      const int s = kb % STAGES;
-      mbar_wait(empty0 + 8 * s, ((kb / STAGES) - 1) & 1);
-      load_w(kb, s);
-      tma_load(x_tile(s), &tx, kb * kBK, 0, full0 + 8 * s);
-    }
-    return;
-  }
-  pdl_wait();  // out may still be read by the kernel before (a graph reuses buffers)
-  pdl_trigger();
-  float acc[NC][32];
-  zero(acc);
-  float ss[4] = {0.f, 0.f, 0.f, 0.f};  // squares of rows 16 i + tid / 8, chunks tid % 8 of each stage
-  for (int kb = 0; kb < nkb; ++kb) {
-    const int s = kb % STAGES;
-    mbar_wait(full0 + 8 * s, (kb / STAGES) & 1);
-    const uint64_t da = sw128_desc(x_tile(s)), db = sw128_desc(w_tile(s));
-    wgmma_fence();
-#pragma unroll
-    for (int c = 0; c < NC; ++c) fence_regs(acc[c]);
-#pragma unroll
-    for (int j = 0; j < kBK / 16; ++j)
-#pragma unroll
-      for (int c = 0; c < NC; ++c) wgmma_64x64<T>(acc[c], da + 2 * j, db + 2 * j + c * (64 * kRowBytes >> 4));
-    wgmma_commit();
-    if (norm) {  // the swizzle permutes 16-byte chunks within a row: any 8 of a row's chunks are the row
-      const uint8_t* xs = smem + s * L::kStageBytes;
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const Vec<T, 8> v = load_vec<T, 8>(reinterpret_cast<const T*>(xs + (i * kConsumers + tid) * 16));
-#pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          const float f = to_float(v.v[e]);
-          ss[i] = fmaf(f, f, ss[i]);
-        }
-      }
-    }
-#pragma unroll
-    for (int c = 0; c < NC; ++c) fence_regs(acc[c]);
-    // The stage before this one is read (its wgmmas; the warp's norm loads fed FMAs before this aligned
-    // wait): one arrival per warp hands it back.
-    wgmma_wait<1>();
-    if (kb > 0 && (tid & 31) == 0) mbar_arrive(empty0 + 8 * ((kb - 1) % STAGES));
-  }
-  wgmma_wait<0>();
-#pragma unroll
-  for (int c = 0; c < NC; ++c) fence_regs(acc[c]);
-  if (norm) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      ss[i] += __shfl_xor_sync(0xffffffffu, ss[i], 1);
-      ss[i] += __shfl_xor_sync(0xffffffffu, ss[i], 2);
-      ss[i] += __shfl_xor_sync(0xffffffffu, ss[i], 4);
-    }
-    if ((tid & 7) == 0)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) row_ss[16 * i + (tid >> 3)] = ss[i];
-  }
-  asm volatile("bar.sync 1, %0;" ::"n"(kConsumers) : "memory");  // stages consumed, row sums written
-
-  const int lane = tid & 31, row0 = 16 * (tid >> 5) + (lane >> 2), col0 = 2 * (lane & 3);
-  float scale[2] = {1.f, 1.f};
-  if (norm)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) scale[h] = rsqrtf(row_ss[row0 + 8 * h] / static_cast<float>(K) + eps);
-  T* tile = reinterpret_cast<T*>(smem);
-  auto act = [&](float g, float u, float sc) {
-    T a = from_float<T>(g), b = from_float<T>(u);  // the GEMM's output rounding
-    if (norm) {
-      a = from_float<T>(to_float(a) * sc);
-      b = from_float<T>(to_float(b) * sc);
-    }
-    return silu_mul(a, b);
-  };
-  // acc[c][4 j + 2 h + e] is tile (row0 + 8 h, 64 c + 8 j + col0 + e); gate column t pairs with up t + HALF.
-#pragma unroll
-  for (int c = 0; c < NC; ++c)
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const int t = 64 * c + 8 * j;
-      if (t < HALF) {
-        const int cu = (t + HALF) / 64, ju = ((t + HALF) % 64) / 8;
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          Vec<T, 2> o;
-#pragma unroll
-          for (int e = 0; e < 2; ++e) o.v[e] = act(acc[c][4 * j + 2 * h + e], acc[cu][4 * ju + 2 * h + e], scale[h]);
-          store_vec<T, 2>(tile + (row0 + 8 * h) * TS + t + col0, o);
-        }
-      }
-    }
-  asm volatile("bar.sync 1, %0;" ::"n"(kConsumers) : "memory");
-  constexpr int kChunks = HALF / 8;  // 16-byte chunks of an output row
-  for (int i = tid; i < M * kChunks; i += kConsumers) {
-    const int row = i / kChunks, col = (i % kChunks) * 8;
-    if (j0 + col < I)
-      store_vec<T, 8>(out + static_cast<int64_t>(row) * I + j0 + col, load_vec<T, 8>(tile + row * TS + col));
-  }
-#endif  // __CUDA_ARCH_FEAT_SM90_ALL
-}
-
 PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
   static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
     void* p = nullptr;
@@ -642,54 +485,7 @@ void with_config(int config, F&& f) {
   }
 }
 
-// The gate_up + SiLU kernel's configs: (BN, stages), BN / 2 output columns per CTA, one CTA per SM.
-// BN 192 is the decomposition that tied cuBLAS on Llama-7B's gate_up (benchmarks/RESULTS.md session
-// 14); 128 and 256 give the tuner the neighbouring grid sizes for other widths.
-constexpr int kNumSiluConfigs = 3;
-template <typename F>
-void with_silu_config(int config, F&& f) {
-  static_assert(kNumSiluConfigs == 3, "one case per config");
-  switch (config) {
-    case 0: return f(Cfg<128, 8>{});
-    case 1: return f(Cfg<192, 6>{});
-    default: return f(Cfg<256, 5>{});
-  }
-}
-
-template <typename T, typename C>
-auto prepared_silu_kernel() {
-  auto kernel = tma_gate_up_silu_kernel<T, C::kBN, C::kStages>;
-  static const bool once = [&] {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmem));
-    return true;
-  }();
-  (void)once;
-  return kernel;
-}
-
 }  // namespace
-
-int tma_gate_up_silu_num_configs(int major, int minor) {
-  return tma_gemm_num_configs(major, minor) > 0 ? kNumSiluConfigs : 0;
-}
-
-int tma_gate_up_silu_block(int config) {
-  int block = 0;
-  with_silu_config(config, [&](auto c) { block = decltype(c)::kBN / 2; });
-  return block;
-}
-
-void tma_gate_up_silu_run(int config, const at::Tensor& x, const at::Tensor& w, at::Tensor& out, double eps, bool norm,
-                          cudaStream_t stream) {
-  const int M = static_cast<int>(x.size(0)), K = static_cast<int>(x.size(1)), I = static_cast<int>(w.size(0) / 2);
-  with_silu_config(config, [&](auto c) {
-    using C = decltype(c);
-    const CUtensorMap tx = tensor_map(x, M, x.stride(0), kBM), tw = tensor_map(w, 2 * I, K, C::kBN / 2);
-    const unsigned blocks = static_cast<unsigned>(ceil_div(I, C::kBN / 2));
-    launch_ex(prepared_silu_kernel<__nv_bfloat16, C>(), dim3(blocks, 1, 1), dim3(kThreads, 1, 1), C::kSmem, 1, stream,
-              tx, tw, static_cast<__nv_bfloat16*>(out.data_ptr()), M, I, K, static_cast<float>(eps), norm);
-  });
-}
 
 int tma_gemm_num_configs(int major, int minor) {
 #if defined(MODELYARD_SM90A)

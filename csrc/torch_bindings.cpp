@@ -38,8 +38,6 @@ TORCH_LIBRARY(modelyard, m) {
   m.def("set_pdl(bool enabled) -> bool", &modelyard::set_pdl);               // no tensor input: catch-all
   m.def("skinny_gemm(Tensor x, Tensor w, Tensor? bias, int config, int split_k) -> Tensor");
   m.def("skinny_gemm_add_(Tensor(a!) out, Tensor x, Tensor w, int config, int split_k) -> ()");
-  m.def("gate_up_silu_configs() -> Tensor", &modelyard::gate_up_silu_configs);  // no tensor input: catch-all
-  m.def("gate_up_silu(Tensor x, Tensor w, float? norm_eps, int config) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(modelyard, CUDA, m) {
@@ -59,6 +57,5 @@ TORCH_LIBRARY_IMPL(modelyard, CUDA, m) {
   m.impl("lt_gemm", &modelyard::lt_gemm);
   m.impl("skinny_gemm", &modelyard::skinny_gemm);
   m.impl("skinny_gemm_add_", &modelyard::skinny_gemm_add_);
-  m.impl("gate_up_silu", &modelyard::gate_up_silu);
   m.impl("lt_gemm_add_", &modelyard::lt_gemm_add_);
 }

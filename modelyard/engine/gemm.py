@@ -26,13 +26,6 @@ the heuristic's own best (within 0.3%, H200, benchmarks/RESULTS.md session 8), s
 heuristic's list is timed here. EngineConfig(tune_decode_gemms=False) turns it off;
 Engine.stats()["decode_gemms"] reports what was chosen.
 
-A decoder with folded norms (models/decoder.py) runs its MLP's first half in a decode step as the
-gate_up GEMM, then silu_and_mul scaling by each row's norm (rms_scale, on a graph branch beside the
-GEMM). For each gate_up shape and batch size up to 64 on sm_90a, `tune` also times that pair (the
-GEMM as chosen above) against csrc's gate_up_silu (tma_gemm.cu: GEMM, norm and SiLU in one kernel,
-each config), and the plan keeps the fused kernel where it is faster by _MIN_GAIN; `gate_up_silu`
-then runs it inside the captured graphs.
-
 fp8 layers (quantization="fp8") are not tuned: cuBLASLt offers a single algorithm for row-wise
 scaled e4m3 GEMMs, the one torch._scaled_mm already runs.
 """
@@ -50,9 +43,6 @@ from torch import nn
 
 from . import kernels
 
-# Whether tune() offers gate_up_silu (a switch for A/B measurements: benchmarks/step_anatomy.py).
-FUSE_GATE_UP_SILU = True
-
 _TUNED_DTYPES = (torch.bfloat16, torch.float16)
 _MAX_CANDIDATES = 8         # cuBLASLt heuristic candidates timed per (batch size, shape)
 _ROTATE = 4                 # weights of this many layers in turn per timing (L2 cold, as in a step)
@@ -62,7 +52,6 @@ _SKINNY_MAX_M = 32          # skinny_gemm candidates up to this batch size (it l
 _SKINNY_SPLITS = 3          # split_k values timed per skinny config: the largest giving <= 2 CTAs per SM
 _PDL_TUNE_MAX_M = 16        # with PDL, time skinny_gemm with it up to this batch size (see tune)
 _TMA_PDL_MAX_M = 8          # PDL-timed TMA candidates only up to this batch size (see _skinny_candidates)
-_FUSED_MAX_M = 64          # gate_up_silu's most rows (one wgmma m64 tile)
 _PAIR_MIN_M = 33            # the TMA pair kernels (kind 2: 32 rows per CTA of a pair) from this batch size
 
 
@@ -122,21 +111,6 @@ class Skinny:
 Choice = LtAlgo | Skinny
 
 
-@dataclass(frozen=True)
-class GateUpSilu:
-    """csrc gate_up_silu with one of its configs (block: output columns per CTA): silu_and_mul(x W^T)
-    of a gate_up weight W [2I, K], the rows of x first scaled by their RMSNorm scale (the folded norm)."""
-    config: int
-    block: int
-    kind = "gate_up_silu"
-
-    def __call__(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-        return kernels.get().gate_up_silu(x, w, eps, self.config)
-
-    def __repr__(self) -> str:
-        return f"gate_up_silu[block={self.block}]"
-
-
 @dataclass
 class GemmPlan:
     """(batch size, shape) -> the kernel to run (a Choice), or None: F.linear."""
@@ -145,8 +119,6 @@ class GemmPlan:
     seconds: float = 0.0
     note: str = "off"                                    # why nothing was tuned, when nothing was
     tuned_calls: int = 0                                 # linear() calls that ran a plan's choice
-    fused: dict[tuple[int, GemmShape], GateUpSilu | None] = field(default_factory=dict)  # gate_up + SiLU
-    fused_timings: list[dict] = field(default_factory=list)  # one row per (batch size, gate_up shape), us
 
     def lookup(self, m: int, weight: torch.Tensor, bias: torch.Tensor | None, add: bool = False) -> Choice | None:
         return self.choices.get((m, GemmShape.of(weight, bias, add)))
@@ -157,11 +129,9 @@ class GemmPlan:
         kinds = [c.kind for c in self.choices.values() if c is not None]
         tma = sum(isinstance(c, Skinny) and c.tma for c in self.choices.values())
         saved = sum(r["torch_us"] - r["chosen_us"] for r in self.timings)
-        fused = (f"; gate_up + SiLU fused at batch sizes {sorted(m for (m, _), c in self.fused.items() if c)} "
-                 f"of {sorted(m for m, _ in self.fused)}" if self.fused else "")
         return (f"tuned in {self.seconds:.1f}s: cuBLASLt for {kinds.count('cublaslt')}, skinny_gemm for "
                 f"{kinds.count('skinny')} ({tma} TMA) of {len(self.choices)} (batch size, shape) pairs, {saved:.0f} us saved "
-                f"summed over one call of each{fused}")
+                f"summed over one call of each")
 
 
 _active: GemmPlan | None = None
@@ -203,33 +173,6 @@ def linear_add_(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> tor
         return out.addmm_(x, weight.t())
     choice.add_(out, x, weight)
     return out
-
-
-def gate_up_silu(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
-    """silu_and_mul(x weight^T, norm_x=x, norm_eps=eps) by the fused kernel, where the active plan chose it
-    for this batch size and gate_up shape; else None, and the caller runs the GEMM and silu_and_mul."""
-    plan = _active
-    if plan is None or x.dim() != 2:
-        return None
-    choice = plan.fused.get((x.shape[0], GemmShape.of(weight, None)))
-    if choice is None:
-        return None
-    plan.tuned_calls += 1
-    return choice(x, weight, eps)
-
-
-def folded_gate_ups(model: nn.Module) -> tuple[float, list[torch.Tensor]] | None:
-    """(the post-attention norms' eps, every layer's gate_up weight) of a 16-bit CUDA decoder whose
-    norms are folded (what gate_up_silu fuses), else None."""
-    lm = getattr(model, "language_model", None)
-    if not getattr(lm, "norms_folded", False):
-        return None
-    layers = list(lm.layers)
-    weights = [layer.mlp.gate_up_proj.weight.detach() for layer in layers]
-    if not weights or weights[0].dtype != torch.bfloat16 or not weights[0].is_cuda:
-        return None
-    eps = {float(layer.post_attention_layernorm.eps) for layer in layers}
-    return (eps.pop(), weights) if len(eps) == 1 else None
 
 
 def linear_weights(model: nn.Module) -> dict[GemmShape, list[tuple[torch.Tensor, torch.Tensor | None]]]:
@@ -354,36 +297,6 @@ def _tune_one(k, case: _Case, skinny: list[Skinny]) -> tuple[Choice | None, dict
                   "skinny": len(skinny), "chosen": repr(best) if best is not None else "F.linear"}
 
 
-def _tune_gate_up_silu(k, plan: GemmPlan, m: int, eps: float, weights: list[torch.Tensor], configs: list[int],
-                       gen: torch.Generator) -> None:
-    """plan.fused[(m, shape)]: the fastest correct gate_up_silu config where it beats the unfused pair by
-    _MIN_GAIN, else None; both run as the step runs them (the pair: the plan's GEMM for this shape,
-    then silu_and_mul given the norm scale, whose rms_scale the step computes off the critical path)."""
-    ws = weights[:_ROTATE]
-    shape = GemmShape.of(ws[0], None)
-    x = torch.randn(m, shape.k, device=ws[0].device, dtype=ws[0].dtype, generator=gen)
-    scale = torch.empty(m, device=x.device, dtype=torch.float32)
-    k.rms_scale(x, eps, scale)
-    gemm_choice = plan.choices.get((m, shape))
-    gemm_fn = F.linear if gemm_choice is None else gemm_choice
-    ref = k.silu_and_mul(F.linear(x, ws[0]), None, 0.0, scale).float()
-    unfused_us = _graph_us(lambda: [k.silu_and_mul(gemm_fn(x, w, None), None, 0.0, scale) for w in ws], len(ws))
-    best, best_us = None, unfused_us
-    for config, block in enumerate(configs):
-        cand = GateUpSilu(config, block)
-        err = ((cand(x, ws[0], eps).float() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-        if err > _MAX_REL_ERR:
-            continue
-        us = _graph_us(lambda: [cand(x, w, eps) for w in ws], len(ws))
-        if us < best_us:
-            best, best_us = cand, us
-    if best is not None and best_us > unfused_us * (1 - _MIN_GAIN):
-        best, best_us = None, unfused_us
-    plan.fused[(m, shape)] = best
-    plan.fused_timings.append({"m": m, "shape": str(shape), "unfused_us": round(unfused_us, 2),
-                               "chosen_us": round(best_us, 2), "chosen": repr(best) if best else "gemm + silu_and_mul"})
-
-
 @torch.inference_mode()
 def tune(model: nn.Module, sizes: Sequence[int], device: torch.device, pdl: bool = False) -> GemmPlan:
     """Times F.linear, cuBLASLt's candidates and skinny_gemm's for every (size, shape); see the
@@ -406,12 +319,6 @@ def tune(model: nn.Module, sizes: Sequence[int], device: torch.device, pdl: bool
                 best, row = _tune_one(k, _Case(shape, pairs, x, gen), _skinny_candidates(skinny_configs, m, shape, sms))
             plan.choices[(m, shape)] = best
             plan.timings.append({"m": m, "shape": str(shape), **row})
-    folded = folded_gate_ups(model) if FUSE_GATE_UP_SILU else None
-    configs = k.gate_up_silu_configs().tolist() if folded is not None else []
-    for m in sizes if configs else ():
-        if m <= _FUSED_MAX_M:
-            with kernels.pdl(pdl and m <= _PDL_TUNE_MAX_M):
-                _tune_gate_up_silu(k, plan, m, folded[0], folded[1], configs, gen)
     torch.cuda.synchronize(device)
     plan.seconds = time.perf_counter() - t0
     if not plan.timings:

@@ -389,45 +389,6 @@ def test_decode_gemm_tuning(ckpt64):
         eng.close()
 
 
-@requires_cuda
-@torch.inference_mode()
-def test_gate_up_silu_in_the_decode_graphs(ckpt64, images):
-    """On sm_90a builds tune() also times the fused gate_up + SiLU kernel against the GEMM and SiLU
-    kernel for every batch size (a row each); graphs captured with it forced at every batch size, each
-    config in turn, give the unfused graphs' logits, and generation runs through them."""
-    from modelyard.engine import gemm, kernels
-    blocks = kernels.get().gate_up_silu_configs().tolist()
-    if not blocks:
-        pytest.skip("gate_up_silu is built for sm_90a (TMA + wgmma) only: nothing to fuse on this GPU")
-    eng = Engine.from_pretrained(ckpt64, EngineConfig(dtype="bfloat16", num_kv_blocks=64, max_batch_size=8,
-                                                      tune_decode_gemms=False))
-    try:
-        eps, weights = gemm.folded_gate_ups(eng.model)
-        assert len(weights) == eng.model.language_model.spec.num_layers
-        shape = gemm.GemmShape.of(weights[0], None)
-        graphs = eng.runner.graphs
-        plan = gemm.tune(eng.model, [1, 8], graphs.device)
-        assert set(plan.fused) == {(1, shape), (8, shape)} and len(plan.fused_timings) == 2
-        assert all(r["chosen_us"] <= r["unfused_us"] for r in plan.fused_timings)
-        assert "gate_up + SiLU fused at batch sizes" in plan.summary()
-
-        bs = eng.kv_cache.spec.block_size
-        spans = [_span(0, 5, 3, [10]), _span(1, 6, bs + 1, [20, 21]), _span(2, 7, 0, [30])]
-        graphs.capture(gemm.GemmPlan())
-        plain = graphs.run(spans).clone()
-        for config, block in enumerate(blocks):
-            forced = gemm.GemmPlan(fused={(m, shape): gemm.GateUpSilu(config, block) for m in graphs.sizes})
-            graphs.capture(forced)
-            assert forced.tuned_calls >= len(graphs.sizes) * len(weights)     # every layer, every graph
-            fused = graphs.run(spans).clone()
-            torch.cuda.synchronize()
-            assert (fused - plain).norm() / plain.norm() < 2e-2, block
-        res = eng.generate(_requests(images, 4, max_new=6))     # through the last config's graphs
-        assert [len(r.token_ids) for r in res] == [6, 7, 8, 9]
-    finally:
-        eng.close()
-
-
 def _forced_skinny_plans(keys) -> list:
     """Plans running skinny_gemm on every (batch size, shape) in keys: its first mma.sync config, and
     (on Hopper builds) its first TMA + wgmma config of each kind (split-K, pair, x shared), each with

@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from .. import gemm, ops
+from .. import ops
 from ..attention.base import AttentionBackend, AttentionMetadata, Rotary
 from .layers import Linear, MergedLinear, QuantizedInput, RMSNorm
 from .registry import UnsupportedArchitecture
@@ -171,12 +171,8 @@ class DecoderLayer(nn.Module):
         sa, mlp = self.self_attn, self.mlp
         norm, qkv = _folded_norm(h, self.input_layernorm.eps, sa.qkv_proj)
         sa.o_proj.add_(h, sa.attend(replace(rotary, **norm), qkv, kv_cache, meta, attn))
-        eps = self.post_attention_layernorm.eps
-        act = gemm.gate_up_silu(h, mlp.gate_up_proj.weight, eps)   # one fused kernel, where the plan chose it
-        if act is None:
-            norm, gate_up = _folded_norm(h, eps, mlp.gate_up_proj)
-            act = ops.silu_and_mul(gate_up, **norm)
-        mlp.down_proj.add_(h, act)
+        norm, gate_up = _folded_norm(h, self.post_attention_layernorm.eps, mlp.gate_up_proj)
+        mlp.down_proj.add_(h, ops.silu_and_mul(gate_up, **norm))
 
 
 # Whether graph captures compute the norm scales on a forked branch (a switch for A/B measurements).
