@@ -6,12 +6,15 @@
 //   plain   a grid-stride read of the weight bytes (the streaming yardstick of stream_floor.py)
 //   cublas  cublasGemmEx at M = 64 with its default heuristic (the step's tuner may pick better)
 // and a GEMM-shaped kernel (one CTA per block_n columns and K share, a producer thread streaming
-// stages into a ring of mbarrier-guarded stages, one consumer warpgroup) at four levels:
+// stages into a ring of mbarrier-guarded stages, one consumer warpgroup) at four levels (and two variants):
 //   w       the weight tiles only (the consumer just hands each stage back)
 //   w+x     plus the 64 x 64 x tile per stage (2D TMA from L2), as every M = 64 GEMM needs
 //   mma     plus wgmma m64n64k16 on every stage (float32 accumulators)
 //   epi     plus the epilogue: accumulators -> float tile in shared memory -> bf16 stores
 //           (split 1 only: there is no split-K reduction here; checked against cuBLAS)
+//   mmaW, epiW  mma and epi with one m64n<block_n>k16 wgmma per k16 step instead of block_n / 64
+//           m64n64k16 ones (block_n 128-256), which read the x tile from shared memory once, not
+//           block_n / 64 times (session 15)
 // each with the weights read in two layouts:
 //   tma2d   row-major W [N, K], 2D TMA boxes of 64 K x block_n rows in the 128B swizzle (what
 //           csrc/tma_gemm.cu and cuBLAS read: block_n rows of 128 bytes per stage)
@@ -20,7 +23,7 @@
 //
 //   nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a benchmarks/gemm_stream.cu -lcublas -o /tmp/gemm_stream
 //   /tmp/gemm_stream            (python benchmarks/gemm_stream.py builds and runs it)
-// Results: benchmarks/RESULTS.md session 14; reading: NOTES-perf.md v14.
+// Results: benchmarks/RESULTS.md sessions 14 and 15; reading: NOTES-perf.md v14, v15.
 // The PTX wrappers (mbarrier, TMA, wgmma) are csrc/tma_gemm.cu's, from csrc/tma_ptx.cuh (no torch headers).
 #include <cublas_v2.h>
 #include <cuda.h>
@@ -56,7 +59,7 @@ __device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_
                "r"(bytes), "r"(bar)
                : "memory");
 }
-enum Level { kW = 0, kWX = 1, kMma = 2, kEpi = 3 };
+enum Level { kW = 0, kWX = 1, kMma = 2, kEpi = 3, kMmaWide = 4, kEpiWide = 5 };  // wide: one m64nBN wgmma per k16
 
 // grid (splits, ceil(N / BN)); CTA (split, nb) multiplies K blocks [split * kbps, ...) of columns
 // [nb * BN, nb * BN + BN). tiled: W tile (nb, kb) is BN * 128 contiguous bytes at (nb * KB + kb) * BN * 128.
@@ -67,7 +70,8 @@ __global__ void __launch_bounds__(160, 1) gemm_stream(const __grid_constant__ CU
                                                       __nv_bfloat16* out, unsigned* sink) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // tma_ptx.cuh's wrappers exist in the sm_90a device pass only
   constexpr int BN = NC * 64;
-  constexpr bool kX = LEVEL >= kWX, kMath = LEVEL >= kMma;
+  constexpr bool kX = LEVEL >= kWX, kMath = LEVEL >= kMma, kWide = LEVEL >= kMmaWide;
+  constexpr bool kStore = LEVEL == kEpi || LEVEL == kEpiWide;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   __shared__ uint64_t bars[64];
   const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
@@ -127,9 +131,17 @@ __global__ void __launch_bounds__(160, 1) gemm_stream(const __grid_constant__ CU
 #pragma unroll
       for (int c = 0; c < NC; ++c) fence_regs(acc[c]);
 #pragma unroll
-      for (int j = 0; j < kBK / 16; ++j)
+      for (int j = 0; j < kBK / 16; ++j) {
+        if constexpr (kWide && NC > 1) {  // acc[NC][32] is the m64nBN fragment, 64 columns after 64
+          auto& d = reinterpret_cast<float(&)[NC * 32]>(acc);
+          if constexpr (NC == 2) wgmma_64x128<__nv_bfloat16>(d, da + 2 * j, db + 2 * j);
+          if constexpr (NC == 3) wgmma_64x192<__nv_bfloat16>(d, da + 2 * j, db + 2 * j);
+          if constexpr (NC == 4) wgmma_64x256<__nv_bfloat16>(d, da + 2 * j, db + 2 * j);
+        } else {
 #pragma unroll
-        for (int c = 0; c < NC; ++c) wgmma_64x64<__nv_bfloat16>(acc[c], da + 2 * j, db + 2 * j + c * (64 * 128 >> 4));
+          for (int c = 0; c < NC; ++c) wgmma_64x64<__nv_bfloat16>(acc[c], da + 2 * j, db + 2 * j + c * (64 * 128 >> 4));
+        }
+      }
       wgmma_commit();
 #pragma unroll
       for (int c = 0; c < NC; ++c) fence_regs(acc[c]);
@@ -139,7 +151,7 @@ __global__ void __launch_bounds__(160, 1) gemm_stream(const __grid_constant__ CU
     wgmma_wait<0>();
 #pragma unroll
     for (int c = 0; c < NC; ++c) fence_regs(acc[c]);
-    if constexpr (LEVEL == kEpi) {
+    if constexpr (kStore) {
       asm volatile("bar.sync 1, 128;" ::: "memory");  // every stage consumed: the ring becomes the output tile
       float* red = reinterpret_cast<float*>(smem_raw + (base - raw));
       constexpr int RS = BN + 8;
@@ -281,6 +293,7 @@ float graph_us(F body, int R) {
 using Kernel = void (*)(CUtensorMap, CUtensorMap, const uint8_t*, bool, int, int, int, __nv_bfloat16*, unsigned*);
 template <int LEVEL>
 Kernel kernel_for(int BN) {
+  static_assert(LEVEL <= kEpiWide, "a level");
   switch (BN) {
     case 64: return gemm_stream<1, LEVEL>;
     case 128: return gemm_stream<2, LEVEL>;
@@ -293,7 +306,9 @@ Kernel kernel_for(int BN, int level) {
     case kW: return kernel_for<kW>(BN);
     case kWX: return kernel_for<kWX>(BN);
     case kMma: return kernel_for<kMma>(BN);
-    default: return kernel_for<kEpi>(BN);
+    case kEpi: return kernel_for<kEpi>(BN);
+    case kMmaWide: return kernel_for<kMmaWide>(BN);
+    default: return kernel_for<kEpiWide>(BN);
   }
 }
 
@@ -351,7 +366,7 @@ int main() {
                           {"gate_up", 22016, 4096, {128, 192, 256}},
                           {"down_proj", 4096, 11008, {64, 128}},
                           {"lm_head", 32064, 4096, {128, 192, 256}}};
-  const char* level_names[] = {"w    ", "w+x  ", "mma  ", "epi  "};
+  const char* level_names[] = {"w    ", "w+x  ", "mma  ", "epi  ", "mmaW ", "epiW "};
   int failures = 0;
   for (const Shape& s : shapes) {
     const size_t bytes = static_cast<size_t>(s.N) * s.K * 2;
@@ -380,15 +395,16 @@ int main() {
         CK(cudaLaunchKernelEx(&cfg, k, maps[r], txm, wt, tiled_layout, KB, kbps, stages, out, sink));
       };
       std::printf("  block_n %d, split %d: %d CTAs, %d stages\n", BN, splits, nblocks * splits, stages);
-      for (int level = kW; level <= kEpi; ++level) {
-        if (level == kEpi && splits > 1) continue;
+      for (int level = kW; level <= kEpiWide; ++level) {
+        if ((level == kEpi || level == kEpiWide) && splits > 1) continue;
+        if (level >= kMmaWide && BN == 64) continue;  // n64 is one instruction already
         const Kernel k = kernel_for(BN, level);
         CK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, 220 * 1024));
         float us[2];
         for (int t = 0; t < 2; ++t) us[t] = graph_us([&](int r) { launch(k, r, t == 1, w[r]); }, R);
         std::printf("    %s tma2d %6.2f us (%.2fx plain, %.2fx cublas)   tiled %6.2f us (%.2fx plain, %.2fx cublas)\n",
                     level_names[level], us[0], us[0] / plain, us[0] / cub, us[1], us[1] / plain, us[1] / cub);
-        if (level != kEpi) continue;
+        if (level != kEpi && level != kEpiWide) continue;
         // Correctness of the full kernel on copy 0, both layouts, against cuBLAS.
         cublas(w[0], s.N, s.K, ref);
         repack_tiled<<<4 * sms, 256, 0, stream>>>(reinterpret_cast<const __nv_bfloat16*>(w[0]), tiled, s.N, s.K, BN);

@@ -165,7 +165,11 @@ def test_rotary_and_cache_with_a_folded_norm(dtype, cache_dtype, hq, hk, d, alig
     """q, k and v (padding rows too) are scaled in place by each row's RMSNorm scale before the rotation
     and the cache write, reduced in the kernel from norm_x rows (16-byte, or scalar: unaligned and
     strided) or given as norm_scale (rms_scale of the same rows); the kernel against the torch
-    reference. The scale's sum order differs: one unit in the last place."""
+    reference. The scale's sum order differs, so a scaled q or k element may round one unit in the
+    last place apart, and rotated, that unit of an input lands on every output of its pair, near-zero
+    ones too: the elementwise check allows two units of the rows' largest magnitude, not of each
+    output (a relative allowance failed 2 of 4 runs on unseeded draws, RESULTS.md session 14)."""
+    torch.manual_seed(11)
     k_ = kernels.get()
     T, nb, bs, H, eps = 19, 16, 16, 520, 1e-5
     cache_dtype = cache_dtype or dtype
@@ -188,8 +192,10 @@ def test_rotary_and_cache_with_a_folded_norm(dtype, cache_dtype, hq, hk, d, alig
         run(pos, q, k, v, kc, vc, slots, d, cos_sin, True, *scales, *norm)
         outs.append((x, kc.float(), vc.float()))
     (x0, kc0, vc0), (x1, kc1, vc1) = outs
-    _close(x1, x0, dtype)
-    tol = 2e-2 if fp8 else {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    ulp = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    assert rel_err(x1, x0) < ulp
+    assert torch.allclose(x1.float(), x0.float(), rtol=0, atol=2 * ulp * x0.float().abs().max().item())
+    tol = 2e-2 if fp8 else ulp
     assert rel_err(kc1, kc0) < tol and rel_err(vc1, vc0) < tol
     # the scaling happened: v's rows (not rotated) are the input's times each row's RMSNorm scale
     v_in = qkv[:, (hq + hk) * d:].float()
