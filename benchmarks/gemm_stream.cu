@@ -132,11 +132,8 @@ __global__ void __launch_bounds__(160, 1) gemm_stream(const __grid_constant__ CU
       for (int c = 0; c < NC; ++c) fence_regs(acc[c]);
 #pragma unroll
       for (int j = 0; j < kBK / 16; ++j) {
-        if constexpr (kWide && NC > 1) {  // acc[NC][32] is the m64nBN fragment, 64 columns after 64
-          auto& d = reinterpret_cast<float(&)[NC * 32]>(acc);
-          if constexpr (NC == 2) wgmma_64x128<__nv_bfloat16>(d, da + 2 * j, db + 2 * j);
-          if constexpr (NC == 3) wgmma_64x192<__nv_bfloat16>(d, da + 2 * j, db + 2 * j);
-          if constexpr (NC == 4) wgmma_64x256<__nv_bfloat16>(d, da + 2 * j, db + 2 * j);
+        if constexpr (kWide) {  // acc[NC][32] is the m64nBN fragment, 64 columns after 64
+          wgmma_64xN<__nv_bfloat16, NC>(acc, da + 2 * j, db + 2 * j);
         } else {
 #pragma unroll
           for (int c = 0; c < NC; ++c) wgmma_64x64<__nv_bfloat16>(acc[c], da + 2 * j, db + 2 * j + c * (64 * 128 >> 4));

@@ -95,7 +95,8 @@ __device__ __forceinline__ void zero(float (&acc)[NC][E]) {
 template <typename T, int BN, int STAGES, int XC = 1>
 __global__ void __launch_bounds__(kThreads, 1)
     tma_gemm_kernel(const __grid_constant__ CUtensorMap tx, const __grid_constant__ CUtensorMap tw,
-                    const T* __restrict__ bias, T* out, bool accumulate, int M, int N, int K, int kb_per_split) {
+                    const T* __restrict__ bias, T* out, bool accumulate, int M, int N, int K, int kb_per_split,
+                    bool pdl) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using L = Layout<BN, STAGES>;
   constexpr int NC = BN / 64;  // m64n64 accumulators per thread
@@ -136,11 +137,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   zero(acc);
 
   if (tid >= kConsumers) {
-    // The producer (one thread). The first stages' weights go out before pdl_wait: nothing before
-    // this kernel writes them. x, which the kernel before may have written, only after it.
-    const int first_round = min(nkb, STAGES);
+    // The producer (one thread). Launched with PDL, the first stages' weights go out before pdl_wait
+    // (nothing before this kernel writes them), their x, which the kernel before may have written,
+    // after it. Without PDL each stage's x goes with its weights: x of stage 0 behind a whole round of
+    // weight boxes cost 1.3 us on Llama-7B's gate_up (H200, benchmarks/RESULTS.md session 15).
+    const int early = pdl ? min(nkb, STAGES) : 0;
     if (tid == kConsumers) {
-      for (int kb = 0; kb < first_round; ++kb) {
+      for (int kb = 0; kb < early; ++kb) {
         mbar_expect_tx(full0 + 8 * kb, L::kStageBytes);
         tma_load(w_tile(kb), &tw, (kb0 + kb) * kBK, n0, full0 + 8 * kb);
       }
@@ -150,10 +153,10 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (accumulate) load_out_share(pre, share, out, M, N, n0);
     if (XC > 1) cluster_wait();
     if (tid == kConsumers) {
-      for (int kb = 0; kb < first_round; ++kb) load_x(kb, kb);
-      for (int kb = first_round; kb < nkb; ++kb) {
+      for (int kb = 0; kb < early; ++kb) load_x(kb, kb);
+      for (int kb = early; kb < nkb; ++kb) {
         const int s = kb % STAGES;
-        mbar_wait(empty0 + 8 * s, ((kb / STAGES) - 1) & 1);  // the consumers are done with kb - STAGES
+        if (kb >= STAGES) mbar_wait(empty0 + 8 * s, ((kb / STAGES) - 1) & 1);  // the consumers are done with kb - STAGES
         mbar_expect_tx(full0 + 8 * s, L::kStageBytes);
         tma_load(w_tile(s), &tw, (kb0 + kb) * kBK, n0, full0 + 8 * s);
         load_x(kb, s);
@@ -175,10 +178,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       wgmma_fence();
 #pragma unroll
       for (int c = 0; c < NC; ++c) fence_regs(acc[c]);
+      // One m64n<BN> wgmma per k16 step: x's slice is read from shared memory once, not NC times
+      // (0.2-0.7 us on the decode shapes, benchmarks/gemm_stream.cu's mmaW, RESULTS.md session 15).
 #pragma unroll
-      for (int j = 0; j < kBK / 16; ++j)
-#pragma unroll
-        for (int c = 0; c < NC; ++c) wgmma_64x64<T>(acc[c], da + 2 * j, db + 2 * j + c * (64 * kRowBytes >> 4));
+      for (int j = 0; j < kBK / 16; ++j) wgmma_64xN<T, NC>(acc, da + 2 * j, db + 2 * j);
       wgmma_commit();
 #pragma unroll
       for (int c = 0; c < NC; ++c) fence_regs(acc[c]);
@@ -451,18 +454,19 @@ void run(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tenso
     TORCH_CHECK(split_k == 1, "tma_gemm: the x-multicast configs do not split K");
     const CUtensorMap tx = tensor_map(x, M, x.stride(0), kBM / C::kXC), tw = tensor_map(w, N, K, C::kBN);
     launch_ex(prepared_kernel<T, C>(), dim3(static_cast<unsigned>(ceil_div(blocks, C::kXC) * C::kXC), 1, 1),
-              dim3(kThreads, 1, 1), C::kSmem, C::kXC, stream, tx, tw, b, o, accumulate, M, N, K, ceil_div(K, kBK));
+              dim3(kThreads, 1, 1), C::kSmem, C::kXC, stream, tx, tw, b, o, accumulate, M, N, K, ceil_div(K, kBK),
+              pdl_on());
   } else {
     const CUtensorMap tx = tensor_map(x, M, x.stride(0), kBM), tw = tensor_map(w, N, K, C::kBN);
     const int kb_per_split = static_cast<int>(ceil_div(ceil_div(K, kBK), split_k));
     launch_ex(prepared_kernel<T, C>(), dim3(split_k, blocks, 1), dim3(kThreads, 1, 1), C::kSmem, split_k, stream, tx,
-              tw, b, o, accumulate, M, N, K, kb_per_split);
+              tw, b, o, accumulate, M, N, K, kb_per_split, pdl_on());
   }
 }
 
 // f(Cfg<block_n, stages[, pair, K blocks per stage]>{}) for config: the one place a config index
-// becomes template arguments. block_n a multiple of 64 (wgmma m64n64k16 per 64 columns, or m64n32k16
-// for a pair); stages so that 2 CTAs share an SM (~100 KiB each) or 1 streams deeper (~200 KiB).
+// becomes template arguments. block_n a multiple of 64 (one wgmma m64n<block_n>k16 per k16 step, or
+// m64n32k16 per 64 columns for a pair); stages so that 2 CTAs share an SM (~100 KiB each) or 1 streams deeper (~200 KiB).
 // Measured and dropped (NOTES-perf.md v9, v10): block_n 256 (never the fastest), block_n 64 with 12
 // stages (no faster than 6); for the pair kernel 16 single-block stages (as fast as 8 double ones),
 // 4 K blocks per stage, 2 CTAs per SM with 2 K blocks per stage, block_n 128 (never the fastest pair

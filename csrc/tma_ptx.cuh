@@ -147,6 +147,17 @@ __device__ __forceinline__ void wgmma_64x256(float (&d)[128], uint64_t a, uint64
            "}",
            "%128", "%129", "%130", MY_D8(0), MY_D8(8), MY_D8(16), MY_D8(24), MY_D8(32), MY_D8(40), MY_D8(48), MY_D8(56), MY_D8(64), MY_D8(72), MY_D8(80), MY_D8(88), MY_D8(96), MY_D8(104), MY_D8(112), MY_D8(120));
 }
+// d[64 x 64 NC] += a b^T as the widest single instruction: acc[c] holds columns [64 c, 64 c + 64),
+// wgmma_64x64's layout each (NC = 1..4; the accumulators are one contiguous fragment).
+template <typename T, int NC>
+__device__ __forceinline__ void wgmma_64xN(float (&acc)[NC][32], uint64_t a, uint64_t b) {
+  static_assert(NC >= 1 && NC <= 4, "m64n64 to m64n256");
+  auto& d = reinterpret_cast<float(&)[NC * 32]>(acc);
+  if constexpr (NC == 1) wgmma_64x64<T>(acc[0], a, b);
+  if constexpr (NC == 2) wgmma_64x128<T>(d, a, b);
+  if constexpr (NC == 3) wgmma_64x192<T>(d, a, b);
+  if constexpr (NC == 4) wgmma_64x256<T>(d, a, b);
+}
 #undef MY_D8
 #undef MY_WGMMA
 #undef MY_WGMMA_TYPED
