@@ -152,15 +152,7 @@ __global__ void __launch_bounds__(160, 1) gemm_stream(const __grid_constant__ CU
       asm volatile("bar.sync 1, 128;" ::: "memory");  // every stage consumed: the ring becomes the output tile
       float* red = reinterpret_cast<float*>(smem_raw + (base - raw));
       constexpr int RS = BN + 8;
-      const int row0 = 16 * (tid >> 5) + (lane >> 2), col0 = 2 * (lane & 3);
-#pragma unroll
-      for (int c = 0; c < NC; ++c)
-#pragma unroll
-        for (int j = 0; j < 8; ++j)
-#pragma unroll
-          for (int h = 0; h < 2; ++h)
-            *reinterpret_cast<float2*>(red + (row0 + 8 * h) * RS + c * 64 + 8 * j + col0) =
-                make_float2(acc[c][4 * j + 2 * h], acc[c][4 * j + 2 * h + 1]);
+      store_acc_tile<NC, RS>(red, acc, tid);
       asm volatile("bar.sync 1, 128;" ::: "memory");
       const int N = gridDim.y * BN;
       for (int i = tid; i < kM * BN / 4; i += 128) {

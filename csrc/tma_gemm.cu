@@ -206,17 +206,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   tra = globaltimer();
 #endif
 
-  if (tid < kConsumers) {
-    const int lane = tid & 31, row0 = 16 * (tid >> 5) + (lane >> 2), col0 = 2 * (lane & 3);
-#pragma unroll
-    for (int c = 0; c < NC; ++c)
-#pragma unroll
-      for (int j = 0; j < 8; ++j)
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-          *reinterpret_cast<float2*>(red + (row0 + 8 * h) * L::kRS + c * 64 + 8 * j + col0) =
-              make_float2(acc[c][4 * j + 2 * h], acc[c][4 * j + 2 * h + 1]);
-  }
+  if (tid < kConsumers) store_acc_tile<NC, L::kRS>(red, acc, tid);
   __syncthreads();
 #ifdef MODELYARD_TMA_TRACE
   trb = globaltimer();

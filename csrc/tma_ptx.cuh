@@ -107,46 +107,36 @@ __device__ __forceinline__ void wgmma_64x32(float (&d)[16], uint64_t a, uint64_t
 }
 // d[64 x N] += a[64 x 16] b[N x 16]^T in one instruction, N = 128, 192, 256: d's layout as
 // wgmma_64x64's over N columns (j < N / 8), i.e. N / 64 wgmma_64x64 accumulators back to back. A is read
-// from shared memory once per instruction, not once per 64 columns.
+// from shared memory once per instruction, not once per 64 columns. MY_R32_q: accumulator operands
+// %32q..%32q+31 (string pieces); MY_D32(i): their constraints, d[i..i+31].
+#define MY_R32_0 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+#define MY_R32_1 "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+                 "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+#define MY_R32_2 "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, " \
+                 "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95"
+#define MY_R32_3 "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, " \
+                 "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+#define MY_D32(i) MY_D8(i), MY_D8(i + 8), MY_D8(i + 16), MY_D8(i + 24)
 template <typename T>
 __device__ __forceinline__ void wgmma_64x128(float (&d)[64], uint64_t a, uint64_t b) {
-  MY_WGMMA("m64n128k16",
-           "{"
-           "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-           "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-           "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-           "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-           "}",
-           "%64", "%65", "%66", MY_D8(0), MY_D8(8), MY_D8(16), MY_D8(24), MY_D8(32), MY_D8(40), MY_D8(48), MY_D8(56));
+  MY_WGMMA("m64n128k16", "{" MY_R32_0 ", " MY_R32_1 "}", "%64", "%65", "%66", MY_D32(0), MY_D32(32));
 }
 template <typename T>
 __device__ __forceinline__ void wgmma_64x192(float (&d)[96], uint64_t a, uint64_t b) {
-  MY_WGMMA("m64n192k16",
-           "{"
-           "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-           "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-           "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-           "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
-           "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
-           "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95"
-           "}",
-           "%96", "%97", "%98", MY_D8(0), MY_D8(8), MY_D8(16), MY_D8(24), MY_D8(32), MY_D8(40), MY_D8(48), MY_D8(56), MY_D8(64), MY_D8(72), MY_D8(80), MY_D8(88));
+  MY_WGMMA("m64n192k16", "{" MY_R32_0 ", " MY_R32_1 ", " MY_R32_2 "}", "%96", "%97", "%98", MY_D32(0), MY_D32(32),
+           MY_D32(64));
 }
 template <typename T>
 __device__ __forceinline__ void wgmma_64x256(float (&d)[128], uint64_t a, uint64_t b) {
-  MY_WGMMA("m64n256k16",
-           "{"
-           "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-           "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-           "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-           "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
-           "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
-           "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
-           "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
-           "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
-           "}",
-           "%128", "%129", "%130", MY_D8(0), MY_D8(8), MY_D8(16), MY_D8(24), MY_D8(32), MY_D8(40), MY_D8(48), MY_D8(56), MY_D8(64), MY_D8(72), MY_D8(80), MY_D8(88), MY_D8(96), MY_D8(104), MY_D8(112), MY_D8(120));
+  MY_WGMMA("m64n256k16", "{" MY_R32_0 ", " MY_R32_1 ", " MY_R32_2 ", " MY_R32_3 "}", "%128", "%129", "%130",
+           MY_D32(0), MY_D32(32), MY_D32(64), MY_D32(96));
 }
+#undef MY_D32
+#undef MY_R32_3
+#undef MY_R32_2
+#undef MY_R32_1
+#undef MY_R32_0
 // d[64 x 64 NC] += a b^T as the widest single instruction: acc[c] holds columns [64 c, 64 c + 64),
 // wgmma_64x64's layout each (NC = 1..4; the accumulators are one contiguous fragment).
 template <typename T, int NC>
@@ -161,6 +151,20 @@ __device__ __forceinline__ void wgmma_64xN(float (&acc)[NC][32], uint64_t a, uin
 #undef MY_D8
 #undef MY_WGMMA
 #undef MY_WGMMA_TYPED
+// Writes this consumer thread's (tid < 128) m64n<64 NC> accumulators into a float tile in shared
+// memory, row r at red + r * RS (wgmma_64x64's layout per 64 columns): the epilogues' first step.
+template <int NC, int RS>
+__device__ __forceinline__ void store_acc_tile(float* red, const float (&acc)[NC][32], int tid) {
+  const int lane = tid & 31, row0 = 16 * (tid >> 5) + (lane >> 2), col0 = 2 * (lane & 3);
+#pragma unroll
+  for (int c = 0; c < NC; ++c)
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        *reinterpret_cast<float2*>(red + (row0 + 8 * h) * RS + c * 64 + 8 * j + col0) =
+            make_float2(acc[c][4 * j + 2 * h], acc[c][4 * j + 2 * h + 1]);
+}
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
 template <int N>
