@@ -66,7 +66,8 @@ def build_engine_parts(path, config: EngineConfig) -> dict:
                          graphs_note=graphs_note)
     scheduler = Scheduler(
         SchedulerConfig(max_batch_size=config.max_batch_size, max_prefill_tokens=config.max_prefill_tokens,
-                        max_model_len=max_model_len, eos_token_ids=processor.eos_token_ids),
+                        max_model_len=max_model_len, eos_token_ids=processor.eos_token_ids,
+                        reserve_decode_blocks=config.reserve_decode_blocks),
         BlockManager(num_blocks, config.block_size))
     return dict(model=model, processor=processor, kv_cache=kv_cache, runner=runner, scheduler=scheduler,
                 config=config, max_model_len=max_model_len, weights_bytes=weights_bytes, kv_sizing=sizing,

@@ -26,6 +26,10 @@ class EngineConfig:
     attention_backend: str = "auto"        # auto | sdpa | flash | csrc
     num_kv_blocks: int | None = None       # explicit pool size (tests, packing); overrides the fractions
     enforce_eager: bool = False            # True: no CUDA graphs
+    # Admit a sequence only while the pool can also hold the decode growth expected of everything
+    # admitted (engine/scheduler.py): a pool too small for the batch at full length then runs fewer
+    # sequences at once instead of preempting and recomputing. False admits on current length only.
+    reserve_decode_blocks: bool = True
     # Time cuBLAS against cuBLASLt's algorithms per decode batch size and linear-layer shape before the
     # decode graphs are captured, and capture the fastest (engine/gemm.py; 16-bit models on CUDA).
     tune_decode_gemms: bool = True

@@ -8,11 +8,20 @@ step gives each running sequence one token; when one needs a block and none is f
 recently admitted sequence is preempted (blocks freed, put back at the head of the queue) and
 later recomputed from its prompt plus the tokens it had already generated.
 
+Admission also keeps blocks back for the decode growth of everything admitted
+(`reserve_decode_blocks`), so a pool too small for the whole batch at full length runs fewer
+sequences at once instead of admitting them all and recomputing the ones preempted later. A
+sequence that ignores EOS grows to exactly its max_new_tokens; one that can stop is expected to
+end at the share of max_new_tokens that finished sequences used (`expected_output_share`, 1 until
+the first ones finish), never before its next token. A preemption shows that the estimate was
+short and moves it halfway back to 1. Preemption stays the fallback for what an estimate misses.
+
 The runner receives a `SchedulerOutput` of plain values (copies of token spans and block tables),
 so nothing the scheduler mutates afterwards can change a step that is already running.
 """
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -72,6 +81,7 @@ class SchedulerConfig:
     max_prefill_tokens: int
     max_model_len: int
     eos_token_ids: frozenset[int] = field(default_factory=frozenset)
+    reserve_decode_blocks: bool = True   # admit only what the pool can also grow to its expected lengths
 
     def __post_init__(self):
         for name in ("max_batch_size", "max_prefill_tokens", "max_model_len"):
@@ -87,6 +97,11 @@ class Scheduler:
         self.running: list[Sequence] = []          # admission order: the last one is preempted first
         self._seqs: dict[int, Sequence] = {}
         self.num_preemptions = 0
+        # Expected final output length of a sequence that can stop at EOS, as a share of its
+        # max_new_tokens: a running mean of finished sequences' shares with a prior of one share of
+        # 1.0, then an exponential average over about the last 64 (see _record_finish).
+        self.expected_output_share = 1.0
+        self._num_shares = 0
 
     # ---- admission ---------------------------------------------------------------------------
 
@@ -136,8 +151,16 @@ class Scheduler:
                 spans.append(self._span(seq, n))
                 budget -= n
         bm = self.block_manager
+        reserve = self.config.reserve_decode_blocks
+        # Blocks the running sequences are still expected to take as they decode.
+        growth = sum(self._blocks_to_come(s) for s in self.running) if reserve and self.waiting else 0
         while (self.waiting and budget > 0 and len(self.running) < self.config.max_batch_size
                and bm.can_allocate(self.waiting[0], self.waiting[0].num_tokens)):
+            if reserve:
+                # Nothing running: the sequence fits the pool alone (rejection_reason), admit it.
+                need = self._blocks_to_come(self.waiting[0])
+                if self.running and need + growth > bm.num_free_blocks:
+                    break
             seq = self.waiting.popleft()
             bm.allocate(seq, seq.num_tokens)
             seq.status = SequenceStatus.RUNNING
@@ -145,7 +168,28 @@ class Scheduler:
             n = min(seq.num_tokens, budget)
             spans.append(self._span(seq, n))
             budget -= n
+            if reserve:
+                growth += self._blocks_to_come(seq)
         return SchedulerOutput(is_prefill=True, seqs=tuple(spans))
+
+    def _blocks_to_come(self, seq: Sequence) -> int:
+        """Blocks `seq` is expected to take beyond those it holds, to its expected final length."""
+        done, most = seq.num_output_tokens, seq.max_new_tokens
+        if seq.ignore_eos:
+            final = most
+        else:
+            final = min(most, max(done + 1, math.ceil(self.expected_output_share * most)))
+        # The last sampled token is never fed back, so a sequence ends holding prompt + final - 1 entries.
+        needed = self.block_manager.blocks_for(seq.num_prompt_tokens + final - 1)
+        return max(0, needed - len(seq.block_table))
+
+    def _record_finish(self, seq: Sequence) -> None:
+        if seq.ignore_eos:
+            return      # its length was never in doubt, and says nothing about the others'
+        self._num_shares += 1
+        weight = 1.0 / min(self._num_shares + 1, 64)
+        share = seq.num_output_tokens / seq.max_new_tokens
+        self.expected_output_share += weight * (share - self.expected_output_share)
 
     def _schedule_decode(self) -> SchedulerOutput:
         bm = self.block_manager
@@ -174,6 +218,8 @@ class Scheduler:
             sample=start + n == seq.num_tokens, sampling=seq.sampling, seed=seq.seed)
 
     def _preempt(self, seq: Sequence) -> int:
+        # Sequences outgrew the estimate the admissions were made on: lean back towards full length.
+        self.expected_output_share += 0.5 * (1.0 - self.expected_output_share)
         self.block_manager.free(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_computed_tokens = 0
@@ -208,6 +254,7 @@ class Scheduler:
                 self._finish(seq, "length")
             else:
                 continue
+            self._record_finish(seq)
             finished.append(seq)
         return finished
 

@@ -37,7 +37,8 @@ def _small_pool_config(**kw):
 
 
 def _preempting_pool(env, arch) -> int:
-    """KV blocks (of 4) for two or three of the requests at once, not eight: running ones outgrow it."""
+    """KV blocks (of 4) for two or three of the requests at once, not eight: running ones outgrow it
+    when admission does not reserve their growth (reserve_decode_blocks=False)."""
     proc = Processor.from_pretrained(env[arch]["path"])
     longest = max(len(proc(p, load_images(i)).input_ids) for i, p in zip(env["images"], env["prompts"]))
     return math.ceil((longest + NEW) / 4) * 2
@@ -84,7 +85,7 @@ def test_greedy_tokens_match_transformers(env, arch, monkeypatch):
 def test_preemption_chunking_and_budgets_keep_tokens_exact(env, arch, monkeypatch):
     ref = env[arch]["ref"]
     num_blocks = _preempting_pool(env, arch)
-    cfg = _small_pool_config(num_kv_blocks=num_blocks)
+    cfg = _small_pool_config(num_kv_blocks=num_blocks, reserve_decode_blocks=False)   # so that it preempts
     eng = Engine.from_pretrained(env[arch]["path"], cfg)
     log = _instrument(eng, monkeypatch)
     outs = eng.generate(_requests(env))
@@ -100,6 +101,25 @@ def test_preemption_chunking_and_budgets_keep_tokens_exact(env, arch, monkeypatc
     assert max(running for _, _, running, _ in log["steps"]) <= cfg.max_batch_size
     assert max(log["image_batches"]) <= cfg.max_image_batch
     assert sum(log["image_batches"]) > 8                    # recomputed sequences re-encoded theirs
+    eng.close()
+
+
+def test_reserved_growth_runs_a_small_pool_without_preemption(env, monkeypatch):
+    """The pool of the test above, admitting with the decode growth reserved (the default): fewer
+    sequences at once, nothing recomputed, the same tokens."""
+    arch = "llava"
+    cfg = _small_pool_config(num_kv_blocks=_preempting_pool(env, arch))
+    assert cfg.reserve_decode_blocks
+    eng = Engine.from_pretrained(env[arch]["path"], cfg)
+    log = _instrument(eng, monkeypatch)
+    reqs = _requests(env)
+    outs = eng.generate(reqs)
+    assert [o.token_ids for o in outs] == env[arch]["ref"]
+    assert eng.stats()["preemptions"] == 0 and eng.stats()["kv_blocks_used"] == 0
+    prompt_tokens = sum(o.num_prompt_tokens for o in outs)
+    assert sum(n for is_prefill, n, _, _ in log["steps"] if is_prefill) == prompt_tokens   # none recomputed
+    assert log["image_batches"] and sum(log["image_batches"]) == 8                        # each image encoded once
+    assert max(running for _, _, running, _ in log["steps"]) >= 2
     eng.close()
 
 
@@ -134,7 +154,8 @@ def test_errors_fail_only_their_request(env, tmp_path):
 
 def test_image_gone_before_recompute_fails_that_request_only(env, monkeypatch):
     path = env["llava-qwen2"]["path"]
-    eng = Engine.from_pretrained(path, _small_pool_config(num_kv_blocks=_preempting_pool(env, "llava-qwen2")))
+    eng = Engine.from_pretrained(path, _small_pool_config(num_kv_blocks=_preempting_pool(env, "llava-qwen2"),
+                                                         reserve_decode_blocks=False))
     reqs = _requests(env, idx=range(6))
     calls = {}
     process = eng._process

@@ -82,7 +82,7 @@ def test_seeded_sampling_does_not_depend_on_the_batch(env):
     batch = eng.generate(others[:3] + [Request(**target)] + others[3:])
     assert batch[3].token_ids == alone
     small = Engine.from_pretrained(env["path"], EngineConfig(**CPU, num_kv_blocks=24, block_size=4,
-                                                              max_prefill_tokens=32))
+                                                              max_prefill_tokens=32, reserve_decode_blocks=False))
     outs = small.generate(others[:2] + [Request(**target)] + others[2:])
     assert small.stats()["preemptions"] > 0
     assert outs[2].token_ids == alone

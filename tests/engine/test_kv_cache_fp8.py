@@ -194,7 +194,8 @@ def test_chunked_prefill_and_preemption_read_the_fp8_cache_back(env, monkeypatch
     base = dict(**CPU, block_size=4, kv_cache_dtype="fp8", kv_cache_k_scale=0.37, kv_cache_v_scale=1.9)
     n, new = 4, 16
     want, _, _ = _run(env, EngineConfig(**base, num_kv_blocks=256), monkeypatch, n=n, new=new)
-    small = EngineConfig(**base, num_kv_blocks=_preempting_pool(env, n, new, 4), max_prefill_tokens=16)
+    small = EngineConfig(**base, num_kv_blocks=_preempting_pool(env, n, new, 4), max_prefill_tokens=16,
+                         reserve_decode_blocks=False)      # admit on current length, so that it preempts
     chunks = []
     tokens, logits, stats = _run(env, small, monkeypatch, chunks=chunks, n=n, new=new)
     assert chunks, "no prefill chunk continued a cached prefix"

@@ -11,10 +11,11 @@ from modelyard.engine.types import SamplingParams
 EOS = 2
 
 
-def _sched(num_blocks=64, block_size=4, max_batch_size=8, max_prefill_tokens=32, max_model_len=256):
+def _sched(num_blocks=64, block_size=4, max_batch_size=8, max_prefill_tokens=32, max_model_len=256, reserve=True):
     bm = BlockManager(num_blocks, block_size)
     cfg = SchedulerConfig(max_batch_size=max_batch_size, max_prefill_tokens=max_prefill_tokens,
-                          max_model_len=max_model_len, eos_token_ids=frozenset({EOS}))
+                          max_model_len=max_model_len, eos_token_ids=frozenset({EOS}),
+                          reserve_decode_blocks=reserve)
     return Scheduler(cfg, bm)
 
 
@@ -32,8 +33,9 @@ class FakeModel:
     early, or mapped wrongly makes the tokens (or an assertion) differ.
     """
 
-    def __init__(self, block_size):
+    def __init__(self, block_size, eos_mod=0):
         self.bs = block_size
+        self.eos_mod = eos_mod      # > 0: a hash divisible by it samples EOS
         self.slots = {}
 
     def run(self, out):
@@ -50,12 +52,12 @@ class FakeModel:
                 h = 0
                 for _, _, t in prefix:
                     h = (h * 31 + t) % 1000003
-                sampled[span.seq_id] = 3 + h % 97
+                sampled[span.seq_id] = EOS if self.eos_mod and h % self.eos_mod == 0 else 3 + h % 97
         return sampled
 
 
-def _drive(sched, seqs, max_steps=100000):
-    model = FakeModel(sched.block_manager.block_size)
+def _drive(sched, seqs, max_steps=100000, eos_mod=0, on_step=None):
+    model = FakeModel(sched.block_manager.block_size, eos_mod)
     for s in seqs:
         sched.add(s)
     finished, steps = {}, []
@@ -71,16 +73,18 @@ def _drive(sched, seqs, max_steps=100000):
         for s in sched.update(out, model.run(out)):
             finished[s.seq_id] = s
         sched.block_manager.check_invariants()
+        if on_step is not None:
+            on_step(sched, out)
         assert len(steps) < max_steps
     return finished, steps
 
 
-def _reference_tokens(prompt_len_and_new, block_size=4):
+def _reference_tokens(prompt_len_and_new, block_size=4, ignore_eos=True, eos_mod=0):
     """Same workload, one sequence at a time in a huge pool: no chunking, no preemption."""
     out = {}
     for i, (plen, new) in prompt_len_and_new.items():
         sched = _sched(num_blocks=1000, block_size=block_size, max_prefill_tokens=10000)
-        fin, _ = _drive(sched, [_seq(i, plen, new)])
+        fin, _ = _drive(sched, [_seq(i, plen, new, ignore_eos)], eos_mod=eos_mod)
         out[i] = fin[i].output_token_ids
     return out
 
@@ -116,8 +120,8 @@ def test_preemption_recomputes_and_gives_identical_tokens():
     rng = random.Random(1)
     work = {i: (rng.randint(3, 30), rng.randint(5, 40)) for i in range(20)}
     # 20 blocks of 4 = 80 slots; the largest request needs at most 69 slots, so everything fits
-    # alone but the batch has to preempt.
-    sched = _sched(num_blocks=20, block_size=4, max_prefill_tokens=24)
+    # alone but the batch has to preempt (admitting on current length only, so that it does).
+    sched = _sched(num_blocks=20, block_size=4, max_prefill_tokens=24, reserve=False)
     fin, steps = _drive(sched, [_seq(i, p, n) for i, (p, n) in work.items()])
     assert sched.num_preemptions > 0
     assert any(s.preempted for s in steps)
@@ -127,7 +131,7 @@ def test_preemption_recomputes_and_gives_identical_tokens():
 
 
 def test_preempts_most_recently_admitted():
-    sched = _sched(num_blocks=4, block_size=2, max_prefill_tokens=100)
+    sched = _sched(num_blocks=4, block_size=2, max_prefill_tokens=100, reserve=False)
     a, b = _seq(0, 3, 4), _seq(1, 3, 4)
     sched.add(a)
     sched.add(b)
@@ -142,6 +146,64 @@ def test_preempts_most_recently_admitted():
     assert out.preempted == (1,) and [s.seq_id for s in out.seqs] == [0]
     assert b.status is SequenceStatus.WAITING and b.num_computed_tokens == 0 and b.block_table == []
     assert list(sched.waiting) == [b] and len(b.output_token_ids) == 2
+
+
+def _growth_never_exceeds_the_pool(sched, out):
+    """With every sequence ignoring EOS the reserve is exact: what runs always fits at full length."""
+    bm = sched.block_manager
+    at_full_length = sum(bm.blocks_for(s.num_prompt_tokens + s.max_new_tokens - 1) for s in sched.running)
+    assert at_full_length <= bm.num_blocks
+
+
+def test_reserve_admits_what_can_grow_and_never_preempts():
+    rng = random.Random(1)
+    work = {i: (rng.randint(3, 30), rng.randint(5, 40)) for i in range(20)}
+    ref = _reference_tokens(work)
+    sched = _sched(num_blocks=20, block_size=4, max_prefill_tokens=24)
+    fin, steps = _drive(sched, [_seq(i, p, n) for i, (p, n) in work.items()],
+                        on_step=_growth_never_exceeds_the_pool)
+    assert sched.num_preemptions == 0 and not any(s.preempted for s in steps)
+    assert {i: f.output_token_ids for i, f in fin.items()} == ref
+    # Every prompt token was computed once: nothing was recomputed.
+    assert sum(s.num_tokens for s in steps if s.is_prefill) == sum(p for p, _ in work.values())
+    assert max(len(s.seqs) for s in steps if not s.is_prefill) > 1     # it still batches
+    assert sched.block_manager.num_free_blocks == 20
+
+
+def test_reserve_learns_the_output_share_of_stopping_sequences():
+    rng = random.Random(2)
+    work = {i: (rng.randint(3, 12), 40) for i in range(30)}
+    ref = _reference_tokens(work, ignore_eos=False, eos_mod=7)
+    shares = [len(t) / 40 for t in ref.values()]
+    assert min(shares) < 0.5 and all(len(t) <= 40 for t in ref.values())
+    sched = _sched(num_blocks=30, block_size=4, max_prefill_tokens=64)
+    assert sched.expected_output_share == 1.0             # nothing has finished yet: full length
+    seen = []
+    fin, steps = _drive(sched, [_seq(i, p, n, ignore_eos=False) for i, (p, n) in work.items()], eos_mod=7,
+                        on_step=lambda sc, out: seen.append(len(sc.running)))
+    assert {i: f.output_token_ids for i, f in fin.items()} == ref
+    assert sched.expected_output_share < 0.9              # it learned that sequences stop early
+    # At full length (41-52 slots = 11-13 blocks) the 30-block pool holds two sequences; the learned
+    # share lets it run more.
+    assert max(seen) > 2
+    # A preemption pulls the estimate halfway back to full length.
+    before = sched.expected_output_share
+    seq = _seq(99, 4, 8, ignore_eos=False)
+    sched.add(seq)
+    sched.update(out := sched.schedule(), FakeModel(4).run(out))
+    sched.running.remove(seq)
+    sched._preempt(seq)
+    assert sched.expected_output_share == pytest.approx(before + 0.5 * (1 - before))
+
+
+def test_reserve_runs_sequences_that_only_fit_alone_one_at_a_time():
+    # Each needs 10 of the 10 blocks at full length: the second waits for the first to finish.
+    sched = _sched(num_blocks=10, block_size=4, max_prefill_tokens=100)
+    work = {0: (20, 21), 1: (20, 21)}
+    fin, steps = _drive(sched, [_seq(i, p, n) for i, (p, n) in work.items()])
+    assert sched.num_preemptions == 0
+    assert all(len(s.seqs) == 1 for s in steps)
+    assert {i: f.output_token_ids for i, f in fin.items()} == _reference_tokens(work)
 
 
 def test_eos_stops_unless_ignored():
