@@ -15,6 +15,10 @@ sequence that ignores EOS grows to exactly its max_new_tokens; one that can stop
 end at the share of max_new_tokens that finished sequences used (`expected_output_share`, 1 until
 the first ones finish), never before its next token. A preemption shows that the estimate was
 short and moves it halfway back to 1. Preemption stays the fallback for what an estimate misses.
+One exception to the reserve: a sequence a little short of it (a quarter of the running ones'
+reserved growth at most) is admitted when, were the queue to run in rounds of that size, that
+saves a round; the pool then runs out only near the round's end, and one preemption there costs
+less than a round of decode steps for the few sequences left over.
 
 The runner receives a `SchedulerOutput` of plain values (copies of token spans and block tables),
 so nothing the scheduler mutates afterwards can change a step that is already running.
@@ -159,7 +163,8 @@ class Scheduler:
             if reserve:
                 # Nothing running: the sequence fits the pool alone (rejection_reason), admit it.
                 need = self._blocks_to_come(self.waiting[0])
-                if self.running and need + growth > bm.num_free_blocks:
+                short = need + growth - bm.num_free_blocks
+                if self.running and short > 0 and not self._one_more_saves_a_round(short, growth):
                     break
             seq = self.waiting.popleft()
             bm.allocate(seq, seq.num_tokens)
@@ -171,6 +176,17 @@ class Scheduler:
             if reserve:
                 growth += self._blocks_to_come(seq)
         return SchedulerOutput(is_prefill=True, seqs=tuple(spans))
+
+    def _one_more_saves_a_round(self, short: int, growth: int) -> bool:
+        """Admit one more sequence although the reserve is `short` blocks short, if the queue, run
+        in rounds of the running sequences' size, would then need one round fewer, and `short` is
+        at most a quarter of the growth still reserved for the running sequences: the pool then runs
+        out in the last quarter of their decode, where one preemption (recomputing one sequence)
+        costs less than the extra round of decode steps the few left-over sequences would take."""
+        if 4 * short > growth:
+            return False
+        n, total = len(self.running), len(self.running) + len(self.waiting)
+        return -(-total // (n + 1)) < -(-total // n)
 
     def _blocks_to_come(self, seq: Sequence) -> int:
         """Blocks `seq` is expected to take beyond those it holds, to its expected final length."""

@@ -156,18 +156,42 @@ def _growth_never_exceeds_the_pool(sched, out):
 
 
 def test_reserve_admits_what_can_grow_and_never_preempts():
-    rng = random.Random(1)
-    work = {i: (rng.randint(3, 30), rng.randint(5, 40)) for i in range(20)}
+    # 8 alike sequences of 8 + 12 tokens (5 blocks of 4 at full length, 2 at admission) in 20 blocks:
+    # 4 fit at full length, 10 at admission. Rounds of 4 or 5 both take two, so nothing is overcommitted.
+    work = {i: (8, 12) for i in range(8)}
     ref = _reference_tokens(work)
-    sched = _sched(num_blocks=20, block_size=4, max_prefill_tokens=24)
+    sched = _sched(num_blocks=20, block_size=4, max_prefill_tokens=100)
     fin, steps = _drive(sched, [_seq(i, p, n) for i, (p, n) in work.items()],
                         on_step=_growth_never_exceeds_the_pool)
     assert sched.num_preemptions == 0 and not any(s.preempted for s in steps)
     assert {i: f.output_token_ids for i, f in fin.items()} == ref
     # Every prompt token was computed once: nothing was recomputed.
-    assert sum(s.num_tokens for s in steps if s.is_prefill) == sum(p for p, _ in work.values())
-    assert max(len(s.seqs) for s in steps if not s.is_prefill) > 1     # it still batches
+    assert sum(s.num_tokens for s in steps if s.is_prefill) == 8 * 8
+    assert max(len(s.seqs) for s in steps if not s.is_prefill) == 4
     assert sched.block_manager.num_free_blocks == 20
+    # Admitting on current length instead runs out of blocks and recomputes.
+    greedy = _sched(num_blocks=20, block_size=4, max_prefill_tokens=100, reserve=False)
+    fin, steps = _drive(greedy, [_seq(i, p, n) for i, (p, n) in work.items()])
+    assert greedy.num_preemptions > 0 and sum(s.num_tokens for s in steps if s.is_prefill) > 8 * 8
+    assert {i: f.output_token_ids for i, f in fin.items()} == ref
+
+
+def test_reserve_overcommits_by_a_little_when_that_saves_a_round():
+    # 5 alike sequences in 22 blocks: 4 fit at full length (20 blocks), the fifth is 3 blocks short,
+    # a quarter of the 12 blocks the four still grow by. All five run at once; near the end of the
+    # round one is preempted and recomputed, which beats a second round for one sequence.
+    work = {i: (8, 12) for i in range(5)}
+    sched = _sched(num_blocks=22, block_size=4, max_prefill_tokens=100)
+    fin, steps = _drive(sched, [_seq(i, p, n) for i, (p, n) in work.items()])
+    assert {i: f.output_token_ids for i, f in fin.items()} == _reference_tokens(work)
+    assert max(len(s.seqs) for s in steps if not s.is_prefill) == 5
+    assert sched.num_preemptions == 1
+    decode_steps = sum(1 for s in steps if not s.is_prefill)
+    # One block short more and it no longer pays: one round of four, then the fifth alone.
+    strict = _sched(num_blocks=21, block_size=4, max_prefill_tokens=100)
+    fin, steps = _drive(strict, [_seq(i, p, n) for i, (p, n) in work.items()])
+    assert strict.num_preemptions == 0 and max(len(s.seqs) for s in steps if not s.is_prefill) == 4
+    assert sum(1 for s in steps if not s.is_prefill) == 2 * 11 > decode_steps
 
 
 def test_reserve_learns_the_output_share_of_stopping_sequences():
