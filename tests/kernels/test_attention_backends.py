@@ -56,16 +56,6 @@ def test_fresh_prefill(kind, hq, hk, block_size):
     _run_step(_backend(kind), lens, lens, hq, hk, 128, block_size, torch.bfloat16, seed=hq + block_size)
 
 
-@pytest.mark.parametrize("hq,hk", [(8, 8), (8, 2)])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("lens", [[64, 64, 64, 17, 130, 130], [617] * 5 + [342]])
-def test_fresh_prefill_equal_lengths(hq, hk, dtype, lens):
-    """Runs of equal-length fresh prompts take the batched SDPA path (MHA), the rest varlen."""
-    backend = _backend("flash")
-    assert backend.batched_prefill
-    _run_step(backend, lens, lens, hq, hk, 128, 16, dtype, seed=len(lens) + hq)
-
-
 # (seq_lens, query_lens): prefixed sequences last; leading then a fresh tail (the flash backend
 # splits the step there); prefixed in the middle (split after it)
 CHUNKED = [([300, 40, 17], [64, 40, 1]), ([300, 40, 17], [64, 40, 17]), ([40, 300, 17, 9], [40, 64, 17, 9])]

@@ -149,50 +149,6 @@ def test_prefill_varlen_reads_the_cache_only_where_needed(lens, qlens, calls):
         start += ql
 
 
-def test_equal_length_runs():
-    assert flash.equal_length_runs([8, 8, 8, 5, 7, 7, 3]) == [(0, 3, True), (3, 4, False), (4, 6, True), (6, 7, False)]
-    assert flash.equal_length_runs([5, 6, 7]) == [(0, 3, False)]
-    assert flash.equal_length_runs([4, 4]) == [(0, 2, True)]
-    assert flash.equal_length_runs([3, 4, 4, 5, 6]) == [(0, 1, False), (1, 3, True), (3, 5, False)]
-    assert flash.equal_length_runs([]) == []
-
-
-@pytest.mark.parametrize("hq,hk,batched,varlen_rows", [
-    (2, 2, True, [5, 3]),             # runs of 3 and 2 batched, the two singletons through varlen
-    (2, 2, False, [46]),              # off: one varlen call over everything
-    (4, 2, True, [46]),               # GQA: varlen (the batched path is for MHA)
-])
-def test_fresh_prefill_batches_equal_length_runs(hq, hk, batched, varlen_rows):
-    """flash.prefill_fresh on the CPU, a dense stand-in for FlashAttention-2: the same attention
-    whether a run of equal lengths goes through batched SDPA or varlen."""
-    gen = torch.Generator().manual_seed(3)
-    d, lens = 16, [8, 8, 8, 5, 7, 7, 3]
-    q = torch.randn(sum(lens), hq, d, generator=gen)
-    k = torch.randn(sum(lens), hk, d, generator=gen)
-    v = torch.randn(sum(lens), hk, d, generator=gen)
-    seen = []
-
-    def fake_fa2(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
-        seen.append(q.shape[0])
-        assert int(cu_seqlens_q[0]) == 0 and int(cu_seqlens_q[-1]) == q.shape[0]
-        out = torch.empty_like(q)
-        for i in range(len(cu_seqlens_q) - 1):
-            a, b = int(cu_seqlens_q[i]), int(cu_seqlens_q[i + 1])
-            assert b - a <= max_seqlen_q
-            out[a:b] = dense_attention(q[a:b], k[a:b], v[a:b], softmax_scale, causal_offset=0).to(q.dtype)
-        return out
-
-    impl = flash.VarlenImpl("flash_attn", fake_fa2, frozenset(), None)
-    cu = flash.cu_seqlens(torch.tensor(lens, dtype=torch.int32))
-    out = flash.prefill_fresh(impl, q, k, v, lens, cu, 0.3, batched)
-    assert seen == varlen_rows
-    start = 0
-    for n in lens:
-        ref = dense_attention(q[start:start + n], k[start:start + n], v[start:start + n], 0.3, causal_offset=0)
-        assert torch.allclose(out[start:start + n].double(), ref.double(), atol=1e-5)
-        start += n
-
-
 @pytest.mark.parametrize("hq,hk", [(4, 4), (6, 2)])
 def test_sdpa_prefill_with_cached_prefix_matches_dense(hq, hk):
     """The CsrcBackend's non-flash prefill: chunked prefill over a prefix already in the cache."""

@@ -11,9 +11,6 @@ reads the paged cache through block_table where the implementation accepts this 
 otherwise gathers the context rows into packed K/V first. None of these implementations reads an
 fp8 cache, so with one the prefix case always gathers and dequantizes (fresh prompts are unaffected:
 they attend over the step's own 16-bit K/V), and the kernels-off decode takes the torch reference.
-Fresh prompts of equal length (one template, one image size: most captioning steps) in place of
-FlashAttention-2 go through one batched SDPA call per run instead (cuDNN's kernel on Hopper, about
-twice as fast; MODELYARD_PREFILL_BATCHED=0 turns this off).
 """
 from __future__ import annotations
 
@@ -33,7 +30,6 @@ from . import BackendUnavailable
 from .base import AttentionBackend, AttentionMetadata, Rotary, gather_kv
 
 VARLEN_ENV = "MODELYARD_VARLEN"
-BATCHED_ENV = "MODELYARD_PREFILL_BATCHED"
 
 # (name, module, attribute, block_size multiple its block_table path accepts: None = probe torch)
 _CANDIDATES = (
@@ -154,18 +150,18 @@ def decode_len_hint(meta: AttentionMetadata) -> int | None:
 
 
 def prefill_varlen(impl: VarlenImpl, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float,
-                   k_scale: float = 1.0, v_scale: float = 1.0, batched: bool = False):
+                   k_scale: float = 1.0, v_scale: float = 1.0):
     """q [T, Hq, D], k/v [T, Hk, D] (already in the cache) -> [T, Hq, D].
 
     Fresh prompts attend over the step's own K/V. Sequences with a cached prefix (a chunked prompt's
     later chunks) read their context from the cache. The scheduler lists those first, so a step
     that mixes both is split: the leading prefixed sequences take the cache path, the fresh tail
-    the direct one, instead of gathering every sequence's K/V from the cache because one needs it.
-    `batched`: equal-length fresh sequences go through batched SDPA (prefill_fresh)."""
+    the direct one, instead of gathering every sequence's K/V from the cache because one needs it."""
     q_lens, seq_lens = meta.query_lens_cpu, meta.seq_lens_cpu
     fresh = [ql == sl for ql, sl in zip(q_lens, seq_lens)]
     if all(fresh):
-        return prefill_fresh(impl, q, k, v, q_lens, meta.query_start_loc, scale, batched)
+        cu_q = meta.query_start_loc
+        return impl(q, k, v, cu_q, cu_q, meta.max_query_len, meta.max_query_len, scale)
     p = len(fresh)
     while p > 0 and fresh[p - 1]:
         p -= 1                                      # sequences p.. are fresh; some before p are not
@@ -178,64 +174,9 @@ def prefill_varlen(impl: VarlenImpl, q, k, v, k_cache, v_cache, meta: AttentionM
         max_seq_len=max(seq_lens[:p]), seq_lens_cpu=seq_lens[:p], query_lens_cpu=q_lens[:p], is_decode=False)
     out_head = _prefill_from_cache(impl, q[:r], k_cache, v_cache, head, scale, k_scale, v_scale)
     cu_tail = meta.query_start_loc[p:] - r          # [S - p + 1]
-    out_tail = prefill_fresh(impl, q[r:], k[r:], v[r:], q_lens[p:], cu_tail, scale, batched)
+    max_tail = max(q_lens[p:])
+    out_tail = impl(q[r:], k[r:], v[r:], cu_tail, cu_tail, max_tail, max_tail, scale)
     return torch.cat([out_head, out_tail])
-
-
-def equal_length_runs(lens: list[int], min_run: int = 2) -> list[tuple[int, int, bool]]:
-    """Split sequences 0..len(lens) into consecutive groups (start, end, batched): maximal runs of
-    at least `min_run` equal lengths are batched; the sequences between them form varlen groups."""
-    groups, i = [], 0
-    while i < len(lens):
-        j = i
-        while j < len(lens) and lens[j] == lens[i]:
-            j += 1
-        if j - i >= min_run:
-            groups.append((i, j, True))
-        elif groups and not groups[-1][2]:
-            groups[-1] = (groups[-1][0], j, False)
-        else:
-            groups.append((i, j, False))
-        i = j
-    return groups
-
-
-def prefill_fresh(impl: VarlenImpl, q, k, v, q_lens: list[int], cu_q: torch.Tensor, scale: float,
-                  batched: bool) -> torch.Tensor:
-    """Causal attention of fresh sequences (no cached prefix) over their own K/V: q [T, Hq, D].
-
-    With `batched` (and as many K/V heads as query heads), each run of two or more sequences of
-    equal length, the usual shape of a captioning step (one prompt template, one image size),
-    is one batched SDPA call restricted to cuDNN's and FlashAttention's kernels: about twice as
-    fast as varlen FlashAttention-2 on Hopper (NOTES-kernels.md). The rest go through varlen."""
-    # Only in place of FlashAttention-2 (torch's varlen_attn, flash_attn); vllm_flash_attn is FA3 on Hopper.
-    batched = batched and impl.name in ("torch", "flash_attn") and q.shape[1] == k.shape[1]
-    groups = equal_length_runs(q_lens) if batched else [(0, len(q_lens), False)]
-    starts = [0]
-    for n in q_lens:
-        starts.append(starts[-1] + n)
-    pieces = []
-    for a, b, is_batched in groups:
-        r0, r1 = starts[a], starts[b]
-        if is_batched:
-            pieces.append(_batched_causal(q[r0:r1], k[r0:r1], v[r0:r1], b - a, scale))
-        else:
-            cu = cu_q[a:b + 1] - r0 if r0 else cu_q[a:b + 1]
-            m = max(q_lens[a:b])
-            pieces.append(impl(q[r0:r1], k[r0:r1], v[r0:r1], cu, cu, m, m, scale))
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-
-
-def _batched_causal(q, k, v, batch: int, scale: float) -> torch.Tensor:
-    """[B*L, H, D] packed rows of B equal-length sequences -> causal attention, same layout."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    t, h, d = q.shape
-    shape = (batch, t // batch, h, d)
-    qb, kb, vb = (x.view(shape).transpose(1, 2) for x in (q, k, v))       # [B, H, L, D] views
-    backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION] if q.is_cuda else [SDPBackend.MATH]
-    with sdpa_kernel(backends):
-        out = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale)
-    return out.transpose(1, 2).reshape(t, h, d)
 
 
 def _prefill_from_cache(impl: VarlenImpl, q, k_cache, v_cache, meta: AttentionMetadata, scale: float,
@@ -265,9 +206,6 @@ class FlashBackend(AttentionBackend):
         if not torch.cuda.is_available():
             raise BackendUnavailable("FlashAttention needs a CUDA device")
         self.varlen = varlen or select_varlen()
-        # Equal-length fresh prompts through batched SDPA (cuDNN / FlashAttention kernels);
-        # MODELYARD_PREFILL_BATCHED=0 sends every fresh prompt through varlen (A/B measurements).
-        self.batched_prefill = os.environ.get(BATCHED_ENV, "1").strip() != "0"
         # Builds the kernels now, so a broken build fails at engine start, not mid-request.
         self.csrc_decode = kernels.get() is not None
 
@@ -284,7 +222,7 @@ class FlashBackend(AttentionBackend):
         self.write_kv(k, v, k_cache, v_cache, meta, q, rotary)
         if not meta.is_decode:
             return prefill_varlen(self.varlen, q, k, v, k_cache, v_cache, meta, scale,
-                                  k_scale=self.k_scale, v_scale=self.v_scale, batched=self.batched_prefill)
+                                  k_scale=self.k_scale, v_scale=self.v_scale)
         if self.csrc_decode:
             return ops.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
                                               max_seq_len=decode_len_hint(meta),
@@ -320,8 +258,6 @@ def describe_backends() -> dict:
         "prefill_varlen": selected,
         "varlen_candidates": dict(notes),
         "varlen_override_env": VARLEN_ENV,
-        "prefill_batched": ("equal-length fresh prompts (MHA) through batched SDPA, cuDNN / FlashAttention"
-                            if os.environ.get(BATCHED_ENV, "1").strip() != "0" else f"off ({BATCHED_ENV}=0)"),
         "decode": decode,
         "kernels": kernels.status(),
     }
