@@ -156,15 +156,15 @@ class Scheduler:
                 budget -= n
         bm = self.block_manager
         reserve = self.config.reserve_decode_blocks
-        # Blocks the running sequences are still expected to take as they decode.
-        growth = sum(self._blocks_to_come(s) for s in self.running) if reserve and self.waiting else 0
+        growth = None   # blocks the running sequences are still expected to take; summed on first need
         while (self.waiting and budget > 0 and len(self.running) < self.config.max_batch_size
                and bm.can_allocate(self.waiting[0], self.waiting[0].num_tokens)):
-            if reserve:
-                # Nothing running: the sequence fits the pool alone (rejection_reason), admit it.
-                need = self._blocks_to_come(self.waiting[0])
-                short = need + growth - bm.num_free_blocks
-                if self.running and short > 0 and not self._one_more_saves_a_round(short, growth):
+            # With nothing running the sequence fits the pool alone (rejection_reason): admit it.
+            if reserve and self.running:
+                if growth is None:
+                    growth = sum(self._blocks_to_come(s) for s in self.running)
+                short = self._blocks_to_come(self.waiting[0]) + growth - bm.num_free_blocks
+                if short > 0 and not self._one_more_saves_a_round(short, growth):
                     break
             seq = self.waiting.popleft()
             bm.allocate(seq, seq.num_tokens)
@@ -173,7 +173,7 @@ class Scheduler:
             n = min(seq.num_tokens, budget)
             spans.append(self._span(seq, n))
             budget -= n
-            if reserve:
+            if growth is not None:
                 growth += self._blocks_to_come(seq)
         return SchedulerOutput(is_prefill=True, seqs=tuple(spans))
 
