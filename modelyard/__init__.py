@@ -5,6 +5,6 @@ and the driver verifies through NVML that the GPU memory came back.
 """
 __version__ = "0.1.0"
 
-from .pipeline import pipeline  # noqa: E402  (imports neither Ray nor torch until used)
+from .api import pipeline  # noqa: E402  (imports neither Ray nor torch until used)
 
 __all__ = ["pipeline", "__version__"]

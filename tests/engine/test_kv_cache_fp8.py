@@ -105,8 +105,8 @@ def test_config_accepts_fp8_names_and_rejects_bad_values():
 
 
 def test_job_spec_names_a_bad_kv_cache_option():
-    from modelyard.orchestration.spec import ModelSpec
-    from modelyard.orchestration.validation import SpecError
+    from modelyard.orchestration.spec.job import ModelSpec
+    from modelyard.orchestration.spec.validation import SpecError
     with pytest.raises(SpecError, match="kv_cache_dtype"):
         ModelSpec("m", "/models/m", engine={"kv_cache_dtype": "int8"})
     with pytest.raises(SpecError, match="kv_cache_k_scale"):

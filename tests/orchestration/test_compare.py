@@ -4,10 +4,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from modelyard.orchestration.compare import (agreement, side_by_side, token_set, word_similarity,
+from modelyard.orchestration.outputs.compare import (agreement, side_by_side, token_set, word_similarity,
                                              write_comparison)
-from modelyard.orchestration.report_html import thumbnail_data_uri
-from modelyard.orchestration.store import ResultStore, error_row
+from modelyard.orchestration.outputs.report import thumbnail_data_uri
+from modelyard.orchestration.outputs.store import ResultStore, error_row
 
 
 def test_metrics():

@@ -3,8 +3,8 @@ import types
 
 import pytest
 
-from modelyard.orchestration.inputs import count_items, iter_items
-from modelyard.orchestration.spec import InputSpec, SpecError
+from modelyard.orchestration.spec.inputs import count_items, iter_items
+from modelyard.orchestration.spec.job import InputSpec, SpecError
 
 
 @pytest.fixture

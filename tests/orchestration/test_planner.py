@@ -5,9 +5,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from modelyard.orchestration.memory import (GIB, MemoryEstimate, PlannerConfig, estimate_memory,
+from modelyard.orchestration.planning.memory import (GIB, MemoryEstimate, PlannerConfig, estimate_memory,
                                             kv_bytes_per_token, weights_bytes)
-from modelyard.orchestration.planner import ModelDemand, PlanError, plan
+from modelyard.orchestration.planning.planner import ModelDemand, PlanError, plan
 
 
 @pytest.fixture

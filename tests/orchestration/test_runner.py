@@ -14,7 +14,7 @@ import pytest
 from modelyard.actors import ModelHandle
 from modelyard.engine.types import SamplingParams
 from modelyard.orchestration import InputSpec, JobSpec, ModelSpec, PromptSpec, run_job
-from modelyard.orchestration.runner import default_handle_factory
+from modelyard.orchestration.running.job import default_handle_factory
 
 SAMPLING = SamplingParams(max_new_tokens=6)
 KEY = ["image_id", "model", "prompt_id"]
@@ -116,7 +116,7 @@ def test_ray_dataset_of_bytes(sequential_run, tiny_models, sample_images, tmp_pa
 _DRIVER = textwrap.dedent("""
     import sys, time
     from modelyard.orchestration import load_job, run_job
-    from modelyard.orchestration.runner import default_handle_factory
+    from modelyard.orchestration.running.job import default_handle_factory
 
     class Slow:   # slows the driver's submissions so the parent can kill it halfway
         def __init__(self, h): self.h = h

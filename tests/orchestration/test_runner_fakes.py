@@ -295,7 +295,7 @@ def test_a_model_with_one_key_to_redo_is_loaded_for_that_key_only(ray_local, tmp
     job = _job(imgs, tmp_path / "out", mode="parallel", models=(ModelSpec("m1", ckpt), ModelSpec("m2", ckpt)))
     _run_counted(job)
     # a later retryable error row for one key of m2 (as a failed load would leave): the rerun redoes it
-    from modelyard.orchestration.store import error_row
+    from modelyard.orchestration.outputs.store import error_row
     row = error_row("00003.jpg", "m2", "default", "the model failed to load", retryable=True)
     with open(tmp_path / "out" / "results.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")

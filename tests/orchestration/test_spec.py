@@ -4,8 +4,8 @@ import json
 import pytest
 
 from modelyard.engine.types import SamplingParams
-from modelyard.orchestration.jobfile import job_from_dict, load_job
-from modelyard.orchestration.spec import InputSpec, JobSpec, ModelSpec, PromptSpec, SpecError
+from modelyard.orchestration.spec.jobfile import job_from_dict, load_job
+from modelyard.orchestration.spec.job import InputSpec, JobSpec, ModelSpec, PromptSpec, SpecError
 
 TOML = """
 mode = "parallel"

@@ -5,7 +5,7 @@ import os
 import pandas as pd
 import pytest
 
-from modelyard.orchestration.store import DuplicateKeyError, ResultStore, error_row, make_key
+from modelyard.orchestration.outputs.store import DuplicateKeyError, ResultStore, error_row, make_key
 
 
 def _row(i, model="m", caption=None):

@@ -8,13 +8,13 @@ import socket
 import pytest
 
 from modelyard.engine.types import SamplingParams
-from modelyard.orchestration.jobfile import job_from_dict, load_job
-from modelyard.orchestration.memory import estimate_memory
-from modelyard.orchestration.preflight import check_address, check_job
-from modelyard.orchestration.progress import describe_outcome, format_summary
-from modelyard.orchestration.resume import check_resume
-from modelyard.orchestration.spec import InputSpec, JobSpec, ModelSpec, PromptSpec, SpecError
-from modelyard.orchestration.store import ResultStore, error_row
+from modelyard.orchestration.spec.jobfile import job_from_dict, load_job
+from modelyard.orchestration.planning.memory import estimate_memory
+from modelyard.orchestration.checks.preflight import check_address, check_job
+from modelyard.orchestration.outputs.progress import describe_outcome, format_summary
+from modelyard.orchestration.checks.resume import check_resume
+from modelyard.orchestration.spec.job import InputSpec, JobSpec, ModelSpec, PromptSpec, SpecError
+from modelyard.orchestration.outputs.store import ResultStore, error_row
 
 
 def _data(**change):

@@ -11,8 +11,6 @@ lives and dies with its own process. A pipeline dropped without close() still ki
 """
 from __future__ import annotations
 
-import sys
-import types
 import weakref
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -133,15 +131,3 @@ def _kill_actor(actor) -> None:
             ray.kill(actor, no_restart=True)
     except Exception:  # interpreter shutdown: the actor dies with the driver anyway
         pass
-
-
-class _CallableModule(types.ModuleType):
-    """Importing this submodule rebinds the attribute `modelyard.pipeline` from the function in
-    modelyard/__init__.py to this module; calling the module keeps `modelyard.pipeline(path)`
-    working either way."""
-
-    def __call__(self, path, **options) -> Pipeline:
-        return pipeline(path, **options)
-
-
-sys.modules[__name__].__class__ = _CallableModule

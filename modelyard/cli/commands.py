@@ -11,11 +11,11 @@ import json
 import os
 import sys
 
-from .cli_parser import build_parser
+from .parser import build_parser
 
 
 def _spec_error(msg: str):
-    from .orchestration.spec import SpecError
+    from ..orchestration.spec.job import SpecError
     return SpecError(msg)
 
 
@@ -38,7 +38,7 @@ def _kv(items: list[str] | None, what: str) -> dict:
 
 
 def _inputs(images: list[str]):
-    from .orchestration import InputSpec
+    from ..orchestration import InputSpec
     for p in images:
         if not any(c in p for c in "*?[") and not os.path.exists(p):
             raise _spec_error(f"IMAGES: {p!r} does not exist")
@@ -52,7 +52,7 @@ def _inputs(images: list[str]):
 
 
 def _prompts(items: list[str] | None):
-    from .orchestration import DEFAULT_PROMPT, PromptSpec
+    from ..orchestration import DEFAULT_PROMPT, PromptSpec
     if not items:
         return (PromptSpec("default", DEFAULT_PROMPT),)
     out = []
@@ -83,9 +83,9 @@ def _default_out(kind: str, names: list[str]) -> str:
 
 
 def _job_from_args(args, model_items: list[str], mode: str):
-    from .engine.types import SamplingParams
-    from .orchestration import JobSpec, ModelSpec
-    from .orchestration.validation import build
+    from ..engine.types import SamplingParams
+    from ..orchestration import JobSpec, ModelSpec
+    from ..orchestration.spec.validation import build
     models = _model_items(model_items)
     engine = _kv(args.engine, "--engine")
     sampling = build("sampling", SamplingParams, {"max_new_tokens": args.max_new_tokens,
@@ -100,9 +100,9 @@ def _job_from_args(args, model_items: list[str], mode: str):
 
 # -- running -----------------------------------------------------------------------------------------
 def _run(job, args) -> int:
-    from .orchestration import run_job
-    from .orchestration.preflight import check_job
-    from .orchestration.progress import describe_outcome
+    from ..orchestration import run_job
+    from ..orchestration.checks.preflight import check_job
+    from ..orchestration.outputs.progress import describe_outcome
     check_job(job, args.address)
     res = run_job(job, address=args.address, progress=False if args.no_progress else None)
     print(f"\nresults: {res.results_path}  ({res.wall_s:.1f} s)")
@@ -128,14 +128,14 @@ def _cmd_compare(args) -> int:
 
 
 def _cmd_run(args) -> int:
-    from .orchestration import load_job
+    from ..orchestration import load_job
     job = load_job(args.jobfile, output_dir=args.out, mode=args.mode, retry_errors=args.retry_errors or None)
     return _run(job, args)
 
 
 def _cmd_demo(args) -> int:
-    from .orchestration.demo import run_demo
-    from .orchestration.preflight import check_address
+    from .demo import run_demo
+    from ..orchestration.checks.preflight import check_address
     if args.images < 1 or args.max_new_tokens < 1:
         raise _spec_error("--images and --max-new-tokens must be >= 1")
     check_address(args.address)
@@ -144,7 +144,7 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_make_model(args) -> int:
-    from .testing import make_checkpoint
+    from ..testing import make_checkpoint
     if os.path.isdir(args.path) and os.listdir(args.path) and not args.overwrite:
         raise _spec_error(f"{args.path} exists and is not empty; pass --overwrite to write the checkpoint "
                           "into it anyway (files of the same name are replaced)")
@@ -157,14 +157,14 @@ def _cmd_make_model(args) -> int:
 
 
 def _cmd_doctor(args) -> int:
-    from .orchestration.doctor import run_doctor
-    from .orchestration.preflight import check_address
+    from .doctor import run_doctor
+    from ..orchestration.checks.preflight import check_address
     check_address(args.address)
     return run_doctor(address=args.address, start_ray=not args.no_ray, models=args.model or ())
 
 
 def _cmd_build_kernels(args) -> int:
-    from .engine import kernels
+    from ..engine import kernels
     try:
         path = kernels.build(arch=args.arch, verbose=True)
     except kernels.KernelBuildError as e:
@@ -184,7 +184,7 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    from .orchestration.spec import SpecError
+    from ..orchestration.spec.job import SpecError
     try:
         return _COMMANDS[args.command](args)
     except SpecError as e:
@@ -195,6 +195,3 @@ def main(argv=None) -> int:
               "command resumes", file=sys.stderr)
         return 130
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -4,7 +4,8 @@ import json
 import pytest
 import torch
 
-from modelyard import testing, testing_weights
+from modelyard import testing
+from modelyard.testing import weights as testing_weights
 
 ARCHS = ["llava", "llava-qwen2"]
 
@@ -129,7 +130,7 @@ def test_cli_make_model_and_help(tmp_path, capsys):
     assert (tmp_path / "m" / "config.json").exists()
 
 
-# A reduced llava (CLIP + Llama) large enough for the conditioned init (hidden 64 is not: testing_weights.py).
+# A reduced llava (CLIP + Llama) large enough for the conditioned init (hidden 64 is not: modelyard/testing/weights.py).
 _SMALL = testing._Shape(
     dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
          image_size=56, patch_size=14, projection_dim=64, hidden_act="quick_gelu"),

@@ -13,10 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .planner import Placement
-from .progress import Progress
-from .spec import JobSpec, ModelSpec
-from .store import ResultStore
+from ..planning.planner import Placement
+from ..outputs.progress import Progress
+from ..spec.job import JobSpec, ModelSpec
+from ..outputs.store import ResultStore
 from .work import ModelWork, Unit, failed_row, output_row
 
 HandleFactory = Callable[[ModelSpec, Placement], Any]
@@ -154,7 +154,7 @@ class WaveRunner:
         self._progress.result(row["model"], row.get("finish_reason") == "error")
 
     def _collect(self, ref) -> None:
-        from ..actors import ActorDied, EngineFailed
+        from ...actors import ActorDied, EngineFailed
         w, unit = self._inflight.pop(ref)
         w.refs.discard(ref)
         try:
@@ -174,7 +174,7 @@ class WaveRunner:
         self._write(row)
 
     def _on_death(self, w: _Worker, first: list, exc: BaseException) -> None:
-        from ..actors import ActorDied
+        from ...actors import ActorDied
         job, work = self.job, self._works[w.model]
         units = list(first)
         for r in list(w.refs):

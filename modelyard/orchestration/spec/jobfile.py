@@ -12,8 +12,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Mapping
 
-from ..engine.types import SamplingParams
-from .spec import DEFAULT_PROMPT, InputSpec, JobSpec, ModelSpec, PromptSpec, SpecError
+from ...engine.types import SamplingParams
+from .job import DEFAULT_PROMPT, InputSpec, JobSpec, ModelSpec, PromptSpec, SpecError
 from .validation import build, check_types, unknown_keys
 
 _JOB_KEYS = {f.name for f in fields(JobSpec)}

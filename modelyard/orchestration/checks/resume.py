@@ -13,8 +13,8 @@ import json
 import os
 from pathlib import Path
 
-from .spec import JobSpec
-from .validation import SpecError
+from ..spec.job import JobSpec
+from ..spec.validation import SpecError
 
 _WARN_ENGINE_KEYS = ("dtype", "backend", "attention_backend", "kv_cache_dtype", "kv_cache_k_scale", "kv_cache_v_scale")
 

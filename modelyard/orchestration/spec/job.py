@@ -27,8 +27,8 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
-from ..engine.config import EngineConfig
-from ..engine.types import SamplingParams
+from ...engine.config import EngineConfig
+from ...engine.types import SamplingParams
 from .validation import SpecError, build, check_types
 
 MODES = ("sequential", "parallel", "auto")

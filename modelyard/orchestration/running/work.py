@@ -11,9 +11,9 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Iterator
 
-from .inputs import InputItem, iter_items
-from .spec import JobSpec, ModelSpec, PromptSpec
-from .store import ResultStore, error_row, make_key
+from ..spec.inputs import InputItem, iter_items
+from ..spec.job import JobSpec, ModelSpec, PromptSpec
+from ..outputs.store import ResultStore, error_row, make_key
 
 
 @dataclass(slots=True)

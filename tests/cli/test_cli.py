@@ -171,7 +171,7 @@ def test_the_job_file_in_run_help_is_a_valid_job(tmp_path):
     except ModuleNotFoundError:  # Python 3.10
         import tomli as tomllib
 
-    from modelyard.cli_parser import _RUN_EPILOG
+    from modelyard.cli.parser import _RUN_EPILOG
     from modelyard.orchestration import job_from_dict
     sample = _RUN_EPILOG.split("\n\n")[0].split("\n", 1)[1]
     job = job_from_dict(tomllib.loads(textwrap.dedent(sample)), base_dir=tmp_path)

@@ -11,7 +11,7 @@ import os
 import re
 from dataclasses import replace
 
-from .spec import JobSpec, SpecError
+from .job import JobSpec, SpecError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt", "*.tiktoken"]

@@ -107,7 +107,7 @@ class InitPlan:
             return "Weights: plain random (embeddings std 0.02, linear layers 1/sqrt(fan_in))."
         return (f"Weights: conditioned for greedy decoding (embeddings std {self.emb_std:.3f}, lm_head rows from "
                 f"successor embeddings; bigram margin {_BIGRAM_MARGIN} sigma, branch fraction {_BRANCH_FRACTION}; "
-                "see modelyard/testing_weights.py).")
+                "see modelyard/testing/weights.py).")
 
     def tensor(self, name: str, shape, dtype, device):
         import torch

@@ -43,8 +43,8 @@ def run_demo(out: str = "modelyard-out/demo", num_images: int = 8, max_new_token
 
     from ..actors import ensure_ray
     from ..engine.types import SamplingParams
-    from .runner import run_job
-    from .spec import InputSpec, JobSpec, ModelSpec, PromptSpec
+    from ..orchestration.running.job import run_job
+    from ..orchestration.spec.job import InputSpec, JobSpec, ModelSpec, PromptSpec
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")     # nothing in the demo needs the network
     print(_BANNER, flush=True)

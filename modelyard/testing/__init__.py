@@ -15,8 +15,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from .testing_images import awkward_images, broken_images, make_images  # noqa: F401 (re-exported)
-from .testing_weights import InitPlan, special_ids
+from .images import awkward_images, broken_images, make_images  # noqa: F401 (re-exported)
+from .weights import InitPlan, special_ids
 
 SHARD_BYTES = 2 * 1024**3   # above this the weights are split into shards with an index, as the Hub does
 
@@ -112,7 +112,7 @@ def make_checkpoint(arch: str, path, size: str = "tiny", seed: int = 0, dtype: s
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
 
-    from .testing_tokenizer import build_tokenizer
+    from .tokenizer import build_tokenizer
     family = "llama" if text_type in ("llama", "mistral") else "qwen2"
     vocab_size = shape.text["vocab_size"]
     tok_info = build_tokenizer(path, family, vocab_size, seed=seed,

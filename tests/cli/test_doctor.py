@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from modelyard.engine.attention import resolve_backend_name
-from modelyard.orchestration.doctor import run_doctor
+from modelyard.cli.doctor import run_doctor
 
 
 def test_doctor_on_this_machine(tiny_models, capsys):

@@ -80,8 +80,8 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-    from .testing import ARCHITECTURES, SIZES
+    from .. import __version__
+    from ..testing import ARCHITECTURES, SIZES
     p = argparse.ArgumentParser(prog="modelyard", formatter_class=_FMT, description=(
         "Run many vision-language models over large image sets: one Ray actor per model,\n"
         "verified VRAM reclaim on unload, resumable captioning and comparison jobs."),

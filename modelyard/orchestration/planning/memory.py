@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from ..engine.config import FP8_KV_CACHE_DTYPES
-from .validation import SpecError
+from ...engine.config import FP8_KV_CACHE_DTYPES
+from ..spec.validation import SpecError
 
 GIB = 1024**3
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,

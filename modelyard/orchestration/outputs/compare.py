@@ -104,7 +104,7 @@ def write_comparison(out_dir: str | os.PathLike, results: pd.DataFrame, models: 
                      summary: Mapping | None = None, title: str = "modelyard comparison",
                      max_images: int = 200, meta: Mapping | None = None) -> dict:
     """Write comparison.parquet (side by side), agreement.csv and report.html; return their paths."""
-    from .report_html import render_report
+    from .report import render_report
     out = Path(out_dir)
     table = side_by_side(results, models)
     agree = {name: agreement(table, models, name) for name in METRICS} if len(models) > 1 else {}

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .spec import InputSpec, SpecError
+from .job import InputSpec, SpecError
 
 
 @dataclass(frozen=True, slots=True)

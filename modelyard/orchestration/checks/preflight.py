@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import socket
 
-from .hub import check_local
-from .inputs import require_items
-from .spec import JobSpec
-from .validation import SpecError
+from ..spec.hub import check_local
+from ..spec.inputs import require_items
+from ..spec.job import JobSpec
+from ..spec.validation import SpecError
 
 
 def check_address(address: str | None, timeout_s: float = 5.0) -> None:

@@ -11,18 +11,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .memory import GIB, estimate_memory
-from .planner import ModelDemand, Plan, Placement, plan
-from .hub import resolve_job_paths
-from .progress import Progress, format_summary
-from .resume import check_resume
-from .spec import JobSpec, ModelSpec
-from .store import ResultStore, write_json_atomic
+from ..planning.memory import GIB, estimate_memory
+from ..planning.planner import ModelDemand, Plan, Placement, plan
+from ..spec.hub import resolve_job_paths
+from ..outputs.progress import Progress, format_summary
+from ..checks.resume import check_resume
+from ..spec.job import JobSpec, ModelSpec
+from ..outputs.store import ResultStore, write_json_atomic
 from .wave import HandleFactory, WaveRunner, first_line
 from .work import count_pending
 
 def default_handle_factory(model: ModelSpec, placement: Placement, max_concurrent: int = 64):
-    from ..actors import ModelHandle
+    from ...actors import ModelHandle
     # num_cpus left to the handle: its actors hold (almost) no CPU, so parallel CPU models never wait
     # for each other's slots.
     return ModelHandle(model.path, name=f"{model.name}-{placement.replica}", engine_config=dict(model.engine),
@@ -32,7 +32,7 @@ def default_handle_factory(model: ModelSpec, placement: Placement, max_concurren
 
 def _smallest_gpu_bytes() -> int | None:
     """Memory of the smallest GPU this process's node has, through NVML (no CUDA context)."""
-    from ..actors.gpu import NvmlSession
+    from ...actors.gpu import NvmlSession
     with NvmlSession.open() as nv:
         return min(nv.snapshot(i).total_bytes for i in range(nv.device_count())) if nv.ok else None
 
@@ -87,7 +87,7 @@ class JobRunner:
 
     # -- the job ----------------------------------------------------------------------------------
     def run(self) -> JobResult:
-        from ..actors import ensure_ray
+        from ...actors import ensure_ray
         t0 = time.perf_counter()
         ensure_ray(self.address)
         self.job = job = resolve_job_paths(self.job)
@@ -118,7 +118,7 @@ class JobRunner:
         if job.report:
             import pandas as pd
 
-            from .compare import write_comparison
+            from ..outputs.compare import write_comparison
             df = pd.read_parquet(results_path)
             result.report = write_comparison(out, df, [m.name for m in job.models], summary, title=job.name,
                                              max_images=job.report_max_images,

@@ -1,0 +1,1 @@
+"""Checks a job passes before it starts: preflight (paths, inputs, address) and resume validity."""

@@ -1,0 +1,1 @@
+"""What a job leaves behind: the resumable store, progress and summary, comparison and HTML report."""
