@@ -11,12 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
-from . import ops
+from . import memory, ops
 from .config import EngineConfig
 
 GIB = 1024 ** 3
 _CPU_RAM_FRACTION = 0.25       # default CPU pool: at most this share of the available RAM
-_ACTIVATION_SAFETY = 2.0       # the estimate below counts the big tensors only; allocator slack on top
 
 
 class KVCacheSizeError(RuntimeError):
@@ -61,31 +60,11 @@ class KVCache:
 
 
 def estimate_activation_bytes(hf_config, config: EngineConfig, dtype: torch.dtype) -> int:
-    """Peak transient memory of the largest step: a full prefill chunk, its logits, an image batch.
-
-    An upper-bound style estimate from the config (no profiling run): per token of a
-    max_prefill_tokens chunk, one layer's live tensors (residual, normed input, q/k/v, attention
-    output, gate/up and their product); logits in float32 for every row that may sample; the
-    vision tower over max_image_batch images including its attention scores.
-    """
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    text = hf_config.text_config
-    H, inter, V = text.hidden_size, text.intermediate_size, text.vocab_size
-    heads = text.num_attention_heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    D = getattr(text, "head_dim", None) or H // heads
-    T = config.max_prefill_tokens
-    per_token = 4 * H + (heads + 2 * kv_heads) * D + heads * D + 3 * inter
-    decoder = T * per_token * itemsize
-    logits = max(config.max_batch_size, 1) * V * 4 + T * 8 * 3    # + ids, positions, slots
-    vision = 0
-    vcfg = getattr(hf_config, "vision_config", None)
-    if vcfg is not None:
-        n_pos = (vcfg.image_size // vcfg.patch_size) ** 2 + 1
-        N, E = config.max_image_batch, vcfg.hidden_size
-        vision = N * n_pos * (4 * E + 2 * vcfg.intermediate_size) * itemsize
-        vision += N * vcfg.num_attention_heads * n_pos * n_pos * 4
-    return int(_ACTIVATION_SAFETY * (decoder + logits + vision))
+    """Peak transient memory of the largest step (engine/memory.py has the arithmetic)."""
+    text, vision = memory.text_and_vision(hf_config)
+    return memory.activation_bytes(text, vision, max_prefill_tokens=config.max_prefill_tokens,
+                                   max_batch_size=config.max_batch_size, max_image_batch=config.max_image_batch,
+                                   itemsize=torch.empty((), dtype=dtype).element_size())
 
 
 def plan_num_blocks(config: EngineConfig, spec: KVCacheSpec, device: torch.device, weights_bytes: int,

@@ -5,15 +5,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from modelyard.orchestration.planning.memory import (GIB, MemoryEstimate, PlannerConfig, estimate_memory,
-                                            kv_bytes_per_token, weights_bytes)
+from modelyard.engine.memory import activation_bytes, kv_bytes_per_token
+from modelyard.orchestration.planning.memory import GIB, MemoryEstimate, PlannerConfig, estimate_memory, weights_bytes
 from modelyard.orchestration.planning.planner import ModelDemand, PlanError, plan
 
 
 @pytest.fixture
 def ckpt(tmp_path):
     cfg = {"text_config": {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                           "hidden_size": 64}}
+                           "hidden_size": 64, "intermediate_size": 128, "vocab_size": 1000}}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     save_file({"w": torch.zeros(100, 10, dtype=torch.float32), "ids": torch.zeros(7, dtype=torch.int64)},
               str(tmp_path / "model-00001-of-00002.safetensors"))
@@ -29,23 +29,27 @@ def test_weights_bytes_reads_headers_and_converts_floats(ckpt):
 def test_kv_per_token_uses_gqa_heads():
     cfg = {"text_config": {"num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
                            "hidden_size": 4096}}
-    assert kv_bytes_per_token(cfg, 2) == 2 * 32 * 8 * 128 * 2
+    assert kv_bytes_per_token(cfg["text_config"], 2) == 2 * 32 * 8 * 128 * 2
 
 
 def test_estimate_components(ckpt):
-    c = PlannerConfig(kv_tokens_per_seq=100, max_kv_seqs=4, activation_floor_bytes=10, context_bytes=5)
-    e = estimate_memory(ckpt, {"max_batch_size": 2}, on_gpu=True, cfg=c)
+    c = PlannerConfig(kv_tokens_per_seq=100, max_kv_seqs=4, context_bytes=5)
+    e = estimate_memory(ckpt, {"max_batch_size": 2, "max_prefill_tokens": 512}, on_gpu=True, cfg=c)
+    text = json.loads((ckpt / "config.json").read_text())["text_config"]
     assert e.weights_bytes == 2156
-    assert e.kv_bytes == 2 * 100 * kv_bytes_per_token(json.loads((ckpt / "config.json").read_text()), 2)
-    assert e.activation_bytes == 215 and e.context_bytes == 5
-    assert e.total_bytes == e.weights_bytes + e.kv_bytes + 215 + 5
+    assert e.kv_bytes == 2 * 100 * kv_bytes_per_token(text, 2)
+    # the engine's own activation estimate for these options: 512 tokens of one layer's tensors + logits
+    act = activation_bytes(text, None, max_prefill_tokens=512, max_batch_size=2, max_image_batch=8, itemsize=2)
+    assert act == 2 * (512 * (4 * 64 + (4 + 4) * 16 + 4 * 16 + 3 * 128) * 2 + 2 * 1000 * 4 + 512 * 24)
+    assert e.activation_bytes == act and e.context_bytes == 5
+    assert e.total_bytes == e.weights_bytes + e.kv_bytes + act + 5
     assert estimate_memory(ckpt, {"gpu_memory_budget_gib": 3}).total_bytes == 3 * GIB
     assert estimate_memory(ckpt / "nope").source == "unknown"
 
 
 def test_fp8_kv_cache_estimate_takes_one_byte_per_element(ckpt):
-    c = PlannerConfig(kv_tokens_per_seq=100, max_kv_seqs=4, activation_floor_bytes=10, context_bytes=5)
-    per_token_fp8 = kv_bytes_per_token(json.loads((ckpt / "config.json").read_text()), 1)
+    c = PlannerConfig(kv_tokens_per_seq=100, max_kv_seqs=4, context_bytes=5)
+    per_token_fp8 = kv_bytes_per_token(json.loads((ckpt / "config.json").read_text())["text_config"], 1)
     for dtype, width in (("bfloat16", 2), ("float32", 4)):
         base = estimate_memory(ckpt, {"max_batch_size": 2, "dtype": dtype}, cfg=c)
         for name in ("fp8", "fp8_e4m3"):

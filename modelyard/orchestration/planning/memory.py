@@ -2,8 +2,9 @@
 
 Weights: the checkpoint's tensors at the engine's dtype (read from the 8-byte-length + JSON headers
 of its safetensors files; nothing is loaded). KV budget: per-token K/V bytes of every decoder layer
-(1 byte per element for an fp8 KV cache) x the tokens the pool should hold. Plus an activation
-margin (a fraction of the weights, at least a floor) and the CUDA context / library workspaces.
+(1 byte per element for an fp8 KV cache) x the tokens the pool should hold. Plus the engine's own
+activation estimate for its options (engine/memory.py, the arithmetic the engine sizes its pool
+with) and the CUDA context / library workspaces.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from ...engine.config import FP8_KV_CACHE_DTYPES
+from ...engine import memory as engine_memory
+from ...engine.config import FP8_KV_CACHE_DTYPES, EngineConfig
 from ..spec.validation import SpecError
 
 GIB = 1024**3
@@ -29,16 +31,12 @@ _ENGINE_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 class PlannerConfig:
     kv_tokens_per_seq: int = 1024         # image tokens + prompt + caption, typical for captioning
     max_kv_seqs: int = 32                 # sequences the KV budget is sized for (capped by max_batch_size)
-    activation_fraction: float = 0.10     # of the weights
-    activation_floor_bytes: int = GIB // 2
     context_bytes: int = 600 * 1024**2    # CUDA context, cuBLAS workspaces, allocator slack
     fraction_step: float = 0.01           # fractional GPUs are rounded up to this step
 
     def __post_init__(self):
         if self.kv_tokens_per_seq < 1 or self.max_kv_seqs < 1:
             raise ValueError("kv_tokens_per_seq and max_kv_seqs must be >= 1")
-        if not 0 <= self.activation_fraction < 1:
-            raise ValueError("activation_fraction must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -100,16 +98,6 @@ def weights_bytes(path: str | os.PathLike, dtype: str | None) -> int:
     return total
 
 
-def kv_bytes_per_token(config: Mapping, dtype_bytes: int) -> int:
-    """K and V for one token over every decoder layer."""
-    text = config.get("text_config", config)
-    layers = text["num_hidden_layers"]
-    heads = text["num_attention_heads"]
-    kv_heads = text.get("num_key_value_heads") or heads
-    head_dim = text.get("head_dim") or text["hidden_size"] // heads
-    return 2 * layers * kv_heads * head_dim * dtype_bytes
-
-
 def estimate_memory(path: str | os.PathLike, engine: Mapping | None = None, on_gpu: bool = True,
                     cfg: PlannerConfig = PlannerConfig()) -> MemoryEstimate:
     """Estimate one actor's device memory from a local checkpoint dir and its engine options.
@@ -134,6 +122,11 @@ def estimate_memory(path: str | os.PathLike, engine: Mapping | None = None, on_g
         tokens = seqs * cfg.kv_tokens_per_seq
     # an fp8 KV cache (engine kv_cache_dtype) takes 1 byte per element whatever the model dtype
     kv_width = 1 if engine.get("kv_cache_dtype") in FP8_KV_CACHE_DTYPES else _ENGINE_DTYPE_BYTES[dtype]
-    kv = tokens * kv_bytes_per_token(config, kv_width)
-    act = max(int(w * cfg.activation_fraction), cfg.activation_floor_bytes)
+    text, vision = engine_memory.text_and_vision(config)
+    kv = tokens * engine_memory.kv_bytes_per_token(text, kv_width)
+    defaults = EngineConfig()
+    act = engine_memory.activation_bytes(
+        text, vision, itemsize=_ENGINE_DTYPE_BYTES[dtype],
+        **{k: int(engine.get(k) or getattr(defaults, k))
+           for k in ("max_prefill_tokens", "max_batch_size", "max_image_batch")})
     return MemoryEstimate(w, kv, act, cfg.context_bytes if on_gpu else 0)
