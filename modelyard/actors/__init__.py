@@ -1,5 +1,5 @@
 """Model actors: one Ray actor process per model; unloading kills it and NVML verifies the reclaim."""
-from .errors import ActorDied, EngineFailed, UnloadError
+from .errors import ActorDied, EngineFailed, LoadFailed, UnloadError, is_permanent
 from .handle import ModelHandle
 
 
@@ -14,4 +14,5 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["ModelHandle", "ModelActor", "ActorDied", "EngineFailed", "UnloadError", "ensure_ray"]
+__all__ = ["ModelHandle", "ModelActor", "ActorDied", "EngineFailed", "LoadFailed", "UnloadError", "ensure_ray",
+           "is_permanent"]

@@ -40,3 +40,27 @@ class UnloadError(RuntimeError):
 
 class EngineFailed(RuntimeError):
     """The engine inside the actor raised during a step; the actor refuses further work (respawn it)."""
+
+
+# Failures a rerun of the same job cannot fix: the checkpoint, the install or an option is wrong.
+_PERMANENT = (ImportError, LookupError, ValueError, TypeError, NotImplementedError, FileNotFoundError,
+              NotADirectoryError, IsADirectoryError, PermissionError)
+_PERMANENT_NAMES = {"SafetensorError", "HeaderTooLarge", "HeaderTooSmall", "InvalidHeader"}
+
+
+def is_permanent(exc: BaseException | None) -> bool:
+    """Whether a load failure will recur on a rerun unchanged (unsupported architecture, a missing
+    package, an unreadable checkpoint, a bad option), as opposed to one that may not (out of
+    memory, a timeout, a killed process)."""
+    return isinstance(exc, _PERMANENT) or type(exc).__name__ in _PERMANENT_NAMES
+
+
+class LoadFailed(RuntimeError):
+    """Spawning a model actor failed; `permanent` says whether a rerun can help (see is_permanent)."""
+
+    def __init__(self, message: str, permanent: bool):
+        super().__init__(message)
+        self.permanent = permanent
+
+    def __reduce__(self):
+        return (LoadFailed, (str(self), self.permanent))

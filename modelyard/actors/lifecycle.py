@@ -7,7 +7,7 @@ import dataclasses
 import time
 
 from ..engine import EngineConfig
-from .errors import UnloadError
+from .errors import LoadFailed, UnloadError, is_permanent
 from .model_actor import remote_actor_class
 from .reclaim import GpuFootprint, host_rss, run_on_node, snapshot_local_devices, wait_process_exit
 
@@ -37,7 +37,7 @@ def start_actor(*, path: str, name: str, actor_name: str, config: EngineConfig, 
                 timeout: float | None) -> tuple[object, dict, GpuFootprint | None]:
     """Create the actor, wait for its engine, and measure it. Returns (actor, info, footprint):
     info is ModelHandle.spawn()'s dict; footprint is None when no GPU memory can be verified.
-    Raises RuntimeError (chained to the actor's error) when loading fails; the actor is killed."""
+    Raises LoadFailed (chained to the actor's error) when loading fails; the actor is killed."""
     import ray
 
     pre_spawn, nvml = snapshot_local_devices() if num_gpus > 0 else ({}, "not used (num_gpus=0)")
@@ -55,8 +55,8 @@ def start_actor(*, path: str, name: str, actor_name: str, config: EngineConfig, 
         # traceback; its `cause` is the engine's own exception (CheckpointMismatch, ...), which
         # says what is wrong. A timeout or a dead actor has no cause: it is shown as itself.
         cause = getattr(e, "cause", None) or e
-        raise RuntimeError(f"spawning model actor {name!r} from {path} failed: "
-                           f"{type(cause).__name__}: {cause}") from e
+        raise LoadFailed(f"spawning model actor {name!r} from {path} failed: {type(cause).__name__}: {cause}",
+                         permanent=is_permanent(cause)) from e
     spawn_s = time.perf_counter() - t0
     local = load["node_id"] == ray.get_runtime_context().get_node_id()
     gpu = GpuFootprint.from_spawn(load["device"], load["pid"], local, pre_spawn)

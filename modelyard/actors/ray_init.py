@@ -10,6 +10,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import sys
 
 LOOPBACK = "127.0.0.1"
 _AUTH_ENV = "RAY_AUTH_MODE"
@@ -66,6 +67,8 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, num_g
             kw["num_cpus"] = num_cpus
         if num_gpus is not None:
             kw["num_gpus"] = num_gpus
+    if not sys.stderr.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")   # actor log lines into a file: no colour codes
     if joining:
         if os.environ.get(_AUTH_ENV) is None:
             _enable_token_auth_for_client()

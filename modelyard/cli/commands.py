@@ -7,6 +7,7 @@ the same command finishes them.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -110,11 +111,14 @@ def _run(job, args) -> int:
         print(f"{k + ':':<11} {v}")
     lines, unfinished = describe_outcome(res.results_path, [m.name for m in job.models])
     print("\n".join(lines))
+    broken = {m: s["load_error"] for m, s in res.summary.items() if s.get("load_error_permanent")}
+    for m, why in broken.items():
+        print(f"modelyard {args.command}: model {m!r} cannot run here ({why}); a rerun alone will not fix "
+              "this: fix the cause, then rerun with --retry-errors", file=sys.stderr)
     if unfinished:
         print(f"\nmodelyard {args.command}: {unfinished} row(s) are unfinished work (see the reasons above); "
               "rerun the same command to retry them", file=sys.stderr)
-        return 1
-    return 0
+    return 1 if unfinished or broken else 0
 
 
 def _cmd_caption(args) -> int:
@@ -178,6 +182,21 @@ _COMMANDS = {"caption": _cmd_caption, "compare": _cmd_compare, "run": _cmd_run, 
              "make-model": _cmd_make_model, "doctor": _cmd_doctor, "build-kernels": _cmd_build_kernels}
 
 
+_OS_HINTS = {
+    errno.EACCES: "no permission to write there: choose another output directory (--out)",
+    errno.EPERM: "no permission to write there: choose another output directory (--out)",
+    errno.EROFS: "that file system is read-only: choose another output directory (--out)",
+    errno.ENOSPC: "the disk is full: free space, then rerun the same command (it resumes)",
+    errno.EDQUOT: "the disk quota is used up: free space, then rerun the same command (it resumes)",
+}
+
+
+def _os_error(e: OSError) -> str:
+    where = f": {e.filename}" if e.filename else ""
+    hint = _OS_HINTS.get(e.errno)
+    return f"{e.strerror or e}{where}" + (f"; {hint}" if hint else "")
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -190,6 +209,9 @@ def main(argv=None) -> int:
     except SpecError as e:
         print(f"modelyard {args.command}: {e}", file=sys.stderr)
         return 2
+    except OSError as e:                    # the output directory: unwritable, read-only, full
+        print(f"modelyard {args.command}: {_os_error(e)}", file=sys.stderr)
+        return 1 if e.errno in (errno.ENOSPC, errno.EDQUOT) else 2
     except KeyboardInterrupt:
         print(f"\nmodelyard {args.command}: interrupted; rows written so far are kept, and rerunning the same "
               "command resumes", file=sys.stderr)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,22 @@ from PIL import Image, ImageOps
 
 class ImageError(ValueError):
     pass
+
+
+# Larger files are refused before any read: a 1 GiB file named .jpg must not be read into memory to
+# find out it is not an image (the pixel limit below only applies once a header was parsed).
+MAX_FILE_BYTES = 512 << 20
+_REPR = re.compile(r"<([\w.]+) object at 0x[0-9a-fA-F]+>")
+
+
+def without_reprs(text: str) -> str:
+    """`text` with object reprs (`<_io.BytesIO object at 0x7f..>`) shortened to their type, so the
+    same cause reads the same in every row and groups in the job's summary."""
+    return _REPR.sub(r"<\1>", text)
+
+
+def _reason(e: BaseException) -> str:
+    return f"{type(e).__name__}: {without_reprs(str(e))}"
 
 
 def describe(src: Any) -> str:
@@ -46,7 +63,7 @@ def load_image(src: Any) -> Image.Image:
         try:
             opened.load()
         except Exception as e:  # Pillow raises OSError, SyntaxError, ValueError... for bad data
-            raise ImageError(f"{what}: cannot decode ({type(e).__name__}: {e})") from e
+            raise ImageError(f"{what}: cannot decode ({_reason(e)})") from e
         img = _exif_transpose(opened)
         img = to_rgb(img)
         if img is opened and not isinstance(src, Image.Image):
@@ -58,30 +75,43 @@ def load_image(src: Any) -> Image.Image:
 
 
 def _open(src: Any, what: str) -> Image.Image:
+    """The image opened lazily: Pillow reads the header (format, size) here and the pixels only in
+    load(), so a file that is no image costs a header read, never the whole file."""
     if isinstance(src, Image.Image):
         return src
     if isinstance(src, (str, os.PathLike)):
         path = Path(src)
-        if not path.exists():
-            raise ImageError(f"{what}: no such file")
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise ImageError(f"{what}: no such file") from None
+        except OSError as e:
+            raise ImageError(f"{what}: cannot read ({_reason(e)})") from e
         if not path.is_file():
             raise ImageError(f"{what}: not a regular file")
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise ImageError(f"{what}: cannot read ({e})") from e
+        size = st.st_size
+        source: Any = path
     elif isinstance(src, (bytes, bytearray, memoryview)):
-        data = bytes(src)
+        size = len(src)
+        source = io.BytesIO(bytes(src))
     else:
         raise ImageError(f"unsupported {what}: pass a PIL image, bytes, or a path")
-    if not data:
+    if size == 0:
         raise ImageError(f"{what}: empty (0 bytes)")
+    if size > MAX_FILE_BYTES:
+        raise ImageError(f"{what}: {size / 2**20:.0f} MiB exceeds the image file limit of "
+                         f"{MAX_FILE_BYTES / 2**20:.0f} MiB (modelyard.engine.images.MAX_FILE_BYTES)")
     try:
-        return Image.open(io.BytesIO(data))
+        return Image.open(source)
     except Image.DecompressionBombError as e:
         raise ImageError(f"{what}: {e}") from e
-    except Exception as e:  # UnidentifiedImageError, or a header too broken to parse
-        raise ImageError(f"{what}: not a readable image ({type(e).__name__}: {e})") from e
+    except OSError as e:
+        if isinstance(source, Path) and not isinstance(e, Image.UnidentifiedImageError):
+            raise ImageError(f"{what}: cannot read ({_reason(e)})") from e
+        raise ImageError(f"{what}: not a readable image (the file's header is no image format Pillow "
+                         "knows)") from e
+    except Exception as e:  # a header too broken to parse
+        raise ImageError(f"{what}: not a readable image ({_reason(e)})") from e
 
 
 def _check_pixels(img: Image.Image, what: str) -> None:

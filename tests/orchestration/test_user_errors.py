@@ -144,9 +144,18 @@ def test_rerun_with_a_changed_job_is_refused(tmp_path):
     assert check_resume(base) == []                             # nothing there yet
     _done_run(tmp_path, base)
     assert check_resume(base) == []                             # the same job resumes
-    more = JobSpec(models=base.models + (ModelSpec("m2", str(other)),), inputs=InputSpec(items=["a.jpg", "b.jpg"]),
+    more = JobSpec(models=base.models, inputs=InputSpec(items=["a.jpg", "b.jpg"]),
                    output_dir=base.output_dir, sampling=base.sampling, mode="parallel", max_in_flight=3)
-    assert check_resume(more) == []                             # new models, images, mode: new keys only
+    assert check_resume(more) == []                             # new images, mode: new keys only
+    added = JobSpec(models=base.models + (ModelSpec("m2", str(other)),), inputs=base.inputs,
+                    output_dir=base.output_dir, sampling=base.sampling)
+    assert check_resume(added) == []                            # a model added: one consistent, larger job
+    swapped = JobSpec(models=(ModelSpec("m2", str(other)),), inputs=base.inputs, output_dir=base.output_dir,
+                      sampling=base.sampling)
+    with pytest.raises(SpecError, match=r"its models are m; this run's are m2 \(a rerun keeps every model"):
+        check_resume(swapped)                                   # m's rows would stay, undescribed
+    with pytest.raises(SpecError, match=r"its prompts are default; this run's are short"):
+        check_resume(_job(tmp_path, ckpt, base.inputs, sampling=base.sampling, prompts=(PromptSpec("short", "Hi."),)))
     with pytest.raises(SpecError, match=r"sampling changed: max_new_tokens 8 -> 16.*new output directory"):
         check_resume(_job(tmp_path, ckpt, InputSpec(items=["a.jpg"]), sampling=SamplingParams(max_new_tokens=16)))
     with pytest.raises(SpecError, match=r"prompt 'default' of model 'm' was 'Describe the image.', now 'Say hi.'"):

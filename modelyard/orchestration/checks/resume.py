@@ -2,8 +2,11 @@
 
 A rerun skips every (image_id, model, prompt_id) key already in results.jsonl. That is right only
 while what produced those rows is unchanged: the same checkpoint under the model's name, the same
-prompt text under the prompt id, the same sampling. Otherwise the "resumed" output would silently
-mix captions of two different jobs, so the rerun is refused, naming what changed. Engine options
+prompt text under the prompt id, the same sampling, and every model and prompt of the earlier job
+still in it (job.json, summary.json and the comparison describe one job: a rerun may add models or
+prompts to it, but a job without some of them would leave their rows undescribed).
+Otherwise the "resumed" output would silently mix captions of two different jobs, so the rerun is
+refused, naming what changed. Engine options
 that do not change what a model says (batch sizes, memory fractions) are not compared; dtype and
 backend can change the wording a little, so they only warn.
 """
@@ -54,6 +57,12 @@ def check_resume(job: JobSpec, out_dir: str | os.PathLike | None = None) -> list
                 if old.get("sampling", {}).get(k) != v}
         problems.append("sampling changed: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items()))
     old_models = {m["name"]: m for m in old.get("models", [])}
+    for what, before, now in (("models", list(old_models), [m["name"] for m in new["models"]]),
+                              ("prompts", [p["id"] for p in old.get("prompts", [])],
+                               [p["id"] for p in new["prompts"]])):
+        if not set(before) <= set(now):
+            problems.append(f"its {what} are {', '.join(before) or 'none'}; this run's are {', '.join(now)} "
+                            f"(a rerun keeps every {what[:-1]} already there and may add more)")
     old_prompts, new_prompts = _prompts(old), _prompts(new)
     for m in new["models"]:
         was = old_models.get(m["name"])

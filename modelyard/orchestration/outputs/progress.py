@@ -1,4 +1,5 @@
-"""Per-model progress bars (images/s, ETA) and the end-of-job summary."""
+"""Per-model progress (bars on a terminal, a line per model at a bounded rate into a log file)
+and the end-of-job summary."""
 from __future__ import annotations
 
 import sys
@@ -24,6 +25,8 @@ class ModelStats:
     restarts: int = 0
     replicas: int = 0
     not_loaded: bool = False       # every key was done already: no actor was spawned
+    load_error: str | None = None  # why the model could not load (or be planned)
+    load_error_permanent: bool = False   # a rerun cannot fix it; fix the cause, then --retry-errors
     notes: list = field(default_factory=list)
 
     def images_per_s(self) -> float:
@@ -37,6 +40,7 @@ class ModelStats:
                 "peak_vram_bytes": self.peak_vram_bytes, "reclaim_residual_bytes": self.reclaim_residual_bytes,
                 "reclaimed_bytes": self.reclaimed_bytes, "unload_s": round(self.unload_s, 3),
                 "restarts": self.restarts, "replicas": self.replicas, "not_loaded": self.not_loaded,
+                "load_error": self.load_error, "load_error_permanent": self.load_error_permanent,
                 "notes": list(self.notes)}
 
 
@@ -51,11 +55,18 @@ def _peak_vram(info: dict | None, stats: dict | None) -> int:
 
 
 class Progress:
-    """tqdm bars, one per model (position = model order); `enabled=None` shows them on a TTY."""
+    """tqdm bars, one per model (position = model order), when stderr is a terminal; otherwise (a
+    log file, `ray job submit`) one plain line per active model every `line_interval_s`: done,
+    rate, ETA. `enabled=False` shows neither, `True` forces the bars."""
 
-    def __init__(self, models: list[str], totals: dict[str, int], skipped: dict[str, int], enabled: bool | None):
+    def __init__(self, models: list[str], totals: dict[str, int], skipped: dict[str, int], enabled: bool | None,
+                 line_interval_s: float = 10.0):
         self.stats = {m: ModelStats(total=totals.get(m, 0), skipped=skipped.get(m, 0)) for m in models}
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        tty = sys.stderr.isatty()
+        self.enabled = tty if enabled is None else enabled
+        self.lines = enabled is None and not tty
+        self.line_interval_s = line_interval_s
+        self._last_line = time.perf_counter()
         self._bars = {}
         self._order = {m: i for i, m in enumerate(models)}
 
@@ -86,6 +97,23 @@ class Progress:
             bar.update(1)
             if error:
                 bar.set_postfix(errors=s.errors, refresh=False)
+        elif self.lines and s.last_result - self._last_line >= self.line_interval_s:
+            self._last_line = s.last_result
+            for line in self.status_lines():
+                print(line, file=sys.stderr, flush=True)
+
+    def status_lines(self) -> list[str]:
+        """One line per model that has started and is not finished: done/total, rate, ETA."""
+        out = []
+        for m, s in self.stats.items():
+            if s.first_submit is None or s.rows >= s.total:
+                continue
+            rate = s.images_per_s()
+            eta = f"{(s.total - s.rows) / rate:.0f} s" if rate > 0 else "?"
+            errors = f", {s.errors} errors" if s.errors else ""
+            out.append(f"progress {m}: {s.rows}/{s.total} ({100 * s.rows / max(s.total, 1):.0f}%){errors}, "
+                       f"{rate:.2f} img/s, ETA {eta}")
+        return out
 
     def loaded(self, model: str, info: dict | None) -> None:
         s = self.stats[model]
@@ -113,6 +141,12 @@ class Progress:
         s = self.stats[model]
         s.not_loaded = True
         return f"{model}: {_all_done(s.skipped + s.rows)}"
+
+    def load_failed(self, model: str, why: str, permanent: bool) -> None:
+        s = self.stats[model]
+        if s.load_error is None:
+            s.load_error, s.load_error_permanent = why, permanent
+        s.notes.append(why)
 
     def restarted(self, model: str, why: str) -> None:
         self.stats[model].restarts += 1

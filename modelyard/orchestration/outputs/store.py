@@ -2,18 +2,27 @@
 
 While a job runs, rows are appended to `results.jsonl` (one `write` per row, flushed at once,
 fsynced at most every `fsync_interval` seconds and on close): a crashed driver leaves at most
-one torn last line, which the next open detects and cuts off. Opening builds the set of done
+one torn last line, which the next open detects and cuts off. One writer at a time: opening takes
+an exclusive lock on the directory (`.lock`, released when the process ends however it ends), so
+a second driver on the same directory is refused before it reads or cuts anything. Opening builds the set of done
 keys, so a rerun skips them. `finalize()` writes `results.parquet` through a temp file and
 `os.replace`, keeping exactly one row per key (a later row for a key supersedes an earlier
 error row that was retried).
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Iterable, Iterator
+
+from ...engine.images import without_reprs
+from ..spec.inputs import safe_text
+from ..spec.validation import SpecError
 
 KEY_FIELDS = ("image_id", "model", "prompt_id")
 # column -> default; a row is always written with every column, in this order
@@ -30,6 +39,30 @@ class DuplicateKeyError(RuntimeError):
     """A second final row for a key: the runner submitted a key twice (a bug, never data)."""
 
 
+class OutputDirBusy(SpecError):
+    """Another process holds the output directory's lock: two writers would compute and append
+    every key twice, and the second could cut the first's newest row as a torn tail."""
+
+
+def _lock(out_dir: Path) -> int:
+    """Take the directory's exclusive lock (non-blocking) and record who holds it; returns the fd."""
+    path = out_dir / ".lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        holder = os.read(fd, 512).decode("utf-8", "replace").strip() or "another process"
+        os.close(fd)
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise
+        raise OutputDirBusy(f"{out_dir} is in use by {holder}: one job writes to an output directory at a time; "
+                            "wait for it to finish (or stop it), or give another output directory") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"modelyard pid {os.getpid()} on {socket.gethostname()}, since "
+                 f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+    return fd
+
+
 def key_of(row: dict) -> str:
     return _SEP.join(str(row[k]) for k in KEY_FIELDS)
 
@@ -41,7 +74,7 @@ def make_key(image_id: str, model: str, prompt_id: str) -> str:
 def error_row(image_id: str, model: str, prompt_id: str, error: str, *, retryable: bool,
               source=None, prompt: str = "", attempts: int = 1, worker: str = "") -> dict:
     return {"image_id": image_id, "model": model, "prompt_id": prompt_id, "finish_reason": "error",
-            "error": error, "retryable": retryable, "source": source, "prompt": prompt,
+            "error": without_reprs(error), "retryable": retryable, "source": source, "prompt": prompt,
             "attempts": attempts, "worker": worker}
 
 
@@ -59,6 +92,7 @@ class ResultStore:
         self._redo: set[str] = set()        # keys with an error row to recompute on this run
         self.dropped_torn_bytes = 0
         self.resumed_rows = 0
+        self._lock_fd = _lock(self.dir)
         self._scan()
         self._fd = os.open(self.jsonl, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._last_sync = time.monotonic()
@@ -106,19 +140,19 @@ class ResultStore:
         return len(self._done)
 
     def add(self, row: dict) -> None:
-        full = {c: row.get(c, d) for c, d in COLUMNS.items()}
         unknown = set(row) - set(COLUMNS)
         if unknown:
             raise ValueError(f"unknown result columns: {sorted(unknown)}")
+        full = {c: (safe_text(v) if isinstance(v := row.get(c, d), str) else v) for c, d in COLUMNS.items()}
         if not full["time"]:
             full["time"] = time.time()
         key = key_of(full)
         if key in self._done:
             raise DuplicateKeyError(f"key {tuple(key.split(_SEP))} already has a final row")
+        data = (json.dumps(full, ensure_ascii=False) + "\n").encode("utf-8")
         # retryable errors from this run stay redo-able for the next run, not for this one
         self._done.add(key)
         self._redo.discard(key)
-        data = (json.dumps(full, ensure_ascii=False) + "\n").encode("utf-8")
         n = os.write(self._fd, data)
         while n < len(data):                    # a short write (rare: full disk, signals)
             n += os.write(self._fd, data[n:])
@@ -142,6 +176,9 @@ class ResultStore:
             self.sync()
             os.close(self._fd)
             self._fd = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)     # closing the descriptor releases the flock
+            self._lock_fd = None
 
     def __enter__(self):
         return self

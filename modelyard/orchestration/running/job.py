@@ -18,8 +18,8 @@ from ..outputs.progress import Progress, format_summary
 from ..checks.resume import check_resume
 from ..spec.job import JobSpec, ModelSpec
 from ..outputs.store import ResultStore, write_json_atomic
-from .wave import HandleFactory, WaveRunner, first_line
-from .work import count_pending
+from .wave import HandleFactory, WaveRunner, fail_all, first_line
+from .work import ModelWork, count_pending
 
 def default_handle_factory(model: ModelSpec, placement: Placement, max_concurrent: int = 64):
     from ...actors import ModelHandle
@@ -80,51 +80,76 @@ class JobRunner:
         return n, remote
 
     def make_plan(self) -> Plan:
+        """The placement of every model whose checkpoint can be sized; a model whose checkpoint is
+        unreadable goes into `self.unplanned` (name -> why) and gets error rows instead, as it would
+        if its actor failed to load: the other models run."""
         n, mem = self._gpus()
-        demands = [ModelDemand(m.name, m.replicas, m.gpus, estimate_memory(m.path, m.engine, on_gpu=n > 0),
-                               has_budget=bool(m.engine.get("gpu_memory_budget_gib"))) for m in self.job.models]
+        demands, self.unplanned = [], {}
+        for m in self.job.models:
+            try:
+                estimate = estimate_memory(m.path, m.engine, on_gpu=n > 0)
+            except (OSError, ValueError) as e:       # SpecError is a ValueError
+                self.unplanned[m.name] = f"the model failed to load: {type(e).__name__}: {e}"
+                continue
+            demands.append(ModelDemand(m.name, m.replicas, m.gpus, estimate,
+                                       has_budget=bool(m.engine.get("gpu_memory_budget_gib"))))
         return plan(demands, self.job.mode, n, mem)
+
+    def _fail_unplanned(self, store: ResultStore, progress: Progress) -> None:
+        def write(row: dict) -> None:
+            store.add(row)
+            progress.result(row["model"], True)
+
+        for name, why in self.unplanned.items():
+            progress.load_failed(name, why, permanent=True)
+            fail_all(ModelWork(self.job, self.job.model(name), store), why, retryable=False, write=write)
 
     # -- the job ----------------------------------------------------------------------------------
     def run(self) -> JobResult:
         from ...actors import ensure_ray
         t0 = time.perf_counter()
-        ensure_ray(self.address)
-        self.job = job = resolve_job_paths(self.job)
-        out = Path(job.output_dir)
-        for warning in check_resume(job, out):      # SpecError if out holds another job's rows
-            self.log(f"warning: {warning}")
-        store = ResultStore(out, retry_errors=job.retry_errors)
-        if store.resumed_rows:
-            self.log(f"resuming: {store.num_done} key(s) already done in {store.jsonl}"
-                     + (f" (dropped a torn last row of {store.dropped_torn_bytes} bytes)" if store.dropped_torn_bytes else ""))
-        write_json_atomic(out / "job.json", job.to_dict())
-        the_plan = self.make_plan()
-        self.log(the_plan.describe())
-        pending, total = count_pending(job, store)
-        progress = Progress([m.name for m in job.models], pending,
-                            {m: total - pending[m] for m in pending}, self.progress_enabled)
-        self._restarts = {m.name: 0 for m in job.models}
+        out = Path(self.job.output_dir)
+        # the lock first: a second driver on this directory stops here, before Ray or any download
+        store = ResultStore(out, retry_errors=self.job.retry_errors)
+        progress = None
         try:
+            ensure_ray(self.address)
+            self.job = job = resolve_job_paths(self.job)
+            for warning in check_resume(job, out):      # SpecError if out holds another job's rows
+                self.log(f"warning: {warning}")
+            if store.resumed_rows:
+                self.log(f"resuming: {store.num_done} key(s) already done in {store.jsonl}"
+                         + (f" (dropped a torn last row of {store.dropped_torn_bytes} bytes)"
+                            if store.dropped_torn_bytes else ""))
+            write_json_atomic(out / "job.json", job.to_dict())
+            the_plan = self.make_plan()
+            self.log(the_plan.describe())
+            pending, total = count_pending(job, store)
+            progress = Progress([m.name for m in job.models], pending,
+                                {m: total - pending[m] for m in pending}, self.progress_enabled)
+            self._restarts = {m.name: 0 for m in job.models}
+            self._fail_unplanned(store, progress)
             for wave in the_plan.waves:
                 WaveRunner(job, wave, factory=self.factory, store=store, progress=progress,
                            restarts=self._restarts, log=self.log).run()
-        finally:
             progress.close()
-            store.close()
-        results_path = store.finalize()
-        summary = progress.summary()
-        result = JobResult(out, results_path, summary, the_plan, wall_s=time.perf_counter() - t0)
-        if job.report:
-            import pandas as pd
+            results_path = store.finalize()
+            summary = progress.summary()
+            result = JobResult(out, results_path, summary, the_plan, wall_s=time.perf_counter() - t0)
+            if job.report:
+                import pandas as pd
 
-            from ..outputs.compare import write_comparison
-            df = pd.read_parquet(results_path)
-            result.report = write_comparison(out, df, [m.name for m in job.models], summary, title=job.name,
-                                             max_images=job.report_max_images,
-                                             meta={"mode": job.mode, "prompts": len(job.prompts)})
-        write_json_atomic(out / "summary.json", {"wall_s": round(result.wall_s, 3), "mode": job.mode,
-                                                 "plan": the_plan.describe(), "models": summary})
+                from ..outputs.compare import write_comparison
+                df = pd.read_parquet(results_path)
+                result.report = write_comparison(out, df, [m.name for m in job.models], summary, title=job.name,
+                                                 max_images=job.report_max_images,
+                                                 meta={"mode": job.mode, "prompts": len(job.prompts)})
+            write_json_atomic(out / "summary.json", {"wall_s": round(result.wall_s, 3), "mode": job.mode,
+                                                     "plan": the_plan.describe(), "models": summary})
+        finally:
+            if progress is not None:
+                progress.close()
+            store.close()
         self.log(format_summary(summary))
         return result
 

@@ -4,7 +4,9 @@ The loop keeps at most `max_in_flight` requests per actor and waits on all of th
 `ray.wait`; an ObjectRef is dropped as soon as its row is written, so the driver's memory does not
 grow with the data set. Actor death: the unfinished units of that actor are retried (suspects one
 at a time, see work.py) on a respawned actor, within a per-model restart budget; past it, the
-model's remaining units become retryable error rows.
+model's remaining units become retryable error rows. A model that cannot load gives error rows
+that are retryable only when a rerun could load it (not for an unsupported architecture, a
+missing package or an unreadable checkpoint: those need a fix, then `--retry-errors`).
 """
 from __future__ import annotations
 
@@ -80,14 +82,14 @@ class WaveRunner:
         try:
             with ThreadPoolExecutor(max_workers=len(workers)) as pool:
                 spawned = list(pool.map(self._spawn, workers))
-            load_errors: dict[str, str] = {}
+            load_errors: dict[str, tuple[str, bool]] = {}
             for w, err in zip(workers, spawned):
                 if err is not None:
                     w.dead = True
                     load_errors.setdefault(w.model, err)
-                    progress.stats[w.model].notes.append(f"{w.label} failed to load: {err}")
-            for m, err in load_errors.items():
-                self._abandon_if_dead(m, f"the model failed to load: {err}")
+                    progress.load_failed(w.model, f"{w.label} failed to load: {err[0]}", permanent=err[1])
+            for m, (err, permanent) in load_errors.items():
+                self._abandon_if_dead(m, f"the model failed to load: {err}", retryable=not permanent)
             while True:
                 for w in workers:
                     if not w.dead:
@@ -107,11 +109,14 @@ class WaveRunner:
                 self._unload(w)
             self._inflight = {}
 
-    def _spawn(self, w: _Worker) -> str | None:
+    def _spawn(self, w: _Worker) -> tuple[str, bool] | None:
+        """None once loaded, else (why, permanent)."""
+        from ...actors import is_permanent
         try:
             info = w.handle.spawn(timeout=self.job.spawn_timeout_s)
         except Exception as e:
-            return first_line(e)
+            cause = getattr(e, "cause", None) or getattr(e.__cause__, "cause", None) or e.__cause__
+            return first_line(e), bool(getattr(e, "permanent", False) or is_permanent(cause))
         self._progress.loaded(w.model, info)
         return None
 
@@ -221,13 +226,17 @@ class WaveRunner:
         self._abandon_if_dead(w.model, f"the model actor died {self._restarts[w.model]} time(s) "
                                        f"(max_restarts={job.max_restarts}): {why}")
 
-    def _abandon_if_dead(self, model: str, reason: str) -> None:
-        """No live replica left: every remaining unit of the model becomes a retryable error row."""
+    def _abandon_if_dead(self, model: str, reason: str, retryable: bool = True) -> None:
+        """No live replica left: every remaining unit of the model becomes an error row."""
         if any(not w.dead for w in self._workers if w.model == model):
             return
         if any(w.refs for w in self._workers if w.model == model):
             return
-        work = self._works[model]
-        for unit in work.drain():
-            work.finish(unit)
-            self._write(failed_row(unit, model, reason, retryable=True))
+        fail_all(self._works[model], reason, retryable, self._write)
+
+
+def fail_all(work: ModelWork, reason: str, retryable: bool, write: Callable[[dict], None]) -> None:
+    """An error row for every unit of the model not yet submitted (it cannot run)."""
+    for unit in work.drain():
+        work.finish(unit)
+        write(failed_row(unit, work.model.name, reason, retryable=retryable))

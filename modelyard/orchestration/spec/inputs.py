@@ -6,7 +6,9 @@ driver's memory does not grow with the data set.
 
 image_id is stable across runs (resume depends on it): the path relative to the input root for
 a directory or glob, the path as written for a path list or a Python list, "sha1:<digest>" for
-bytes without an id, or the id the caller gives.
+bytes without an id, or the id the caller gives. A file name that is not valid UTF-8 (surrogate-
+escaped by the OS layer) gets an id with its odd bytes written as `\\xNN`, so it can be stored,
+compared and shown like any other; its source keeps the real path the actor opens.
 """
 from __future__ import annotations
 
@@ -20,10 +22,23 @@ from typing import Any, Iterator
 from .job import InputSpec, SpecError
 
 
+def safe_text(s: str) -> str:
+    """`s` with surrogate-escaped bytes (a non-UTF-8 file name) written as `\\xNN`: valid Unicode
+    that JSON, Parquet and HTML take, and the same for the same bytes on every run."""
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:
+        return s.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 @dataclass(frozen=True, slots=True)
 class InputItem:
     image_id: str
     source: str | bytes      # filesystem path, or encoded image bytes
+
+    def __post_init__(self):
+        object.__setattr__(self, "image_id", safe_text(self.image_id))
 
     @property
     def path(self) -> str | None:
