@@ -70,10 +70,18 @@ def start_actor(*, path: str, name: str, actor_name: str, config: EngineConfig, 
                    **(gpu.memory() if gpu else _NO_GPU_MEMORY)},
         "nvml": nvml if local else load["nvml"],
         "verified_by": gpu.method if gpu else "process-exit",
-        "engine": {"backend": load["engine_stats"].get("backend", config.backend),
-                   "device": load["engine_stats"].get("device", config.device)},
+        "engine": _engine_info(load["engine_stats"], config),
     }
     return actor, info, gpu
+
+
+def _engine_info(stats: dict, config: EngineConfig) -> dict:
+    """What a driver needs to feed the engine: its backend and device, the most sequences it runs
+    in one step, and the tokens its KV pool holds (None where the backend has no paged pool)."""
+    blocks, block = stats.get("kv_blocks_total"), stats.get("block_size")
+    return {"backend": stats.get("backend", config.backend), "device": stats.get("device", config.device),
+            "max_batch_size": int(stats.get("max_batch_size") or config.max_batch_size),
+            "kv_tokens": int(blocks * block) if blocks and block else None}
 
 
 def stop_actor(name: str, actor, info: dict, gpu: GpuFootprint | None, timeout: float,

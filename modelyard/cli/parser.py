@@ -23,12 +23,25 @@ def _job_options(p: argparse.ArgumentParser, multi_model: bool) -> None:
     p.add_argument("--gpus", type=float, default=None, help="GPUs per model replica, fractions allowed, 0 = CPU "
                                                              "(default: the planner decides)")
     p.add_argument("--replicas", type=int, default=1, help="actors per model sharing its images (default 1)")
-    p.add_argument("--max-in-flight", type=int, default=8, help="requests in flight per actor (default 8)")
+    p.add_argument("--max-in-flight", type=_in_flight, default="auto", metavar="N|auto",
+                   help="requests in flight per actor (default auto: what its engine batches, plus a queue)")
     p.add_argument("--max-restarts", type=int, default=2, help="respawns per model after a crash (default 2)")
     p.add_argument("--retry-errors", action="store_true", help="on resume, recompute rows that ended in an error")
     p.add_argument("--no-report", action="store_true", help="skip comparison.parquet and report.html")
     p.add_argument("--name", default=None, help="title of the report")
     _common(p)
+
+
+def _in_flight(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer >= 1, got {text!r}")
+    return n
 
 
 def _common(p: argparse.ArgumentParser) -> None:

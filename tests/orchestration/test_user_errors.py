@@ -27,7 +27,7 @@ def _data(**change):
     ({"models": [{"path": "org/model", "engnie": {}}]}, r"models\[0\]: unknown key 'engnie' \(did you mean 'engine'"),
     ({"sampling": {"max_tokens": 4}}, r"sampling: unknown key 'max_tokens' \(did you mean 'max_new_tokens'"),
     ({"prompts": [{"id": "a", "txt": "x"}]}, r"prompts\[0\]: unknown key 'txt' \(did you mean 'text'"),
-    ({"max_in_flight": "4"}, r"max_in_flight must be an integer, got '4' \(str\)"),
+    ({"max_in_flight": "4"}, r"max_in_flight must be \"auto\" or an integer >= 1, got '4'"),
     ({"report": "no"}, r"report must be true/false, got 'no'"),
     ({"sampling": {"max_new_tokens": "4"}}, r"sampling: max_new_tokens must be an integer, got '4'"),
     ({"sampling": {"temperature": "hot"}}, r"sampling: temperature must be a number"),

@@ -53,7 +53,9 @@ class JobRunner:
         self.job = job
         self.address = address
         self.progress_enabled = progress
-        self.factory = handle_factory or (lambda m, p: default_handle_factory(m, p, max(64, job.max_in_flight)))
+        # the driver bounds what each actor holds (max_in_flight); the actor's own limit only queues
+        limit = 4096 if job.max_in_flight == "auto" else max(64, job.max_in_flight)
+        self.factory = handle_factory or (lambda m, p: default_handle_factory(m, p, limit))
         self.log = log
 
     # -- planning ---------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """WaveRunner: one wave's actors — spawn, stream units, collect rows, handle deaths, unload.
 
-The loop keeps at most `max_in_flight` requests per actor and waits on all of them with one
+The loop keeps at most `max_in_flight` requests per actor ("auto": what that actor's engine runs in
+one step, plus a queue for its next steps, from what the actor reports after loading; see
+in_flight_limit) and waits on all of them with one
 `ray.wait`; an ObjectRef is dropped as soon as its row is written, so the driver's memory does not
 grow with the data set. Actor death: the unfinished units of that actor are retried (suspects one
 at a time, see work.py) on a respawned actor, within a per-model restart budget; past it, the
@@ -41,10 +43,25 @@ class _Worker:
     isolating: bool = False       # a suspect unit is in flight alone
     dead: bool = False
     seq: int = 0
+    limit: int = 1                # requests kept in flight (set once the actor has loaded)
 
     @property
     def label(self) -> str:
         return f"{self.model}#{self.replica}"
+
+
+def in_flight_limit(job: JobSpec, engine: dict) -> int:
+    """Requests to keep in one actor: the job's max_in_flight, or for "auto" the most sequences its
+    engine runs in a step (capped by how many full-length captions its KV pool holds), plus a
+    quarter more (at least 8) queued, so finished sequences are replaced at once and the actor's
+    preprocessing works ahead. The driver holds refs and paths only, so this costs it nothing."""
+    if job.max_in_flight != "auto":
+        return job.max_in_flight
+    batch = int(engine.get("max_batch_size") or 8)
+    kv_tokens = engine.get("kv_tokens")
+    if kv_tokens:
+        batch = max(1, min(batch, kv_tokens // max(job.sampling.max_new_tokens, 1)))
+    return batch + max(8, batch // 4)
 
 
 class WaveRunner:
@@ -117,6 +134,7 @@ class WaveRunner:
         except Exception as e:
             cause = getattr(e, "cause", None) or getattr(e.__cause__, "cause", None) or e.__cause__
             return first_line(e), bool(getattr(e, "permanent", False) or is_permanent(cause))
+        w.limit = in_flight_limit(self.job, (info or {}).get("engine") or {})
         self._progress.loaded(w.model, info)
         return None
 
@@ -134,7 +152,7 @@ class WaveRunner:
 
     def _fill(self, w: _Worker) -> None:
         work = self._works[w.model]
-        while len(w.refs) < self.job.max_in_flight and not w.isolating:
+        while len(w.refs) < w.limit and not w.isolating:
             unit = work.take(allow_suspect=not w.refs)
             if unit is None:
                 return

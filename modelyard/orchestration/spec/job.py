@@ -163,7 +163,9 @@ class JobSpec:
     prompts: tuple[PromptSpec, ...] = (PromptSpec("default", DEFAULT_PROMPT),)
     sampling: SamplingParams = field(default_factory=SamplingParams)
     mode: str = "sequential"
-    max_in_flight: int = 8          # items in flight per actor (the actor batches what it holds)
+    # items in flight per actor; "auto": as many as the actor's engine batches, plus a queue to cover
+    # its next steps (from what the actor reports after loading)
+    max_in_flight: int | str = "auto"
     max_restarts: int = 2           # respawns per model after its actor dies
     max_item_attempts: int = 3      # an item in flight during this many actor deaths becomes an error row
     retry_errors: bool = False      # on resume, recompute rows that ended in an error too
@@ -210,7 +212,9 @@ class JobSpec:
         object.__setattr__(self, "output_dir", os.fspath(self.output_dir))
         check_types("job", JobSpec, {f.name: getattr(self, f.name) for f in fields(self)},
                     skip=("models", "inputs", "prompts", "sampling", "output_dir"))
-        for n in ("max_in_flight", "max_item_attempts", "report_max_images"):
+        if self.max_in_flight != "auto" and (not isinstance(self.max_in_flight, int) or self.max_in_flight < 1):
+            raise SpecError(f"max_in_flight must be \"auto\" or an integer >= 1, got {self.max_in_flight!r}")
+        for n in ("max_item_attempts", "report_max_images"):
             if not isinstance(getattr(self, n), int) or getattr(self, n) < 1:
                 raise SpecError(f"{n} must be an integer >= 1, got {getattr(self, n)!r}")
         if not isinstance(self.max_restarts, int) or self.max_restarts < 0:
