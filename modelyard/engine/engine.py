@@ -248,7 +248,7 @@ class Engine:
         return req.request_id
 
     def _process(self, req: Request) -> ProcessedInputs:
-        images = load_images(req.image)
+        images = load_images(req.image, self.processor.min_image_size)
         processed = self.processor(req.prompt, images)
         per_image = self.model.num_image_tokens()
         if processed.num_image_tokens != per_image * processed.num_images:

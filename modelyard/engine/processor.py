@@ -60,6 +60,20 @@ class Processor:
                 raise ProcessorError(f"cannot tell the image token id of {path}; pass image_token_id")
         return cls(hf, int(image_token_id), read_eos_token_ids(path, hf.tokenizer))
 
+    @property
+    def min_image_size(self) -> tuple[int, int] | None:
+        """The fewest pixels (width, height) the image processor's resize needs in each direction,
+        so images can be decoded at a reduced scale that still covers them; None when unknown."""
+        ip = getattr(self.hf_processor, "image_processor", None)
+        size = dict(getattr(ip, "size", None) or {})
+        crop = dict(getattr(ip, "crop_size", None) or {})
+        if "shortest_edge" in size:
+            edge = int(size["shortest_edge"])
+            return max(edge, int(crop.get("width", 0))), max(edge, int(crop.get("height", 0)))
+        if "height" in size and "width" in size:
+            return int(size["width"]), int(size["height"])
+        return None
+
     def format_prompt(self, prompt: str, num_images: int) -> str:
         content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": prompt}]
         return self.hf_processor.apply_chat_template([{"role": "user", "content": content}],

@@ -15,7 +15,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from .images import awkward_images, broken_images, make_images  # noqa: F401 (re-exported)
+from .images import CAMERA_SIZES, awkward_images, broken_images, make_camera_jpegs, make_images  # noqa: F401 (re-exported)
 from .weights import InitPlan, special_ids
 
 SHARD_BYTES = 2 * 1024**3   # above this the weights are split into shards with an index, as the Hub does

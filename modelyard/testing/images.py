@@ -55,6 +55,33 @@ def make_images(directory, n: int, seed: int = 0, size: tuple[int, int] | None =
     return paths
 
 
+CAMERA_SIZES = {"1024x768": (1024, 768), "4032x3024": (4032, 3024)}
+
+
+def make_camera_jpegs(directory, n: int, size: tuple[int, int] = (4032, 3024), seed: int = 0,
+                      quality: int = 90) -> list[Path]:
+    """Write `n` camera-size JPEGs (12 MP by default; 1024x768 is the other common set): a scene drawn
+    at 1/8 scale, upscaled and with sensor-like noise, so files decode like photos (4-8 MB of entropy
+    at 12 MP) instead of compressing to almost nothing; every 4th carries an EXIF rotation."""
+    from PIL import Image
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    w, h = size
+    noise = Image.effect_noise((w, h), 24).convert("RGB")
+    paths = []
+    for i in range(n):
+        img = Image.blend(_scene(rng, max(w // 8, 16), max(h // 8, 16)).resize((w, h), Image.BILINEAR), noise, 0.15)
+        exif = Image.Exif()
+        if i % 4 == 3:
+            exif[0x0112] = 6                            # stored sideways: viewers rotate it 90 degrees
+        p = directory / f"photo_{i:05d}.jpg"
+        img.save(p, quality=quality, exif=exif.tobytes())
+        paths.append(p)
+    return paths
+
+
 def awkward_images(directory, seed: int = 0) -> dict[str, Path]:
     """Valid files that trip naive loaders: alpha, palette, CMYK, 16-bit, EXIF rotation, 1x1, panorama."""
     from PIL import Image

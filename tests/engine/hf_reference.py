@@ -6,13 +6,19 @@ from modelyard.engine.images import load_images
 
 def hf_greedy(path, items, n: int) -> list[list[int]]:
     """items: (image source(s) or None, prompt) pairs -> exactly n greedy tokens for each, from
-    transformers generate in float32, one request at a time (no padding effects)."""
+    transformers generate in float32, one request at a time (no padding effects). Images are decoded
+    as the engine decodes them (JPEGs at the reduced scale that covers the processor's input size),
+    so both models see the same pixels and the comparison is of the models alone."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from modelyard.engine.processor import Processor
+
     proc = AutoProcessor.from_pretrained(path)
+    min_size = Processor(proc, image_token_id=0, eos_token_ids=frozenset()).min_image_size
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
     out = []
     for image, prompt in items:
-        imgs = load_images(image)
+        imgs = load_images(image, min_size)
         content = [{"type": "image"} for _ in imgs] + [{"type": "text", "text": prompt}]
         text = proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
         inputs = proc(text=text, images=imgs or None, return_tensors="pt")

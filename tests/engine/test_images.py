@@ -85,3 +85,39 @@ def test_caller_image_is_not_modified():
     img = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
     out = load_image(img)
     assert img.mode == "RGBA" and out.mode == "RGB" and out.getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_camera_jpegs_decode_at_the_smallest_scale_that_covers_the_model(tmp_path):
+    from modelyard.testing import make_camera_jpegs
+
+    upright, _, _, sideways = make_camera_jpegs(tmp_path, 4, size=(4032, 3024))
+    assert load_image(upright).size == (4032, 3024)                      # no size given: full decode
+    assert load_image(upright, (336, 336)).size == (504, 378)            # 1/8: still >= 336 both ways
+    assert load_image(upright, (448, 448)).size == (1008, 756)           # 1/8 would be 378 high: 1/4
+    assert load_image(sideways, (336, 336)).size == (378, 504)           # EXIF rotation still applied
+    assert load_image(sideways, (600, 400)).size == (756, 1008)          # the axes as the model sees them
+    png = tmp_path / "big.png"
+    Image.new("RGB", (1600, 1200)).save(png)
+    assert load_image(png, (336, 336)).size == (1600, 1200)              # only JPEGs have cheap scales
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_reduced_decoding_keeps_the_pixel_limit(tmp_path, monkeypatch):
+    from modelyard.testing import make_camera_jpegs
+
+    (p,) = make_camera_jpegs(tmp_path, 1, size=(1024, 768))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500_000)    # the declared 786,432 pixels count
+    with pytest.raises(ImageError, match="exceeds the limit of 500000"):
+        load_image(p, (64, 64))
+
+
+def test_huge_files_are_refused_before_any_read(tmp_path):
+    p = tmp_path / "huge.jpg"
+    with open(p, "wb") as f:
+        f.truncate(600 << 20)                 # sparse: reading it whole would take 600 MiB
+    with pytest.raises(ImageError, match="exceeds the image file limit"):
+        load_image(p)
+    head = tmp_path / "not-an-image.jpg"
+    head.write_bytes(b"%PDF-1.7" + b"\x00" * 4096)
+    with pytest.raises(ImageError, match="header is no image format"):
+        load_image(head)
