@@ -17,7 +17,6 @@ import argparse
 import gc
 import json
 import platform
-import sys
 import time
 import traceback
 from pathlib import Path
@@ -44,29 +43,28 @@ def bench_checkpoint(ckpt_dir, arch: str, size: str) -> Path:
     return path
 
 
-def measure_ceilings() -> dict:
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
+def gpu_ms(fn, *args, reps: int, warmup: int = 3) -> float:
+    """Milliseconds per call of fn(*args), timed with CUDA events over `reps` calls after `warmup`."""
+    for _ in range(warmup):
+        fn(*args)
     torch.cuda.synchronize()
     ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     ev0.record()
-    for _ in range(10):
-        a @ b
+    for _ in range(reps):
+        fn(*args)
     ev1.record()
     torch.cuda.synchronize()
-    tflops = 2 * 8192**3 * 10 / (ev0.elapsed_time(ev1) / 1e3) / 1e12
+    return ev0.elapsed_time(ev1) / reps
+
+
+def measure_ceilings() -> dict:
+    """bf16 matmul TFLOP/s and copy GB/s (read + write) as measured here: the floors' denominators."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    tflops = 2 * 8192**3 / (gpu_ms(torch.matmul, a, b, reps=10) / 1e3) / 1e12
     x = torch.randn(2 * 1024**3 // 2, device="cuda", dtype=torch.bfloat16)   # 2 GiB
     y = torch.empty_like(x)
-    y.copy_(x)
-    torch.cuda.synchronize()
-    ev0.record()
-    for _ in range(5):
-        y.copy_(x)
-    ev1.record()
-    torch.cuda.synchronize()
-    gbps = 2 * x.numel() * 2 * 5 / (ev0.elapsed_time(ev1) / 1e3) / 1e9   # read + write
+    gbps = 2 * x.numel() * 2 / (gpu_ms(y.copy_, x, reps=5, warmup=1) / 1e3) / 1e9
     del a, b, x, y
     torch.cuda.empty_cache()
     return {"bf16_matmul_tflops": tflops, "copy_gbps": gbps}
@@ -91,14 +89,8 @@ def flops_per_image(cfg, n_prompt_tokens: int, n_new: int) -> float:
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> float:
     """Mean over sequences of the fraction of tokens identical up to the first divergence."""
-    fr = []
-    for x, y in zip(a, b):
-        n = 0
-        for p, q in zip(x, y):
-            if p != q:
-                break
-            n += 1
-        fr.append(n / max(1, len(x)))
+    fr = [next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y))) / max(1, len(x))
+          for x, y in zip(a, b)]
     return sum(fr) / max(1, len(fr))
 
 
@@ -111,7 +103,6 @@ def run_transformers(path, images, prompt, n_new, batch):
                                                         attn_implementation="sdpa").cuda().eval()
     conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
     text = proc.apply_chat_template(conv, add_generation_prompt=True)
-    pad = proc.tokenizer.pad_token_id
 
     def gen(chunk):
         pil = [Image.open(p).convert("RGB") for p in chunk]
@@ -119,7 +110,7 @@ def run_transformers(path, images, prompt, n_new, batch):
         inp["pixel_values"] = inp["pixel_values"].to(torch.bfloat16)
         with torch.inference_mode():
             out = model.generate(**inp, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
-                                 pad_token_id=pad)
+                                 pad_token_id=proc.tokenizer.pad_token_id)
         return out[:, inp["input_ids"].shape[1]:].tolist(), int(inp["input_ids"].shape[1])
 
     gen(images[:batch])   # warm-up
@@ -158,20 +149,28 @@ def decode_weight_bytes(model) -> int:
     return n + head.numel() * head.element_size()
 
 
-def decode_step_bench(eng, batch: int, context: int, copy_gbps: float, iters: int = 30) -> dict:
-    """One decode step of `batch` sequences at `context` tokens, on blocks of the (idle) pool:
-    the graph replay alone (CUDA events) and the runner's whole step (host packing, copies,
-    replay, sampling sync; wall clock), against the bytes-read floors."""
-    from modelyard.engine.cuda_graphs import pick_bucket
+def decode_step_input(eng, batch: int, context: int):
+    """A decode step of `batch` made-up sequences at `context` tokens over the first blocks of the
+    (idle) pool, or None when the pool is too small or the engine is busy (its blocks are in use)."""
     from modelyard.engine.scheduler import ScheduledSeq, SchedulerOutput
-    spec = eng.kv_cache.spec
-    nblk = -(-context // spec.block_size)
+    nblk = -(-context // eng.kv_cache.spec.block_size)
     if batch * nblk > eng.kv_cache.num_blocks or eng.scheduler.has_unfinished():
-        return {"batch": batch, "context": context, "skipped": "pool too small or engine busy"}
+        return None
     spans = tuple(ScheduledSeq(seq_id=10**9 + i, token_ids=(1 + i,), start_pos=context - 1, num_prompt_tokens=1,
                                block_table=tuple(range(i * nblk, (i + 1) * nblk)), sample=True)
                   for i in range(batch))
-    out = SchedulerOutput(is_prefill=False, seqs=spans)
+    return SchedulerOutput(is_prefill=False, seqs=spans)
+
+
+def decode_step_bench(eng, batch: int, context: int, copy_gbps: float, iters: int = 30) -> dict:
+    """One decode step of `batch` sequences at `context` tokens: the graph replay alone (CUDA
+    events) and the runner's whole step (host packing, copies, replay, sampling sync; wall clock),
+    against the bytes-read floors."""
+    from modelyard.engine.cuda_graphs import pick_bucket
+    spec = eng.kv_cache.spec
+    out = decode_step_input(eng, batch, context)
+    if out is None:
+        return {"batch": batch, "context": context, "skipped": "pool too small or engine busy"}
     runner = eng.runner
     for _ in range(3):
         runner.execute(out)
@@ -183,69 +182,43 @@ def decode_step_bench(eng, batch: int, context: int, copy_gbps: float, iters: in
     res = {"batch": batch, "context": context, "full_step_ms": step_ms}
     if runner.graphs is not None:
         b = pick_bucket(batch, runner.graphs.sizes)
-        ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        ev0.record()
-        for _ in range(iters):
-            runner.graphs.replay(b)
-        ev1.record()
-        torch.cuda.synchronize()
-        res.update(graph_bucket=b, graph_replay_ms=ev0.elapsed_time(ev1) / iters)
+        res.update(graph_bucket=b, graph_replay_ms=gpu_ms(runner.graphs.replay, b, reps=iters, warmup=0))
     itemsize = torch.empty((), dtype=spec.dtype).element_size()
     kv = batch * context * 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * itemsize
     w = decode_weight_bytes(eng.model)
-    bw = copy_gbps * 1e9
-    gpu_ms = res.get("graph_replay_ms", step_ms)
-    res.update(weight_bytes=w, kv_bytes=kv, weights_floor_ms=w / bw * 1e3, weights_kv_floor_ms=(w + kv) / bw * 1e3,
-               vs_weights_floor=gpu_ms / (w / bw * 1e3), vs_weights_kv_floor=gpu_ms / ((w + kv) / bw * 1e3))
+    w_ms, wkv_ms = w / copy_gbps / 1e6, (w + kv) / copy_gbps / 1e6
+    t = res.get("graph_replay_ms", step_ms)
+    res.update(weight_bytes=w, kv_bytes=kv, weights_floor_ms=w_ms, weights_kv_floor_ms=wkv_ms,
+               vs_weights_floor=t / w_ms, vs_weights_kv_floor=t / wkv_ms)
     return res
 
 
-def profile_decode_step(eng, batch: int, context: int, path: Path) -> None:
-    """Kernel times of one eager decode step (graphs set aside; kernels run the same inside one)."""
+def profile_table(fn, path: Path, title: str) -> None:
+    """Append the CUDA kernel table of fn() (torch profiler, sorted by total time) to `path`, after
+    one unprofiled call (lazy initialisation, allocator growth)."""
     from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(f"== {title} ==\n{prof.key_averages().table(sort_by='cuda_time_total', row_limit=30)}\n")
 
-    from modelyard.engine.scheduler import ScheduledSeq, SchedulerOutput
-    nblk = -(-context // eng.kv_cache.spec.block_size)
-    spans = tuple(ScheduledSeq(seq_id=10**9 + i, token_ids=(1 + i,), start_pos=context - 1, num_prompt_tokens=1,
-                               block_table=tuple(range(i * nblk, (i + 1) * nblk)), sample=True)
-                  for i in range(batch))
-    out = SchedulerOutput(is_prefill=False, seqs=spans)
+
+def profile_decode_step(eng, batch: int, context: int, path: Path) -> None:
+    """Kernel times of 3 eager decode steps (graphs set aside; kernels run the same inside one)."""
+    out = decode_step_input(eng, batch, context)
+    if out is None:
+        return
     runner, graphs = eng.runner, eng.runner.graphs
     runner.graphs = None
     try:
-        for _ in range(2):
-            runner.execute(out)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(3):
-                runner.execute(out)
-            torch.cuda.synchronize()
+        profile_table(lambda: [runner.execute(out) for _ in range(3)], path,
+                      f"eager decode step, batch {batch}, context {context}, 3 steps")
     finally:
         runner.graphs = graphs
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(f"== eager decode step, batch {batch}, context {context}, 3 steps ==\n{table}\n")
-
-
-def profile_prefill(eng, images, prompt, out_dir: Path, n_images: int = 64) -> None:
-    """n_images prompts (~2.5 16k-token prefill steps) plus one sampled token each, through
-    generate() with its preprocessing threads, under the profiler: the kernel table, and the GPU's
-    idle gaps with what the host was doing in each (timeline.py; the trace is kept, gzipped)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from timeline import format_report, profile_timeline
-
-    from modelyard.engine import Request, SamplingParams
-    sp = SamplingParams(max_new_tokens=1, ignore_eos=True)
-    reqs = lambda: [Request(image=str(p), prompt=prompt, sampling=sp) for p in images[:n_images]]  # noqa: E731
-    eng.generate(reqs())
-    torch.cuda.synchronize()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    res = profile_timeline(lambda: eng.generate(reqs()), out_dir / "prefill-trace.json.gz", engine=eng)
-    with open(out_dir / "profile-prefill.txt", "a") as f:
-        f.write(f"== prefill of {n_images} images + 1 token (generate, profiled), config {json.dumps(eng.config.__dict__, default=str)} ==\n")
-        f.write(format_report(res) + "\n")
-    log(f"prefill timeline: wall {res['wall_ms']:.0f} ms, GPU busy {res['busy_ms']:.0f} ms, idle {res['idle_ms']:.0f} ms")
 
 
 def run_modelyard(path, images, prompt, n_new, engine_kw, copy_gbps, profile_dir=None):
@@ -255,14 +228,18 @@ def run_modelyard(path, images, prompt, n_new, engine_kw, copy_gbps, profile_dir
     try:
         load_s = time.perf_counter() - t0
         log(f"engine loaded in {load_s:.1f}s: " + json.dumps({k: v for k, v in eng.stats().items() if isinstance(v, str)}))
-        sp = SamplingParams(max_new_tokens=n_new, ignore_eos=True)
-        eng.generate([Request(image=str(p), prompt=prompt, sampling=sp) for p in images[:64]])   # warm-up
+
+        def requests(paths, new_tokens=n_new):
+            sp = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
+            return [Request(image=str(p), prompt=prompt, sampling=sp) for p in paths]
+
+        eng.generate(requests(images[:64]))   # warm-up
         torch.cuda.synchronize()
         warm = eng.stats()
         torch.cuda.reset_peak_memory_stats()
         log("engine warm; timed run")
         t0 = time.perf_counter()
-        outs = eng.generate([Request(image=str(p), prompt=prompt, sampling=sp) for p in images])
+        outs = eng.generate(requests(images))
         torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         errors = [o.error for o in outs if o.finish_reason == "error"]
@@ -284,16 +261,17 @@ def run_modelyard(path, images, prompt, n_new, engine_kw, copy_gbps, profile_dir
             except Exception as e:  # a broken microbenchmark must not lose the throughput numbers
                 res["decode_step"].append({"batch": batch, "context": ctx, "error": f"{type(e).__name__}: {e}"})
             log("decode step " + json.dumps(res["decode_step"][-1]))
-        if profile_dir is not None:
+        profiles = [] if profile_dir is None else [
+            # 64 prompts (~2.5 16k-token prefill steps) + 1 token each, through generate() and its threads
+            lambda: profile_table(lambda: eng.generate(requests(images[:64], 1)),
+                                  Path(profile_dir, "profile-prefill.txt"), "prefill of 64 images + 1 token"),
+            *(lambda c=c: profile_decode_step(eng, 64, c, Path(profile_dir, "profile-decode.txt"))
+              for c in (32, res["prompt_tokens"] + n_new // 2))]
+        for profile_one in profiles:
             try:
-                profile_prefill(eng, images, prompt, Path(profile_dir))
+                profile_one()
             except Exception as e:
-                log(f"prefill profile failed: {type(e).__name__}: {e}")
-            for batch, ctx in ((64, 32), (64, res["prompt_tokens"] + n_new // 2)):
-                try:
-                    profile_decode_step(eng, batch, ctx, Path(profile_dir, "profile-decode.txt"))
-                except Exception as e:
-                    log(f"profile failed: {type(e).__name__}: {e}")
+                log(f"profile failed: {type(e).__name__}: {e}")
         return res, [o.token_ids for o in outs]
     finally:
         eng.close()
@@ -338,10 +316,11 @@ def main(argv=None):
     ap.add_argument("--engine", default="{}",
                     help="EngineConfig options as JSON, over BENCH_ENGINE; a JSON list runs each in turn "
                          "(the first is the headline, e.g. '[{}, {\"kv_cache_dtype\": \"fp8\"}]')")
-    ap.add_argument("--profile", action="store_true", help="write eager decode-step kernel profiles to --out")
+    ap.add_argument("--profile", action="store_true",
+                    help="write kernel tables of a prefill and of eager decode steps to --out")
     args = ap.parse_args(argv)
 
-    from transformers import AutoConfig
+    import transformers
 
     from modelyard import testing
     root = Path(args.ckpt_dir)
@@ -351,7 +330,6 @@ def main(argv=None):
     log(f"checkpoint ready ({make_s:.1f}s); images")
     images = testing.make_images(root / f"images-{args.image_size}", args.images, seed=0,
                                  size=(args.image_size, args.image_size))
-    import transformers
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
             "transformers": transformers.__version__, "python": platform.python_version(),
             "arch": args.arch, "size": args.size, "images": args.images, "new_tokens": args.new_tokens,
@@ -376,8 +354,7 @@ def main(argv=None):
         runs.append((res, toks))
         results.setdefault("modelyard_runs", []).append(res)
         save()
-    ours, our_toks = runs[0]
-    results["modelyard"] = ours
+    results["modelyard"] = ours = runs[0][0]
     if not args.skip_hf:
         log("transformers run")
         hf, hf_toks = run_transformers(path, images, args.prompt, args.new_tokens, args.hf_batch)
@@ -387,22 +364,18 @@ def main(argv=None):
             if toks is not None:
                 res["greedy_agreement"] = agreement(hf_toks, toks)
                 res["exact_match_sequences"] = sum(a == b for a, b in zip(hf_toks, toks)) / len(hf_toks)
-        results["ratio"] = ours["ratio"]
-        for key in ("greedy_agreement", "exact_match_sequences"):
-            if key in ours:
-                results[key] = ours[key]
+        results.update({k: ours[k] for k in ("ratio", "greedy_agreement", "exact_match_sequences") if k in ours})
         log("transformers " + json.dumps(hf))
         save()
-    cfg = AutoConfig.from_pretrained(path)
+    cfg = transformers.AutoConfig.from_pretrained(path)
     fpi = flops_per_image(cfg, ours.get("prompt_tokens") or results.get("transformers", {}).get("prompt_tokens", 600),
                           args.new_tokens)
     results["flops_per_image"] = fpi
     results["compute_floor_images_per_s"] = info["bf16_matmul_tflops"] * 1e12 / fpi
     print("\n| engine | images/s | out tok/s | peak VRAM GiB |")
     print("|---|---|---|---|")
-    for k in ("transformers", "modelyard"):
-        if k in results and "seconds" in results[k]:
-            r = results[k]
+    for k, r in ((k, results.get(k, {})) for k in ("transformers", "modelyard")):
+        if "seconds" in r:
             print(f"| {k} | {r['images_per_s']:.1f} | {r['tokens_per_s']:.0f} | {r['peak_vram_gib']:.1f} |")
     print(f"ratio {results.get('ratio', float('nan')):.2f}x; agreement {results.get('greedy_agreement', float('nan')):.3f}; "
           f"compute floor {results['compute_floor_images_per_s']:.1f} images/s "

@@ -1,10 +1,20 @@
-"""Times the csrc kernels against the torch references and FlashAttention at LLaVA-scale shapes.
+"""Times the csrc kernels against their torch references (and FlashAttention / SDPA where they
+compete) at LLaVA-scale shapes. Needs a CUDA GPU; builds the kernels on first use.
 
-    python benchmarks/kernels.py [--json out.json]
+    python benchmarks/csrc_kernels.py [--only decode small prefill fp8] [--json out.json]
 
-Each row: median time of CUDA-event-timed calls after warm-up, and the bytes the op must move
-(each input read once, each output written once) over that time, to set against the measured
-device-to-device copy bandwidth (the floor for memory-bound ops). Needs a CUDA GPU.
+Groups:
+  decode   paged decode attention (csrc, each variant and split count) against the torch reference,
+           dense SDPA and FlashAttention varlen; bf16 and fp8 caches
+  small    cache write, rotary + cache write, RMSNorm, add + RMSNorm, SiLU-and-mul, and the fp8
+           quantizers (alone and fused into the norm / activation kernels)
+  prefill  varlen FlashAttention against batched and per-sequence SDPA (causal prefill)
+  fp8      the 7B projections in bf16 against the fp8 path (quantizer + torch._scaled_mm row-wise);
+           needs compute capability 8.9+
+
+Each row: the median of CUDA-event-timed calls after warm-up, and the bytes the op must move (each
+input read once, each output written once) over that time, to set against the measured
+device-to-device copy bandwidth (the floor of a memory-bound op).
 """
 from __future__ import annotations
 
@@ -20,6 +30,7 @@ import torch.nn.functional as F
 from modelyard.engine import kernels, ops
 
 ROWS: list[dict] = []
+GROUPS = ("decode", "small", "prefill", "fp8")
 
 
 def timeit(fn, min_ms: float = 40.0, max_reps: int = 200) -> float:
@@ -48,7 +59,7 @@ def row(group: str, name: str, ms: float, nbytes: float | None = None, **extra) 
     ROWS.append(dict(group=group, name=name, ms=ms, gb_s=gbs, **extra))
     bw = f"{gbs:8.0f} GB/s" if gbs else " " * 13
     more = " ".join(f"{k}={v}" for k, v in extra.items())
-    print(f"{group:<28} {name:<34} {ms * 1e3:10.1f} us {bw} {more}", flush=True)
+    print(f"{group:<34} {name:<36} {ms * 1e3:10.1f} us {bw} {more}", flush=True)
 
 
 def copy_bandwidth() -> float:
@@ -61,6 +72,7 @@ def copy_bandwidth() -> float:
 
 
 def paged_case(S, hq, hk, d, block_size, lens, dtype=torch.bfloat16):
+    """A random paged cache of S sequences of the given lengths, blocks scattered over the pool."""
     g = torch.Generator(device="cuda").manual_seed(0)
     blocks = [math.ceil(n / block_size) for n in lens]
     nb = sum(blocks)
@@ -78,7 +90,8 @@ def paged_case(S, hq, hk, d, block_size, lens, dtype=torch.bfloat16):
 
 
 def decode_attention(label, S, hq, hk, d, lens, block_size=16, sweep=(1, 2, 4, 8), baselines=True, fp8=False):
-    """Variants 2 (slot kernel) and 3 (slot kernel + prefetch) and auto; fp8: the e4m3 cache."""
+    """The csrc kernel's variants (2: slot kernel, 3: slot kernel with the next tile prefetched;
+    auto: the launcher's choice) and forced split counts; with baselines, the torch alternatives."""
     q, kc, vc, bt, sl = paged_case(S, hq, hk, d, block_size, lens)
     if fp8:
         kc, vc = ops.quantize_kv(kc, ops.FP8_KV_DTYPE), ops.quantize_kv(vc, ops.FP8_KV_DTYPE)
@@ -128,10 +141,29 @@ def decode_attention(label, S, hq, hk, d, lens, block_size=16, sweep=(1, 2, 4, 8
         timeit(lambda: impl(q, kp, vp, cu_q, cu_k, 1, max(lens), scale)), kv_bytes + io, rel_err=f"{err:.1e}")
 
 
-def small_ops():
+def decode_cases() -> None:
+    gen = torch.Generator().manual_seed(0)
+    lens650 = torch.randint(600, 701, (64,), generator=gen).tolist()
+    lens256 = torch.randint(600, 701, (256,), generator=gen).tolist()
+    decode_attention("LLaVA-7B S64 H32/32 D128 ~650", 64, 32, 32, 128, lens650)
+    decode_attention("LLaVA-7B S256 H32/32 D128 ~650", 256, 32, 32, 128, lens256, sweep=(), baselines=False)
+    decode_attention("LLaVA-7B S64 H32/32 D128 ctx 32", 64, 32, 32, 128, [32] * 64, sweep=(), baselines=False)
+    decode_attention("Qwen2-VL-7B S64 H28/4 D128 ~650", 64, 28, 4, 128, lens650)
+    decode_attention("S8 H32/8 D128 ctx 8192", 8, 32, 8, 128, [8192] * 8, sweep=(1, 4, 8, 16))
+    decode_attention("S1 H32/32 D128 ctx 650", 1, 32, 32, 128, [650], sweep=(1, 4, 8), baselines=False)
+    for label, S, hq, hk, lens in (("LLaVA-7B S64 H32/32 D128 ~650", 64, 32, 32, lens650),
+                                   ("LLaVA-7B S256 H32/32 D128 ~650", 256, 32, 32, lens256),
+                                   ("Qwen2-VL-7B S64 H28/4 D128 ~650", 64, 28, 4, lens650),
+                                   ("S8 H32/8 D128 ctx 8192", 8, 32, 8, [8192] * 8)):
+        decode_attention(label, S, hq, hk, 128, lens, sweep=(), baselines=False, fp8=True)
+
+
+def small_ops() -> None:
+    """At a decode step (T = 64 tokens) and a prefill step (T = 8192-16384), LLaVA-7B sizes, bf16."""
     k = kernels.get()
     dt = torch.bfloat16
-    hk, d = 32, 128
+    hq, hk, d, H, inter = 32, 32, 128, 4096, 11008
+    cache = ops.build_cos_sin_cache(d, 4096, 1e4, device="cuda")
     for T in (64, 16384):
         key = torch.randn(T, hk, d, device="cuda", dtype=dt)
         val = torch.randn_like(key)
@@ -143,7 +175,18 @@ def small_ops():
         row("reshape_and_cache", f"csrc T={T}", timeit(lambda: k.reshape_and_cache(key, val, kc, vc, slots)), nbytes)
         row("reshape_and_cache", f"torch ref T={T}",
             timeit(lambda: ops.reshape_and_cache_ref(key, val, kc, vc, slots)), nbytes)
-    H = 4096
+        # the decoder's layout: q, k, v are column slices of the fused qkv projection's output
+        qkv = torch.randn(T, (hq + 2 * hk) * d, device="cuda", dtype=dt)
+        q, kk, vv = qkv[:, :hq * d], qkv[:, hq * d:(hq + hk) * d].view(T, hk, d), qkv[:, (hq + hk) * d:].view(T, hk, d)
+        pos = torch.randint(0, 4096, (T,), device="cuda")
+        nbytes = 2 * (q.numel() + kk.numel()) * 2 + 3 * vv.numel() * 2   # q, k rotated in place; v read; k, v cached
+        row("rotary + cache write", f"csrc fused T={T}",
+            timeit(lambda: k.rotary_embedding_and_cache(pos, q, kk, vv, kc, vc, slots, d, cache, True)), nbytes)
+        row("rotary + cache write", f"csrc rotary, then cache T={T}",
+            timeit(lambda: (k.rotary_embedding(pos, q, kk, d, cache, True),
+                            k.reshape_and_cache(kk, vv, kc, vc, slots))), nbytes)
+        row("rotary + cache write", f"torch ref T={T}",
+            timeit(lambda: ops.rotary_embedding_and_cache_ref(pos, q, kk, vv, kc, vc, slots, d, cache, True)), nbytes)
     w = torch.randn(H, device="cuda", dtype=dt)
     for T in (64, 8192):
         x = torch.randn(T, H, device="cuda", dtype=dt)
@@ -154,31 +197,27 @@ def small_ops():
         row("fused_add_rms_norm", f"csrc T={T}", timeit(lambda: k.fused_add_rms_norm(x, r, w, 1e-6)), 4 * nb)
         row("fused_add_rms_norm", f"torch ref T={T}", timeit(lambda: ops.fused_add_rms_norm_ref(x, r, w, 1e-6)),
             4 * nb)
-    T, hq = 8192, 32
-    cache = ops.build_cos_sin_cache(d, 4096, 1e4, device="cuda")
-    pos = torch.randint(0, 4096, (T,), device="cuda")
-    q = torch.randn(T, hq * d, device="cuda", dtype=dt)
-    kk = torch.randn(T, hk * d, device="cuda", dtype=dt)
-    nb = 2 * (q.numel() + kk.numel()) * 2
-    row("rotary_embedding", f"csrc T={T}", timeit(lambda: k.rotary_embedding(pos, q, kk, d, cache, True)), nb)
-    row("rotary_embedding", f"torch ref T={T}",
-        timeit(lambda: ops.rotary_embedding_ref(pos, q, kk, d, cache, True)), nb)
-    inter = 11008
-    x = torch.randn(T, 2 * inter, device="cuda", dtype=dt)
-    nb = x.numel() * 2 * 3 // 2
-    row("silu_and_mul", f"csrc T={T} I={inter}", timeit(lambda: k.silu_and_mul(x)), nb)
-    row("silu_and_mul", f"torch ref T={T} I={inter}", timeit(lambda: ops.silu_and_mul_ref(x)), nb)
+        # fp8 linear inputs: e4m3 + one scale per row written instead of the 16-bit row
+        row("fp8 quantize", f"per_token_quant_fp8 T={T}", timeit(lambda: k.per_token_quant_fp8(x)), 3 * nb // 2)
+        row("fp8 quantize", f"rms_norm_quant_fp8 T={T}", timeit(lambda: k.rms_norm_quant_fp8(x, w, 1e-6)), 3 * nb // 2)
+        row("fp8 quantize", f"fused_add_rms_norm_quant_fp8 T={T}",
+            timeit(lambda: k.fused_add_rms_norm_quant_fp8(x, r, w, 1e-6)), 7 * nb // 2)
+        g = torch.randn(T, 2 * inter, device="cuda", dtype=dt)
+        nb = g.numel() * 2
+        row("silu_and_mul", f"csrc T={T} I={inter}", timeit(lambda: k.silu_and_mul(g)), nb * 3 // 2)
+        row("silu_and_mul", f"torch ref T={T} I={inter}", timeit(lambda: ops.silu_and_mul_ref(g)), nb * 3 // 2)
+        row("fp8 quantize", f"silu_and_mul_quant_fp8 T={T} I={inter}", timeit(lambda: k.silu_and_mul_quant_fp8(g)),
+            nb * 5 // 4)
 
 
-def prefill_attention():
+def prefill_attention() -> None:
     from modelyard.engine.attention.flash import probe_varlen
-    impls = probe_varlen()[0]
     S, L, h, d = 8, 650, 32, 128
     q = torch.randn(S * L, h, d, device="cuda", dtype=torch.bfloat16)
     kk, vv = torch.randn_like(q), torch.randn_like(q)
     cu = torch.arange(0, S * L + 1, L, dtype=torch.int32, device="cuda")
     flops = 4 * S * L * L * h * d / 2  # causal
-    for impl in impls:
+    for impl in probe_varlen()[0]:
         ms = timeit(lambda: impl(q, kk, vv, cu, cu, L, L, d ** -0.5))
         row("prefill 8x650 H32 D128", f"varlen {impl.name}", ms, None, tflops=f"{flops / ms / 1e9:.0f}")
     qb, kb, vb = (t.view(S, L, h, d).transpose(1, 2) for t in (q, kk, vv))
@@ -192,9 +231,12 @@ def prefill_attention():
     row("prefill 8x650 H32 D128", "torch SDPA per-sequence loop", ms, None, tflops=f"{flops / ms / 1e9:.0f}")
 
 
-def gemms():
+def fp8_gemms() -> None:
     """The LLaVA-7B decoder projections: bf16 matmul against the fp8 path (csrc per-token quantizer +
     torch._scaled_mm row-wise), at a prefill step (16k tokens) and decode batches 64 and 256."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        print("fp8: skipped (needs compute capability 8.9+)", flush=True)
+        return
     from modelyard.engine.quant import fp8_linear
     k = kernels.get()
     for K, N, name in ((4096, 12288, "qkv"), (4096, 4096, "o"), (4096, 22016, "gate_up"), (11008, 4096, "down")):
@@ -214,87 +256,12 @@ def gemms():
             ms = timeit(lambda: torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws, out_dtype=torch.bfloat16))
             row(f"gemm {name} {K}->{N}", f"fp8 scaled_mm only M={M}", ms, N * K + M * K + 2 * M * N,
                 tflops=f"{flops / ms / 1e9:.0f}")
-            if M == 16384:
-                row(f"gemm {name} {K}->{N}", f"per_token_quant_fp8 M={M}", timeit(lambda: k.per_token_quant_fp8(x)),
-                    3 * M * K)
-
-
-def _wide_best(k, x, ws, copies: int, top: int = 16) -> tuple[float, list[int], int]:
-    """The fastest of cuBLASLt's wide candidate list (lt_gemm_algos(wide=True): the heuristic's list
-    and its neighbours in split-k, tile and stages): every candidate screened by its GPU time (calls
-    queued behind a sleep, so launch overhead stays hidden), the `top` best re-timed as CUDA graphs."""
-    from modelyard.engine.gemm import _graph_us
-    algos, info = k.lt_gemm_algos(x, ws[0], None, None, None, torch.bfloat16, 4096, True)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    screened = []
-    for i, a in enumerate(algos.clone()):
-        for timed in (False, True):                 # a warm-up pass first (lazy initialisation)
-            torch.cuda._sleep(400_000)
-            start.record()
-            for w in ws:
-                k.lt_gemm(x, w, None, None, None, torch.bfloat16, a)
-            end.record()
-        end.synchronize()
-        screened.append((start.elapsed_time(end), i))
-    best = min((_graph_us(lambda a=algos[i].clone(): [k.lt_gemm(x, w, None, None, None, torch.bfloat16, a)
-                                                      for w in ws], copies), i) for _, i in sorted(screened)[:top])
-    return best[0], info[best[1]].tolist(), algos.shape[0]
-
-
-def decode_gemms() -> None:
-    """Decode-step GEMMs at M = 1..256: F.linear (cuBLAS's default) against every cuBLASLt
-    heuristic candidate (csrc lt_gemm), the best of the wide candidate list (_wide_best) and, at
-    M <= 64, every skinny_gemm (config, split_k), each timed as
-    engine/gemm.py tunes them (several weight copies in turn, so L2 holds none, replayed as a CUDA
-    graph); and the row-scaled e4m3 GEMM both ways."""
-    from modelyard.engine.gemm import _graph_us
-    k = kernels.get()
-    skinny = k.skinny_gemm_configs().tolist()
-    for K, N, name in ((4096, 12288, "qkv"), (4096, 4096, "o"), (4096, 22016, "gate_up"), (11008, 4096, "down"),
-                       (4096, 32064, "lm_head")):
-        copies = max(4, int(1.5e9 // (N * K * 2)))
-        ws = [(torch.randn(N, K, device="cuda") * K ** -0.5).to(torch.bfloat16) for _ in range(copies)]
-        wq = [(q, s.view(-1)) for q, s in (k.per_token_quant_fp8(w) for w in ws)]
-        for M in (1, 16, 32, 64, 128, 256):
-            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-            us = _graph_us(lambda: [F.linear(x, w) for w in ws], copies)
-            row(f"decode gemm {name} {K}->{N}", f"bf16 F.linear M={M}", us / 1e3, N * K * 2)
-            algos, info = k.lt_gemm_algos(x, ws[0], None, None, None, torch.bfloat16, 8)
-            best = min((_graph_us(lambda a=a: [k.lt_gemm(x, w, None, None, None, torch.bfloat16, a) for w in ws],
-                                  copies), i) for i, a in enumerate(algos.clone()))
-            row(f"decode gemm {name} {K}->{N}", f"bf16 best of {algos.shape[0]} cuBLASLt M={M}", best[0] / 1e3,
-                N * K * 2, algo=info[best[1]].tolist())
-            us, algo, listed = _wide_best(k, x, ws, copies)
-            row(f"decode gemm {name} {K}->{N}", f"bf16 best of {listed} wide cuBLASLt M={M}", us / 1e3, N * K * 2,
-                algo=algo)
-            for kind, label in ((0, "skinny_gemm mma.sync"), (1, "skinny_gemm TMA"), (2, "skinny_gemm TMA pair"),
-                                (3, "skinny_gemm TMA x-shared")):
-                runs = [(_graph_us(lambda c=c, s=s: [k.skinny_gemm(x, w, None, c, s) for w in ws], copies), c, bn, s)
-                        for c, (bn, _, max_m, max_split, kd, _) in enumerate(skinny) if kd == kind and M <= max_m
-                        for s in range(1, max_split + 1)]
-                if runs:
-                    us, c, bn, s = min(runs)
-                    row(f"decode gemm {name} {K}->{N}", f"bf16 best of {len(runs)} {label} M={M}", us / 1e3,
-                        N * K * 2, config=f"block_n={bn} split_k={s}")
-            xq, xs = k.per_token_quant_fp8(x)
-            us = _graph_us(lambda: [torch._scaled_mm(xq, q.t(), scale_a=xs, scale_b=s.view(1, -1),
-                                                     out_dtype=torch.bfloat16) for q, s in wq], copies)
-            row(f"decode gemm {name} {K}->{N}", f"fp8 _scaled_mm M={M}", us / 1e3, N * K)
-            algos, _ = k.lt_gemm_algos(xq, wq[0][0], None, xs.view(-1), wq[0][1], torch.bfloat16, 8)
-            best = min(_graph_us(lambda a=a: [k.lt_gemm(xq, q, None, xs.view(-1), s, torch.bfloat16, a) for q, s in wq],
-                                 copies) for a in algos.clone())
-            row(f"decode gemm {name} {K}->{N}", f"fp8 best of {algos.shape[0]} cuBLASLt M={M}", best / 1e3, N * K)
-        del ws, wq
-        torch.cuda.empty_cache()
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--json", default=None)
-    ap.add_argument("--decode-only", action="store_true", help="only the decode attention cases")
-    ap.add_argument("--gemm-only", action="store_true", help="only the bf16 / fp8 projection GEMMs")
-    ap.add_argument("--decode-gemms", action="store_true",
-                    help="only the decode-step GEMMs: F.linear / _scaled_mm against cuBLASLt's and skinny_gemm's candidates")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="+", choices=GROUPS, default=list(GROUPS), help="groups to run (default: all)")
+    ap.add_argument("--json", default=None, help="also write every row, the device and the versions here")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
@@ -304,38 +271,14 @@ def main() -> int:
     print(json.dumps(env), flush=True)
     kernels.get()
     copy = copy_bandwidth()
-    if args.decode_gemms:
-        decode_gemms()
-    elif args.gemm_only:
-        gemms()
-    else:
-        attention_and_small_ops(args.decode_only)
+    runs = {"decode": decode_cases, "small": small_ops, "prefill": prefill_attention, "fp8": fp8_gemms}
+    for group in GROUPS:
+        if group in args.only:
+            runs[group]()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(env=env, copy_gb_s=copy, rows=ROWS), f, indent=1)
     return 0
-
-
-def attention_and_small_ops(quick: bool) -> None:
-    gen = torch.Generator().manual_seed(0)
-    lens650 = torch.randint(600, 701, (64,), generator=gen).tolist()
-    lens256 = torch.randint(600, 701, (256,), generator=gen).tolist()
-    decode_attention("LLaVA-7B S64 H32/32 D128 ~650", 64, 32, 32, 128, lens650, baselines=not quick,
-                     sweep=() if quick else (1, 2, 4, 8))
-    decode_attention("LLaVA-7B S256 H32/32 D128 ~650", 256, 32, 32, 128, lens256, sweep=(), baselines=False)
-    decode_attention("LLaVA-7B S64 H32/32 D128 ctx 32", 64, 32, 32, 128, [32] * 64, sweep=(), baselines=False)
-    decode_attention("Qwen2-VL-7B S64 H28/4 D128 ~650", 64, 28, 4, 128, lens650, baselines=not quick,
-                     sweep=() if quick else (1, 2, 4, 8))
-    decode_attention("S8 H32/8 D128 ctx 8192", 8, 32, 8, 128, [8192] * 8, sweep=(1, 4, 8, 16), baselines=not quick)
-    decode_attention("S1 H32/32 D128 ctx 650", 1, 32, 32, 128, [650], sweep=(1, 4, 8), baselines=False)
-    for label, S, hq, hk, lens in (("LLaVA-7B S64 H32/32 D128 ~650", 64, 32, 32, lens650),
-                                   ("LLaVA-7B S256 H32/32 D128 ~650", 256, 32, 32, lens256),
-                                   ("Qwen2-VL-7B S64 H28/4 D128 ~650", 64, 28, 4, lens650),
-                                   ("S8 H32/8 D128 ctx 8192", 8, 32, 8, [8192] * 8)):
-        decode_attention(label, S, hq, hk, 128, lens, sweep=(), baselines=False, fp8=True)
-    if not quick:
-        small_ops()
-        prefill_attention()
 
 
 if __name__ == "__main__":
