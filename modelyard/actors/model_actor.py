@@ -1,9 +1,12 @@
 """ModelActor: one Engine in one process, stepped in a background thread while calls keep arriving.
 
 Used as a Ray async actor (`ray.remote(ModelActor)`, created by lifecycle.py). Requests from every caller
-join the same continuous batch: `generate()` coroutines wait for a FIFO slot, hand the request to
-the stepping thread through an inbox, and await their Output. The engine is touched only by that
-thread (it is not thread-safe); the event loop stays free to accept calls while a step computes.
+join the same continuous batch: `generate()` coroutines wait for a FIFO slot, have their image
+decoded and preprocessed on a thread pool (Engine.prepare; sized from the actor's CPUs), hand the
+request to the stepping thread through an inbox, and await their Output. So decoding runs beside
+the engine's steps, ahead of it by at most what the caller keeps in flight. The engine's state is
+touched only by the stepping thread (it is not thread-safe); the event loop stays free to accept
+calls while a step computes.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import os
 import threading
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 
 from ..engine import EngineConfig, Output, Request, SamplingParams
 from .errors import EngineFailed
@@ -36,7 +40,8 @@ class ModelActor:
         self._engine_stats: dict = {}
         self._failed: BaseException | None = None
         self._cv = threading.Condition()
-        self._inbox: list[tuple[Request, asyncio.Future]] = []
+        self._inbox: list[tuple[Request, object, asyncio.Future]] = []   # (request, prepared or None, future)
+        self._prep_pool = ThreadPoolExecutor(prep_workers(), thread_name_prefix="modelyard-prep")
         self._stop = False
         self._active_ids: set[str] = set()
         self._counts = {"submitted": 0, "completed": 0, "errors": 0}
@@ -92,10 +97,16 @@ class ModelActor:
             await self._limiter.acquire()
             fut = self._loop.create_future()
             wait_s = time.perf_counter() - t_arrive
+            prepared = None
+            if hasattr(self._engine, "prepare"):
+                try:
+                    prepared = await self._loop.run_in_executor(self._prep_pool, self._engine.prepare, req)
+                except Exception as e:  # the step thread turns it into this request's error Output
+                    prepared = e
             with self._cv:
                 failed = self._failed  # set (under this lock) before the stepping thread exits
                 if failed is None:
-                    self._inbox.append((req, fut))
+                    self._inbox.append((req, prepared, fut))
                     self._cv.notify()
             if failed is not None:
                 self._limiter.release()
@@ -127,9 +138,14 @@ class ModelActor:
                     if self._stop:
                         break
                     new, self._inbox = self._inbox, []
-                for req, fut in new:
+                for req, prepared, fut in new:
                     try:
-                        eng.add_request(req)
+                        if isinstance(prepared, Exception):
+                            raise prepared
+                        if prepared is None:
+                            eng.add_request(req)
+                        else:
+                            eng.add_prepared(req, prepared)
                         pending[req.request_id] = fut
                     except Exception as e:  # rejected at admission: this request's error, not the engine's
                         self._deliver(fut, Output(req.request_id, finish_reason="error",
@@ -154,7 +170,7 @@ class ModelActor:
     def _fail_all(self, pending: dict, err: BaseException) -> None:
         with self._cv:
             self._failed = err
-            futs = list(pending.values()) + [fut for _, fut in self._inbox]
+            futs = list(pending.values()) + [fut for _, _, fut in self._inbox]
             self._inbox = []
         pending.clear()
         for fut in futs:
@@ -197,6 +213,16 @@ def remote_actor_class():
     """ModelActor as a Ray actor class (made once per process; Ray exports it on first use)."""
     import ray
     return ray.remote(ModelActor)
+
+
+def prep_workers() -> int:
+    """Threads that decode and preprocess images: the CPUs this process may use, at least 2 (PIL's
+    decoding and resizing release the GIL), at most 8."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 2
+    return max(2, min(8, cpus))
 
 
 def _fail(fut: asyncio.Future, err: BaseException, limiter: FifoLimiter) -> None:

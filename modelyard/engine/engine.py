@@ -68,6 +68,7 @@ class Engine:
         self._prep_workers = _PREP_WORKERS if runner.device.type == "cuda" else 0
         self._pixel_dtype = config.resolved_dtype()
         self._pin_pixels = runner.device.type == "cuda"
+        self._max_running = 0    # the most sequences one step ran: did the engine get a full batch?
         self._step_time = {"prefill": 0.0, "decode": 0.0}
         self._step_count = {"prefill": 0, "decode": 0}
         self._step_tokens = {"prefill": 0, "decode": 0}
@@ -87,6 +88,18 @@ class Engine:
         self._check_request(req)
         arrival = time.monotonic()
         return self._admit(req, *self._process_or_error(req), arrival)
+
+    def prepare(self, req: Request) -> tuple:
+        """Decode and preprocess a request's inputs. Thread-safe, so a host (the model actor) runs it
+        on a pool, ahead of admission, while the engine steps; a bad input becomes that request's
+        error when admitted. Pass the result to add_prepared() on the engine's own thread."""
+        return self._process_or_error(req)
+
+    def add_prepared(self, req: Request, prepared: tuple) -> str:
+        """add_request() for a request whose inputs prepare() already processed."""
+        self._check_open()
+        self._check_request(req)
+        return self._admit(req, *prepared, time.monotonic())
 
     def _process_or_error(self, req: Request) -> tuple[ProcessedInputs | None, str | None]:
         """Thread-safe: touches only the request and the (read-only) processor."""
@@ -131,6 +144,7 @@ class Engine:
                                f"{self.scheduler.block_manager.num_free_blocks} free blocks")
         for seq_id in out.preempted:
             self.runner.release(seq_id)
+        self._max_running = max(self._max_running, len(self.scheduler.running))
         now = time.monotonic()
         out = self._encode_new_images(out, outputs)
         for span in out.seqs:
@@ -209,6 +223,7 @@ class Engine:
             "kv_blocks_total": bm.num_blocks, "kv_blocks_used": bm.num_used_blocks,
             "block_size": bm.block_size, "kv_bytes": self.kv_cache.nbytes, "kv_sizing": self.kv_sizing,
             "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+            "max_batch_size": self.config.max_batch_size, "max_running_seen": self._max_running,
             "preemptions": self.scheduler.num_preemptions, "weights_bytes": self.weights_bytes,
             "load_seconds": self.load_seconds, "kv_alloc_seconds": self.kv_alloc_seconds,
             "num_requests_finished": self._num_finished, "max_model_len": self.max_model_len,

@@ -85,7 +85,8 @@ def model_stats(results: pd.DataFrame, models: Sequence[str], summary: Mapping |
                "mean_new_tokens": float(ok["num_generated_tokens"].mean()) if len(ok) else 0.0,
                "mean_latency_s": float(ok["latency_s"].mean()) if len(ok) else 0.0}
         s = (summary or {}).get(m) or {}
-        for k in ("images_per_s", "load_s", "peak_vram_bytes", "reclaim_residual_bytes", "restarts"):
+        for k in ("images_per_s", "output_tokens_per_s", "max_running_seen", "mean_batch", "busy_fraction",
+                  "load_s", "peak_vram_bytes", "reclaim_residual_bytes", "restarts"):
             if k in s:
                 row[k] = s[k]
         rows.append(row)

@@ -24,6 +24,11 @@ class ModelStats:
     unload_s: float = 0.0
     restarts: int = 0
     replicas: int = 0
+    output_tokens: int = 0         # generated tokens of this run's rows
+    max_running_seen: int = 0      # the most sequences one engine step ran (a full batch?)
+    decode_steps: int = 0          # over every replica's engine
+    decode_tokens: int = 0
+    engine_busy_s: float = 0.0     # time the engines spent in steps
     not_loaded: bool = False       # every key was done already: no actor was spawned
     load_error: str | None = None  # why the model could not load (or be planned)
     load_error_permanent: bool = False   # a rerun cannot fix it; fix the cause, then --retry-errors
@@ -34,9 +39,22 @@ class ModelStats:
             return 0.0
         return self.rows / (self.last_result - self.first_submit)
 
+    def active_s(self) -> float:
+        if self.first_submit is None or self.last_result is None:
+            return 0.0
+        return max(self.last_result - self.first_submit, 0.0)
+
     def as_dict(self) -> dict:
+        active = self.active_s()
         return {"rows": self.rows, "errors": self.errors, "skipped_done": self.skipped,
                 "images_per_s": round(self.images_per_s(), 3), "load_s": round(self.load_s, 3),
+                "output_tokens_per_s": round(self.output_tokens / active, 2) if active else 0.0,
+                "mean_new_tokens": round(self.output_tokens / max(self.rows - self.errors, 1), 2),
+                "max_running_seen": self.max_running_seen,
+                "mean_batch": round(self.decode_tokens / self.decode_steps, 2) if self.decode_steps else None,
+                # share of the time this model worked (first request to last row) its engines spent in
+                # steps, summed over replicas: near 1 per replica when decoding never waits for input
+                "busy_fraction": round(self.engine_busy_s / active, 3) if active else None,
                 "peak_vram_bytes": self.peak_vram_bytes, "reclaim_residual_bytes": self.reclaim_residual_bytes,
                 "reclaimed_bytes": self.reclaimed_bytes, "unload_s": round(self.unload_s, 3),
                 "restarts": self.restarts, "replicas": self.replicas, "not_loaded": self.not_loaded,
@@ -87,10 +105,11 @@ class Progress:
             s.first_submit = time.perf_counter()
             self._bar(model)
 
-    def result(self, model: str, error: bool) -> None:
+    def result(self, model: str, error: bool, new_tokens: int = 0) -> None:
         s = self.stats[model]
         s.rows += 1
         s.errors += int(error)
+        s.output_tokens += int(new_tokens or 0)
         s.last_result = time.perf_counter()
         bar = self._bar(model)
         if bar is not None:
@@ -123,8 +142,14 @@ class Progress:
         s.peak_vram_bytes = max(s.peak_vram_bytes, _peak_vram(info, None))
 
     def engine_stats(self, model: str, stats: dict | None) -> None:
+        """A replica's engine stats at its unload (counters over its life)."""
         s = self.stats[model]
+        stats = stats or {}
         s.peak_vram_bytes = max(s.peak_vram_bytes, _peak_vram(None, stats))
+        s.max_running_seen = max(s.max_running_seen, int(stats.get("max_running_seen") or 0))
+        s.decode_steps += int(stats.get("decode_steps") or 0)
+        s.decode_tokens += int(stats.get("decode_tokens") or 0)
+        s.engine_busy_s += float(stats.get("prefill_seconds") or 0.0) + float(stats.get("decode_seconds") or 0.0)
 
     def unloaded(self, model: str, result: dict) -> None:
         s = self.stats[model]
@@ -166,14 +191,20 @@ def _all_done(rows: int) -> str:
 
 
 def format_summary(summary: dict[str, dict]) -> str:
-    head = f"{'model':<20} {'rows':>6} {'errors':>6} {'img/s':>8} {'load s':>7} {'peak VRAM':>10} {'residual':>9} {'restarts':>8}"
+    """The end-of-job table: per model rows, errors, images/s, output tokens/s, the most sequences
+    one engine step ran (batch), the engines' busy share of the model's time, load, memory."""
+    head = (f"{'model':<20} {'rows':>6} {'errors':>6} {'img/s':>8} {'tok/s':>8} {'batch':>5} {'busy':>5} "
+            f"{'load s':>7} {'peak VRAM':>10} {'residual':>9} {'restarts':>8}")
     lines = [head, "-" * len(head)]
     # a note every model shares (e.g. CPU actors: no VRAM to verify) is said once, under the table
     shared = set.intersection(*(set(s.get("notes") or ()) for s in summary.values())) if len(summary) > 1 else set()
     for m, s in summary.items():
         res = s.get("reclaim_residual_bytes")
         peak = f"{s['peak_vram_bytes'] / MIB:.0f} MiB" if s["peak_vram_bytes"] else "-"
-        lines.append(f"{m:<20} {s['rows']:>6} {s['errors']:>6} {s['images_per_s']:>8.2f} {s['load_s']:>7.2f} "
+        busy = s.get("busy_fraction")
+        lines.append(f"{m:<20} {s['rows']:>6} {s['errors']:>6} {s['images_per_s']:>8.2f} "
+                     f"{s.get('output_tokens_per_s', 0.0):>8.1f} {s.get('max_running_seen') or '-':>5} "
+                     f"{'-' if busy is None else f'{busy:.0%}':>5} {s['load_s']:>7.2f} "
                      f"{peak:>10} {'-' if res is None else f'{res / MIB:.0f} MiB':>9} {s['restarts']:>8}")
         if s.get("not_loaded"):
             lines.append(f"{'':<20} {_all_done(s['skipped_done'] + s['rows'])}")

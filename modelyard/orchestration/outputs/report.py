@@ -62,7 +62,9 @@ def _fmt(v: float) -> str:
 
 _STAT_NAMES = {"rows": "rows", "captions": "captions", "errors": "errors", "mean_words": "mean words",
                "mean_new_tokens": "mean new tokens", "mean_latency_s": "mean latency (s)",
-               "images_per_s": "images/s", "load_s": "load (s)", "peak_vram_bytes": "peak VRAM (MiB)",
+               "images_per_s": "images/s", "output_tokens_per_s": "output tokens/s",
+               "max_running_seen": "most sequences in a step", "mean_batch": "mean decode batch",
+               "busy_fraction": "engine busy", "load_s": "load (s)", "peak_vram_bytes": "peak VRAM (MiB)",
                "reclaim_residual_bytes": "reclaim residual (MiB)", "restarts": "restarts"}
 
 
@@ -74,7 +76,9 @@ def _stat_cell(col: str, v) -> str:
     if col.endswith("_bytes"):
         return "–" if (col == "peak_vram_bytes" and not v) else f"{v / (1 << 20):,.1f}"
     if isinstance(v, float):
-        return f"{v:,.2f}" if col in ("images_per_s", "load_s") else f"{v:.3f}"
+        if col == "busy_fraction":
+            return f"{v:.0%}"
+        return f"{v:,.2f}" if col in ("images_per_s", "load_s", "output_tokens_per_s", "mean_batch") else f"{v:.3f}"
     return _e(v)
 
 

@@ -174,7 +174,7 @@ class WaveRunner:
 
     def _write(self, row: dict) -> None:
         self._store.add(row)
-        self._progress.result(row["model"], row.get("finish_reason") == "error")
+        self._progress.result(row["model"], row.get("finish_reason") == "error", row.get("num_generated_tokens", 0))
 
     def _collect(self, ref) -> None:
         from ...actors import ActorDied, EngineFailed
