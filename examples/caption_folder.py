@@ -10,6 +10,7 @@ interrupt and rerun to resume. Same as:
 
     modelyard caption llava-hf/llava-1.5-7b-hf PHOTOS_DIR --out runs/caption
 """
+
 import argparse
 
 import pandas as pd
@@ -25,11 +26,11 @@ args = ap.parse_args()
 
 job = JobSpec(
     models=(ModelSpec(name="captioner", path=args.model),),
-    inputs=InputSpec(directory=args.images),           # walked recursively; ids are relative paths
+    inputs=InputSpec(directory=args.images),  # walked recursively; ids are relative paths
     prompts=(PromptSpec("caption", "Write a one-sentence caption for this image."),),
     sampling=SamplingParams(max_new_tokens=48),
     output_dir=args.out,
-    report=False,                                      # one model: no comparison to draw
+    report=False,  # one model: no comparison to draw
 )
 result = run_job(job)
 df = pd.read_parquet(result.results_path)

@@ -16,6 +16,7 @@ compare_sequential.py): `--model llava=/tmp/llava-tiny --model qwen=/tmp/qwen-ti
 
     modelyard compare --model ... --model ... --model ... PHOTOS_DIR --mode parallel
 """
+
 import argparse
 
 from modelyard.engine import SamplingParams
@@ -24,9 +25,13 @@ from modelyard.orchestration import InputSpec, JobSpec, ModelSpec, PromptSpec, r
 DEFAULT_MODELS = (
     ModelSpec("llava-1.5-7b", "llava-hf/llava-1.5-7b-hf", engine={"max_batch_size": 32}),
     ModelSpec("bakllava", "llava-hf/bakLlava-v1-hf", engine={"max_batch_size": 32}),
-    ModelSpec("interleave-qwen-0.5b", "llava-hf/llava-interleave-qwen-0.5b-hf", replicas=2,
-              # models phrase instructions differently: a per-model prompt override
-              prompt={"short": "Give a short caption (under ten words)."}),
+    ModelSpec(
+        "interleave-qwen-0.5b",
+        "llava-hf/llava-interleave-qwen-0.5b-hf",
+        replicas=2,
+        # models phrase instructions differently: a per-model prompt override
+        prompt={"short": "Give a short caption (under ten words)."},
+    ),
 )
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -40,11 +45,13 @@ models = tuple(ModelSpec(*m.split("=", 1)) for m in args.model) if args.model el
 job = JobSpec(
     models=models,
     inputs=InputSpec(directory=args.images),
-    prompts=(PromptSpec("describe", "Describe the image."),
-             PromptSpec("short", "Caption this image in at most ten words.")),
+    prompts=(
+        PromptSpec("describe", "Describe the image."),
+        PromptSpec("short", "Caption this image in at most ten words."),
+    ),
     sampling=SamplingParams(max_new_tokens=64),
     output_dir=args.out,
-    mode="parallel",            # "auto": parallel waves of what fits, sequential between waves
+    mode="parallel",  # "auto": parallel waves of what fits, sequential between waves
     max_in_flight=16,
 )
 result = run_job(job, address=args.address)

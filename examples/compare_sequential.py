@@ -17,6 +17,7 @@ Same as:
     modelyard compare --model llava-hf/llava-1.5-7b-hf --model llava-hf/bakLlava-v1-hf \\
         --model llava-hf/llava-interleave-qwen-0.5b-hf PHOTOS_DIR --mode sequential
 """
+
 import argparse
 
 from modelyard.engine import SamplingParams
@@ -38,8 +39,10 @@ models = dict(m.split("=", 1) for m in args.model) if args.model else MODELS
 job = JobSpec(
     models=tuple(ModelSpec(name, path) for name, path in models.items()),
     inputs=InputSpec(directory=args.images),
-    prompts=(PromptSpec("describe", "Describe the image."),
-             PromptSpec("short", "Caption this image in at most ten words.")),
+    prompts=(
+        PromptSpec("describe", "Describe the image."),
+        PromptSpec("short", "Caption this image in at most ten words."),
+    ),
     sampling=SamplingParams(max_new_tokens=64),
     output_dir=args.out,
     mode="sequential",

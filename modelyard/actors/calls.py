@@ -1,15 +1,17 @@
 """Collecting actor call results on the driver: bounded in-flight windows over ray.wait (never a
 ray.get per ref in a loop), and actor death turned into ActorDied naming what did not complete."""
+
 from __future__ import annotations
 
 import asyncio
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from .errors import ActorDied
 
 
 def _death_types():
     from ray.exceptions import RayActorError  # ActorDiedError, ActorUnavailableError, ...
+
     return RayActorError
 
 
@@ -41,13 +43,12 @@ def get_outputs(name: str, refs: list, ids: list[str], timeout: float | None) ->
         raise ActorDied(name, unfinished, completed, e) from e
 
 
-def iter_outputs(name: str, items: list, ids: list[str], submit: Callable, window: int
-                 ) -> Iterator[tuple[int, object]]:
+def iter_outputs(name: str, items: list, ids: list[str], submit: Callable, window: int) -> Iterator[tuple[int, object]]:
     """Yield (index, output) as calls finish; at most `window` calls outstanding."""
     import ray
 
-    pending: dict = {}     # ObjectRef -> index
-    completed: dict = {}   # request id -> output
+    pending: dict = {}  # ObjectRef -> index
+    completed: dict = {}  # request id -> output
     nxt = 0
     try:
         while nxt < len(items) or pending:
@@ -72,7 +73,7 @@ def iter_outputs(name: str, items: list, ids: list[str], submit: Callable, windo
 
 async def aiter_outputs(name: str, items: list, ids: list[str], submit: Callable, window: int):
     """Async form of iter_outputs: awaits object refs on the running event loop."""
-    pending: dict = {}     # asyncio future -> index
+    pending: dict = {}  # asyncio future -> index
     completed: dict = {}
     nxt = 0
     try:

@@ -1,4 +1,5 @@
 """Errors raised by model actors and their handles."""
+
 from __future__ import annotations
 
 
@@ -10,8 +11,9 @@ class ActorDied(RuntimeError):
     death, so a caller loses no finished work. The handle can `respawn()` afterwards.
     """
 
-    def __init__(self, name: str, request_ids: list[str], completed: dict | None = None,
-                 cause: BaseException | None = None):
+    def __init__(
+        self, name: str, request_ids: list[str], completed: dict | None = None, cause: BaseException | None = None
+    ):
         self.name = name
         self.request_ids = list(request_ids)
         self.completed = dict(completed or {})
@@ -19,7 +21,8 @@ class ActorDied(RuntimeError):
         shown = ", ".join(self.request_ids[:8]) + (" ..." if len(self.request_ids) > 8 else "")
         super().__init__(
             f"model actor {name!r} died; {len(self.request_ids)} request(s) did not complete: [{shown}]"
-            + (f" ({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})" if cause else ""))
+            + (f" ({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})" if cause else "")
+        )
 
     def __reduce__(self):
         return (ActorDied, (self.name, self.request_ids, self.completed, None))
@@ -35,7 +38,8 @@ class UnloadError(RuntimeError):
         super().__init__(
             f"unload of {name!r}: not verified after {result.get('seconds', 0.0):.2f}s: "
             f"residual {mib('residual_bytes')} over baseline, reclaimed {mib('reclaimed_bytes')}, "
-            f"actor process still present: {result.get('process_still_listed')}; {result.get('note', '')}")
+            f"actor process still present: {result.get('process_still_listed')}; {result.get('note', '')}"
+        )
 
 
 class EngineFailed(RuntimeError):
@@ -43,8 +47,17 @@ class EngineFailed(RuntimeError):
 
 
 # Failures a rerun of the same job cannot fix: the checkpoint, the install or an option is wrong.
-_PERMANENT = (ImportError, LookupError, ValueError, TypeError, NotImplementedError, FileNotFoundError,
-              NotADirectoryError, IsADirectoryError, PermissionError)
+_PERMANENT = (
+    ImportError,
+    LookupError,
+    ValueError,
+    TypeError,
+    NotImplementedError,
+    FileNotFoundError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+)
 _PERMANENT_NAMES = {"SafetensorError", "HeaderTooLarge", "HeaderTooSmall", "InvalidHeader"}
 
 

@@ -5,6 +5,7 @@ GPUs without holding any memory on them.
 Where there is no GPU or no NVML, `NvmlSession.open()` says so in `.reason` and callers fall back
 to waiting for the process to exit.
 """
+
 from __future__ import annotations
 
 import time
@@ -45,7 +46,7 @@ class NvmlSession:
         self.reason = reason
 
     @classmethod
-    def open(cls) -> "NvmlSession":
+    def open(cls) -> NvmlSession:
         try:
             import pynvml
         except ImportError:
@@ -102,9 +103,15 @@ class NvmlSession:
             index = int(nv.nvmlDeviceGetIndex(h))
         except Exception:  # MIG handles have no index
             index = -1
-        return DeviceSnapshot(uuid=_s(nv.nvmlDeviceGetUUID(h)), index=index, total_bytes=int(mem.total),
-                              used_bytes=int(mem.used), free_bytes=int(mem.free), processes=procs,
-                              taken_at=time.monotonic())
+        return DeviceSnapshot(
+            uuid=_s(nv.nvmlDeviceGetUUID(h)),
+            index=index,
+            total_bytes=int(mem.total),
+            used_bytes=int(mem.used),
+            free_bytes=int(mem.free),
+            processes=procs,
+            taken_at=time.monotonic(),
+        )
 
     def snapshot_all(self) -> dict[str, DeviceSnapshot]:
         snaps = (self.snapshot(i) for i in range(self.device_count()))
@@ -148,8 +155,7 @@ def identify_process(baseline: DeviceSnapshot, loaded: DeviceSnapshot, pid: int)
     return new, "nvml-used-memory"
 
 
-def reclaim_state(baseline: DeviceSnapshot, before: DeviceSnapshot, now: DeviceSnapshot,
-                  actor_pids: set) -> dict:
+def reclaim_state(baseline: DeviceSnapshot, before: DeviceSnapshot, now: DeviceSnapshot, actor_pids: set) -> dict:
     """Residual and reclaimed bytes of `now`, corrected for memory other processes gained or
     released since `baseline` (when NVML gives per-process numbers).
 
@@ -169,17 +175,29 @@ def reclaim_state(baseline: DeviceSnapshot, before: DeviceSnapshot, now: DeviceS
     context = min(raw, changed * CONTEXT_UNATTRIBUTED_MAX) if corrected else 0
     reclaimed = before.used_bytes - now.used_bytes + ((others_now - others_before) if corrected else 0)
     return {
-        "residual_bytes": int(raw - context), "reclaimed_bytes": int(max(0, reclaimed)),
-        "others_drift_bytes": int(drift), "others_corrected": corrected, "others_changed": changed,
+        "residual_bytes": int(raw - context),
+        "reclaimed_bytes": int(max(0, reclaimed)),
+        "others_drift_bytes": int(drift),
+        "others_corrected": corrected,
+        "others_changed": changed,
         "others_context_bytes": int(context),
         "process_still_listed": bool(actor_pids & set(now.processes)),
-        "baseline_used_bytes": baseline.used_bytes, "device_used_bytes": now.used_bytes,
+        "baseline_used_bytes": baseline.used_bytes,
+        "device_used_bytes": now.used_bytes,
     }
 
 
-def wait_for_reclaim(uuid: str, baseline: DeviceSnapshot, before: DeviceSnapshot, actor_pids: set,
-                     method: str, timeout_s: float, tolerance_bytes: int = 0, poll_s: float = 0.005,
-                     started: float | None = None) -> dict:
+def wait_for_reclaim(
+    uuid: str,
+    baseline: DeviceSnapshot,
+    before: DeviceSnapshot,
+    actor_pids: set,
+    method: str,
+    timeout_s: float,
+    tolerance_bytes: int = 0,
+    poll_s: float = 0.005,
+    started: float | None = None,
+) -> dict:
     """Poll NVML until the actor's processes are gone from `uuid` and the used memory is back
     to the (drift-corrected) baseline. Returns the state plus "seconds", "ok", "verified_by".
 
@@ -188,8 +206,14 @@ def wait_for_reclaim(uuid: str, baseline: DeviceSnapshot, before: DeviceSnapshot
     t0 = time.monotonic() if started is None else started
     with NvmlSession.open() as nv:
         if not nv.ok:
-            return {"ok": False, "seconds": time.monotonic() - t0, "verified_by": "none", "note": nv.reason,
-                    "residual_bytes": None, "reclaimed_bytes": None}
+            return {
+                "ok": False,
+                "seconds": time.monotonic() - t0,
+                "verified_by": "none",
+                "note": nv.reason,
+                "residual_bytes": None,
+                "reclaimed_bytes": None,
+            }
         while True:
             now = nv.snapshot(uuid)
             st = reclaim_state(baseline, before, now, actor_pids)
@@ -202,8 +226,10 @@ def wait_for_reclaim(uuid: str, baseline: DeviceSnapshot, before: DeviceSnapshot
     st["verified_by"] = method
     notes = []
     if method == "nvml-used-memory":
-        notes.append("the actor's pid is not among NVML's processes (another PID namespace?) and no single "
-                     "new process could be matched to it; verified by the device's used memory only")
+        notes.append(
+            "the actor's pid is not among NVML's processes (another PID namespace?) and no single "
+            "new process could be matched to it; verified by the device's used memory only"
+        )
     if not st["others_corrected"]:
         notes.append("NVML gives no per-process usage here; other processes' changes are not subtracted")
     st["note"] = "; ".join(notes)

@@ -3,14 +3,16 @@
 Images: a path (str / Path), bytes, a PIL image, a ray.ObjectRef of one of those, or a list of
 those for a multi-image request. Decoding happens in the actor.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import functools
 import itertools
 import uuid as _uuid
+from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterable, Iterator
+from typing import Any
 
 from ..engine import EngineConfig, Output, SamplingParams
 from .errors import ActorDied, UnloadError
@@ -41,11 +43,20 @@ class ModelHandle:
         reclaim_tolerance_bytes: residual over baseline that unload() still accepts (default 0).
     """
 
-    def __init__(self, path, *, name: str | None = None,
-                 engine_config: EngineConfig | dict | None = None, num_gpus: float | None = None,
-                 num_cpus: float | None = None, gpu_memory_budget_gib: float | None = None,
-                 max_concurrent_requests: int = 64, ray_options: dict | None = None,
-                 unload_timeout_s: float = 60.0, reclaim_tolerance_bytes: int = 0):
+    def __init__(
+        self,
+        path,
+        *,
+        name: str | None = None,
+        engine_config: EngineConfig | dict | None = None,
+        num_gpus: float | None = None,
+        num_cpus: float | None = None,
+        gpu_memory_budget_gib: float | None = None,
+        max_concurrent_requests: int = 64,
+        ray_options: dict | None = None,
+        unload_timeout_s: float = 60.0,
+        reclaim_tolerance_bytes: int = 0,
+    ):
         self.path = str(path)
         self.name = name or Path(self.path).name
         if engine_config is None or isinstance(engine_config, dict):
@@ -73,7 +84,7 @@ class ModelHandle:
         self._actor = None
         self._info: dict | None = None
         self._gpu: GpuFootprint | None = None
-        self._outstanding: dict = {}          # ObjectRef -> request id, for submit()/get()
+        self._outstanding: dict = {}  # ObjectRef -> request id, for submit()/get()
         self._ids = itertools.count()
         self._id_prefix = f"{self.name}-{_uuid.uuid4().hex[:8]}"
 
@@ -102,9 +113,16 @@ class ModelHandle:
         if num_gpus == 0 and cfg.device is None:
             cfg = cfg.replace(device="cpu")  # an actor without a GPU share must not touch one
         self._actor, self._info, self._gpu = start_actor(
-            path=self.path, name=self.name, actor_name=f"modelyard:{self._id_prefix}", config=cfg,
-            num_gpus=num_gpus, num_cpus=default_num_cpus(num_gpus) if self.num_cpus is None else self.num_cpus,
-            max_concurrent_requests=self.max_concurrent_requests, ray_options=self.ray_options, timeout=timeout)
+            path=self.path,
+            name=self.name,
+            actor_name=f"modelyard:{self._id_prefix}",
+            config=cfg,
+            num_gpus=num_gpus,
+            num_cpus=default_num_cpus(num_gpus) if self.num_cpus is None else self.num_cpus,
+            max_concurrent_requests=self.max_concurrent_requests,
+            ray_options=self.ray_options,
+            timeout=timeout,
+        )
         return dict(self._info)
 
     def unload(self, timeout: float | None = None) -> dict:
@@ -120,13 +138,24 @@ class ModelHandle:
         Calling it on a handle that is not loaded returns {"seconds": 0.0, "note": "not loaded", ...}.
         """
         if self._actor is None:
-            return {"reclaimed_bytes": 0, "residual_bytes": 0, "seconds": 0.0, "verified_by": "none",
-                    "note": "not loaded"}
+            return {
+                "reclaimed_bytes": 0,
+                "residual_bytes": 0,
+                "seconds": 0.0,
+                "verified_by": "none",
+                "note": "not loaded",
+            }
         actor, info, gpu = self._actor, self._info, self._gpu
         self._actor, self._info, self._gpu = None, None, None
         self._outstanding.clear()
-        return stop_actor(self.name, actor, info, gpu, self.unload_timeout_s if timeout is None else timeout,
-                          self.reclaim_tolerance_bytes)
+        return stop_actor(
+            self.name,
+            actor,
+            info,
+            gpu,
+            self.unload_timeout_s if timeout is None else timeout,
+            self.reclaim_tolerance_bytes,
+        )
 
     def respawn(self, timeout: float | None = None) -> dict:
         """Unload (if an actor exists, dead or alive) and spawn again; returns spawn()'s dict."""
@@ -165,8 +194,13 @@ class ModelHandle:
         return None if self._info is None else self._info["pid"]
 
     # --- work ------------------------------------------------------------------------------
-    def submit(self, image: Any, prompt: str = DEFAULT_PROMPT, sampling: SamplingParams | dict | None = None,
-               request_id: str | None = None):
+    def submit(
+        self,
+        image: Any,
+        prompt: str = DEFAULT_PROMPT,
+        sampling: SamplingParams | dict | None = None,
+        request_id: str | None = None,
+    ):
         """Send one request; returns an ObjectRef resolving to its Output. For bounded in-flight
         loops with ray.wait; resolve with `get()` so that actor death becomes ActorDied."""
         ref, rid = self._submit(image, prompt, sampling, request_id)
@@ -181,6 +215,7 @@ class ModelHandle:
         """ray.get over refs from submit(). Actor death raises ActorDied naming the request ids
         among `refs` that did not complete (the completed ones are in `.completed`)."""
         from .calls import get_outputs
+
         single = not isinstance(refs, (list, tuple))
         refs = [refs] if single else list(refs)
         ids = [self._outstanding.get(r, "?") for r in refs]
@@ -191,9 +226,13 @@ class ModelHandle:
                 self._outstanding.pop(r, None)
         return outs[0] if single else outs
 
-    def caption(self, images: Iterable, prompt: str = DEFAULT_PROMPT,
-                sampling: SamplingParams | dict | None = None,
-                request_ids: list[str] | None = None) -> list[Output]:
+    def caption(
+        self,
+        images: Iterable,
+        prompt: str = DEFAULT_PROMPT,
+        sampling: SamplingParams | dict | None = None,
+        request_ids: list[str] | None = None,
+    ) -> list[Output]:
         """One Output per image, in input order. Raises ActorDied if the actor dies."""
         images = list(images)
         outs: list[Output | None] = [None] * len(images)
@@ -201,33 +240,47 @@ class ModelHandle:
             outs[i] = out
         return outs
 
-    def caption_iter(self, images: Iterable, prompt: str = DEFAULT_PROMPT,
-                     sampling: SamplingParams | dict | None = None, request_ids: list[str] | None = None,
-                     max_in_flight: int | None = None) -> Iterator[tuple[int, Output]]:
+    def caption_iter(
+        self,
+        images: Iterable,
+        prompt: str = DEFAULT_PROMPT,
+        sampling: SamplingParams | dict | None = None,
+        request_ids: list[str] | None = None,
+        max_in_flight: int | None = None,
+    ) -> Iterator[tuple[int, Output]]:
         """Yield (index, Output) as requests finish, keeping at most `max_in_flight` (default:
         2 x max_concurrent_requests) requests outstanding."""
         from .calls import iter_outputs
+
         images = list(images)
         ids = self._ids_for(len(images), request_ids)
         submit = functools.partial(self._submit_ref, prompt=prompt, sampling=sampling)
         yield from iter_outputs(self.name, images, ids, submit, max_in_flight or 2 * self.max_concurrent_requests)
 
-    async def caption_stream(self, images: Iterable, prompt: str = DEFAULT_PROMPT,
-                             sampling: SamplingParams | dict | None = None, request_ids: list[str] | None = None,
-                             max_in_flight: int | None = None) -> AsyncIterator[tuple[int, Output]]:
+    async def caption_stream(
+        self,
+        images: Iterable,
+        prompt: str = DEFAULT_PROMPT,
+        sampling: SamplingParams | dict | None = None,
+        request_ids: list[str] | None = None,
+        max_in_flight: int | None = None,
+    ) -> AsyncIterator[tuple[int, Output]]:
         """Async form of caption_iter()."""
         from .calls import aiter_outputs
+
         images = list(images)
         ids = self._ids_for(len(images), request_ids)
         submit = functools.partial(self._submit_ref, prompt=prompt, sampling=sampling)
-        async for item in aiter_outputs(self.name, images, ids, submit,
-                                        max_in_flight or 2 * self.max_concurrent_requests):
+        async for item in aiter_outputs(
+            self.name, images, ids, submit, max_in_flight or 2 * self.max_concurrent_requests
+        ):
             yield item
 
     def stats(self) -> dict:
         """The engine's stats plus the actor's: in_flight, max_in_flight_seen, queued,
         submitted, completed, errors, max_concurrent_requests, pid, uptime_s."""
         from .calls import get_outputs
+
         return get_outputs(self.name, [self._live_actor().stats.remote()], ["<stats>"], 30.0)[0]
 
     def __repr__(self) -> str:
@@ -260,12 +313,15 @@ class ModelHandle:
         if self.num_gpus is not None:
             return self.num_gpus
         import ray
+
         return 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
 
     def _check_budget(self, num_gpus) -> None:
         if num_gpus is not None and num_gpus != int(num_gpus) and self.engine_config.gpu_memory_budget_gib is None:
-            raise ValueError(f"num_gpus={num_gpus} is fractional: Ray does not limit the memory of a GPU share, "
-                             "so pass gpu_memory_budget_gib (enforced by the engine)")
+            raise ValueError(
+                f"num_gpus={num_gpus} is fractional: Ray does not limit the memory of a GPU share, "
+                "so pass gpu_memory_budget_gib (enforced by the engine)"
+            )
 
 
 __all__ = ["ModelHandle", "ActorDied", "UnloadError", "DEFAULT_PROMPT"]

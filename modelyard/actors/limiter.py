@@ -5,6 +5,7 @@ behaviour TGI and LMDeploy PR 2961 settled on: queue, never OOM). A slot is rele
 engine delivers the request's output, not when the caller stops waiting, so `in_flight` is what
 the engine actually holds.
 """
+
 from __future__ import annotations
 
 import asyncio

@@ -8,6 +8,7 @@ the engine's steps, ahead of it by at most what the caller keeps in flight. The 
 touched only by the stepping thread (it is not thread-safe); the event loop stays free to accept
 calls while a step computes.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -25,8 +26,7 @@ from .limiter import FifoLimiter
 
 
 class ModelActor:
-    def __init__(self, path: str, engine_config: dict | None = None, max_concurrent_requests: int = 64,
-                 name: str = ""):
+    def __init__(self, path: str, engine_config: dict | None = None, max_concurrent_requests: int = 64, name: str = ""):
         self._init_wall = time.time()
         self.path, self.name = str(path), name or os.path.basename(str(path).rstrip("/"))
         self.config = EngineConfig.from_dict(engine_config)
@@ -40,7 +40,7 @@ class ModelActor:
         self._engine_stats: dict = {}
         self._failed: BaseException | None = None
         self._cv = threading.Condition()
-        self._inbox: list[tuple[Request, object, asyncio.Future]] = []   # (request, prepared or None, future)
+        self._inbox: list[tuple[Request, object, asyncio.Future]] = []  # (request, prepared or None, future)
         self._prep_pool = ThreadPoolExecutor(prep_workers(), thread_name_prefix="modelyard-prep")
         self._stop = False
         self._active_ids: set[str] = set()
@@ -61,11 +61,17 @@ class ModelActor:
         # The engine times its own phases (weights, KV pool); build_s also holds the rest of its
         # construction (CUDA-graph capture, wiring). None: an engine that does not report a phase.
         return {
-            "pid": os.getpid(), "node_id": _node_id(), "init_wall": self._init_wall,
+            "pid": os.getpid(),
+            "node_id": _node_id(),
+            "init_wall": self._init_wall,
             "load_s": self._engine_stats.get("load_seconds"),
-            "kv_alloc_s": self._engine_stats.get("kv_alloc_seconds"), "build_s": build_s,
-            "weights_bytes": self._engine_stats.get("weights_bytes"), "kv_bytes": self._engine_stats.get("kv_bytes"),
-            "device": self._device_info(), "nvml": self._nvml_reason, "engine_stats": self._engine_stats,
+            "kv_alloc_s": self._engine_stats.get("kv_alloc_seconds"),
+            "build_s": build_s,
+            "weights_bytes": self._engine_stats.get("weights_bytes"),
+            "kv_bytes": self._engine_stats.get("kv_bytes"),
+            "device": self._device_info(),
+            "nvml": self._nvml_reason,
+            "engine_stats": self._engine_stats,
         }
 
     async def ping(self) -> dict:
@@ -79,8 +85,9 @@ class ModelActor:
             self._cv.notify()
 
     # --- work ------------------------------------------------------------------------------
-    async def generate(self, image, prompt: str = "Describe the image.", sampling=None,
-                       request_id: str | None = None) -> Output:
+    async def generate(
+        self, image, prompt: str = "Describe the image.", sampling=None, request_id: str | None = None
+    ) -> Output:
         if self._engine is None:
             raise RuntimeError(f"model actor {self.name!r} is not loaded (call load() first)")
         if self._failed is not None:
@@ -119,12 +126,19 @@ class ModelActor:
 
     async def stats(self) -> dict:
         lim = self._limiter
-        return {**self._engine_stats, "name": self.name, "pid": os.getpid(),
-                "in_flight": lim.in_flight, "max_in_flight_seen": lim.max_in_flight_seen,
-                "queued": lim.queued, "max_queued_seen": lim.max_queued_seen,
-                "max_concurrent_requests": lim.limit, **self._counts,
-                "failed": None if self._failed is None else repr(self._failed),
-                "uptime_s": time.time() - self._init_wall}
+        return {
+            **self._engine_stats,
+            "name": self.name,
+            "pid": os.getpid(),
+            "in_flight": lim.in_flight,
+            "max_in_flight_seen": lim.max_in_flight_seen,
+            "queued": lim.queued,
+            "max_queued_seen": lim.max_queued_seen,
+            "max_concurrent_requests": lim.limit,
+            **self._counts,
+            "failed": None if self._failed is None else repr(self._failed),
+            "uptime_s": time.time() - self._init_wall,
+        }
 
     # --- the stepping thread ---------------------------------------------------------------
     def _step_loop(self) -> None:
@@ -148,12 +162,14 @@ class ModelActor:
                             eng.add_prepared(req, prepared)
                         pending[req.request_id] = fut
                     except Exception as e:  # rejected at admission: this request's error, not the engine's
-                        self._deliver(fut, Output(req.request_id, finish_reason="error",
-                                                  error=f"{type(e).__name__}: {e}"))
+                        self._deliver(
+                            fut, Output(req.request_id, finish_reason="error", error=f"{type(e).__name__}: {e}")
+                        )
                 if not eng.has_unfinished():
                     for rid in list(pending):  # an engine that finished without an output: say so
-                        self._deliver(pending.pop(rid), Output(rid, finish_reason="error",
-                                                               error="engine produced no output"))
+                        self._deliver(
+                            pending.pop(rid), Output(rid, finish_reason="error", error="engine produced no output")
+                        )
                     continue
                 for out in eng.step():
                     fut = pending.pop(out.request_id, None)
@@ -161,8 +177,9 @@ class ModelActor:
                         self._deliver(fut, out)
                 self._engine_stats = dict(eng.stats())
         except BaseException as e:  # the engine is in an unknown state: fail everything, take no more
-            self._fail_all(pending, EngineFailed(
-                f"engine step failed: {type(e).__name__}: {e}\n{traceback.format_exc()}"))
+            self._fail_all(
+                pending, EngineFailed(f"engine step failed: {type(e).__name__}: {e}\n{traceback.format_exc()}")
+            )
             return
         self._fail_all(pending, EngineFailed(f"model actor {self.name!r} was shut down"))
         eng.close()
@@ -189,12 +206,18 @@ class ModelActor:
     def _device_info(self) -> dict | None:
         """UUID/index of the CUDA device the engine uses, None for a CPU engine."""
         import torch
+
         if not torch.cuda.is_initialized():
             return None
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         raw = str(getattr(props, "uuid", "") or "")
-        info = {"uuid": None, "index": None, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-                "baseline": None, "loaded": None}
+        info = {
+            "uuid": None,
+            "index": None,
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "baseline": None,
+            "loaded": None,
+        }
         with NvmlSession.open() as nv:
             if not nv.ok:
                 return info
@@ -212,6 +235,7 @@ class ModelActor:
 def remote_actor_class():
     """ModelActor as a Ray actor class (made once per process; Ray exports it on first use)."""
     import ray
+
     return ray.remote(ModelActor)
 
 
@@ -241,12 +265,14 @@ def _nvml_has(nv: NvmlSession, uuid: str) -> bool:
 
 def _build_engine(path: str, config: EngineConfig):
     from ..engine import Engine  # dispatches on config.backend (native or transformers)
+
     return Engine.from_pretrained(path, config)
 
 
 async def _resolve_refs(image):
     """Object refs nested in a list are not resolved by Ray; resolve them here (top-level ones are)."""
     import ray
+
     if isinstance(image, ray.ObjectRef):
         return await image
     if isinstance(image, (list, tuple)):
@@ -256,5 +282,6 @@ async def _resolve_refs(image):
 
 def _node_id() -> str | None:
     import ray
+
     # get_runtime_context() would start a whole local Ray when there is none (in-process use)
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None

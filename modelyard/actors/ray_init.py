@@ -4,6 +4,7 @@ A Ray started here (no address) listens on loopback only, has no dashboard unles
 keeps Ray's token authentication on: anyone who can reach a Ray port can run code as this user,
 so an unauthenticated cluster on a shared machine is a remote-code-execution hole.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -16,9 +17,18 @@ LOOPBACK = "127.0.0.1"
 _AUTH_ENV = "RAY_AUTH_MODE"
 
 
-def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None,
-               include_dashboard: bool = False, log_to_driver: bool = True, namespace: str | None = "modelyard",
-               runtime_env: dict | None = None, allow_unauthenticated: bool = False, **init_kwargs) -> dict:
+def ensure_ray(
+    address: str | None = None,
+    *,
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
+    include_dashboard: bool = False,
+    log_to_driver: bool = True,
+    namespace: str | None = "modelyard",
+    runtime_env: dict | None = None,
+    allow_unauthenticated: bool = False,
+    **init_kwargs,
+) -> dict:
     """Initialize Ray unless it already is; returns {"started", "address", "node_ip", "node_id", "auth"}.
 
     address=None and no RAY_ADDRESS: start a local cluster bound to 127.0.0.1 with token
@@ -57,7 +67,8 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, num_g
         if mode is not None and mode.lower() != "token" and not allow_unauthenticated:
             raise RuntimeError(
                 f"{_AUTH_ENV}={mode!r} would start a Ray cluster without token authentication; unset it "
-                f"(modelyard keeps token auth on) or pass allow_unauthenticated=True")
+                f"(modelyard keeps token auth on) or pass allow_unauthenticated=True"
+            )
         # mode unset: Ray (>= 2.5x) turns token auth on for a new local cluster itself and
         # writes ~/.ray/auth_token if missing; the result is checked after ray.init below.
         kw.setdefault("_node_ip_address", LOOPBACK)
@@ -68,14 +79,13 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, num_g
         if num_gpus is not None:
             kw["num_gpus"] = num_gpus
     if not sys.stderr.isatty():
-        os.environ.setdefault("RAY_COLOR_PREFIX", "0")   # actor log lines into a file: no colour codes
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # actor log lines into a file: no colour codes
     if joining:
         if os.environ.get(_AUTH_ENV) is None:
             _enable_token_auth_for_client()
         loopback = _is_loopback(address or os.environ.get("RAY_ADDRESS"))
         with _loopback_node_ip() if loopback else contextlib.nullcontext():
-            ray.init(address=address, namespace=namespace, runtime_env=runtime_env, log_to_driver=log_to_driver,
-                     **kw)
+            ray.init(address=address, namespace=namespace, runtime_env=runtime_env, log_to_driver=log_to_driver, **kw)
     else:
         with _loopback_node_ip(), _quiet_local_start():
             ray.init(namespace=namespace, runtime_env=runtime_env, log_to_driver=log_to_driver, **kw)
@@ -137,6 +147,7 @@ class _DropLocalStartNoise(logging.Filter):
     """Ray's two records on every local start that tell a modelyard user nothing: the token-auth
     notice (ensure_ray keeps token auth on and checks it after init) and the bare start banner
     (with a dashboard, the banner carries its URL and still shows)."""
+
     TOKEN_NOTICE = "Token authentication is enabled for this Ray cluster."
     BANNER = "Started a local Ray instance."
     LOGGERS = ("ray._private.authentication.authentication_token_setup", "ray._private.worker")
@@ -165,8 +176,13 @@ def _describe(started: bool) -> dict:
 
     ctx = ray.get_runtime_context()
     node = ray._private.worker.global_worker.node_ip_address
-    return {"started": started, "address": ctx.gcs_address, "node_ip": node,
-            "node_id": ctx.get_node_id(), "auth": auth_mode()}
+    return {
+        "started": started,
+        "address": ctx.gcs_address,
+        "node_ip": node,
+        "node_id": ctx.get_node_id(),
+        "auth": auth_mode(),
+    }
 
 
 def auth_mode() -> str:
@@ -176,4 +192,8 @@ def auth_mode() -> str:
     except ImportError:  # Ray without token auth support
         return "unknown"
     mode = get_authentication_mode()
-    return "token" if mode == AuthenticationMode.TOKEN else ("disabled" if mode == AuthenticationMode.DISABLED else str(mode))
+    return (
+        "token"
+        if mode == AuthenticationMode.TOKEN
+        else ("disabled" if mode == AuthenticationMode.DISABLED else str(mode))
+    )

@@ -5,6 +5,7 @@ actor when the actor lands on the driver's node, else by the actor itself before
 After ray.kill the reclaim is watched where the GPU is: in the driver on its own node, in a
 zero-CPU task pinned to the actor's node otherwise.
 """
+
 from __future__ import annotations
 
 import time
@@ -17,14 +18,14 @@ from .gpu import DeviceSnapshot, NvmlSession, identify_process, reclaim_state, w
 class GpuFootprint:
     uuid: str
     index: int
-    local: bool                 # the actor's GPU is on the driver's node
+    local: bool  # the actor's GPU is on the driver's node
     baseline: DeviceSnapshot
     loaded: DeviceSnapshot
-    actor_pids: frozenset       # NVML pids that belong to the actor
-    method: str                 # see gpu.identify_process
+    actor_pids: frozenset  # NVML pids that belong to the actor
+    method: str  # see gpu.identify_process
 
     @classmethod
-    def from_spawn(cls, device: dict, pid: int, local: bool, pre_spawn: dict) -> "GpuFootprint | None":
+    def from_spawn(cls, device: dict, pid: int, local: bool, pre_spawn: dict) -> GpuFootprint | None:
         """`device`: the actor's report (uuid, baseline, loaded); `pre_spawn`: the driver's
         {uuid: snapshot} taken before the actor was created (empty when NVML is unusable here)."""
         if not device or not device.get("uuid"):
@@ -44,9 +45,12 @@ class GpuFootprint:
     def memory(self) -> dict:
         per_proc = [self.loaded.processes.get(p) for p in self.actor_pids]
         known = self.method != "nvml-used-memory" and per_proc and None not in per_proc
-        return {"process_vram_bytes": sum(per_proc) if known else None,
-                "baseline_used_bytes": self.baseline.used_bytes, "device_used_bytes": self.loaded.used_bytes,
-                "device_total_bytes": self.loaded.total_bytes}
+        return {
+            "process_vram_bytes": sum(per_proc) if known else None,
+            "baseline_used_bytes": self.baseline.used_bytes,
+            "device_used_bytes": self.loaded.used_bytes,
+            "device_total_bytes": self.loaded.total_bytes,
+        }
 
     def before_kill(self) -> DeviceSnapshot:
         if not self.local:
@@ -54,8 +58,9 @@ class GpuFootprint:
         with NvmlSession.open() as nv:
             return nv.snapshot(self.uuid) if nv.ok else self.loaded
 
-    def verify(self, node_id: str, before: DeviceSnapshot, killed_at: float, timeout_s: float,
-               tolerance_bytes: int) -> dict:
+    def verify(
+        self, node_id: str, before: DeviceSnapshot, killed_at: float, timeout_s: float, tolerance_bytes: int
+    ) -> dict:
         args = (self.uuid, self.baseline, before, set(self.actor_pids), self.method, timeout_s, tolerance_bytes)
         if self.local:
             res = wait_for_reclaim(*args, started=killed_at)
@@ -72,7 +77,8 @@ def run_on_node(node_id: str, timeout_s: float, fn, *args) -> dict:
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     task = ray.remote(num_cpus=0, max_retries=0)(fn).options(
-        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)
+    )
     res = ray.get(task.remote(*args), timeout=timeout_s + 60)
     res["note"] = "; ".join(filter(None, [res.get("note"), "watched from a task on the actor's node"]))
     return res
@@ -96,6 +102,7 @@ def wait_process_exit(pid: int, timeout_s: float, started: float | None = None) 
 
 def host_rss(pid: int) -> int | None:
     import psutil
+
     try:
         return psutil.Process(pid).memory_info().rss
     except psutil.Error:  # already gone

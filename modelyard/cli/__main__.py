@@ -1,4 +1,5 @@
 """`python -m modelyard.cli`: the same as the `modelyard` command."""
+
 import sys
 
 from . import main

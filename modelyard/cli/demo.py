@@ -4,6 +4,7 @@ Writes two checkpoints of different architectures (CLIP+Llama and SigLIP+Qwen2, 
 and sample images, runs the same comparison sequentially and in parallel (GPU when Ray sees one,
 else CPU), checks the two runs agree caption for caption, and prints where the report is.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,6 +24,7 @@ _BANNER = """\
 
 def _prepare(out: Path, num_images: int) -> tuple[dict[str, str], Path]:
     from ..testing import make_checkpoint, make_images
+
     models = {}
     for name, arch, seed in (("llava-tiny", "llava", 0), ("qwen2-tiny", "llava-qwen2", 1)):
         path = out / "checkpoints" / name
@@ -36,8 +38,14 @@ def _prepare(out: Path, num_images: int) -> tuple[dict[str, str], Path]:
     return models, images
 
 
-def run_demo(out: str = "modelyard-out/demo", num_images: int = 8, max_new_tokens: int = 12,
-             address: str | None = None, modes=("sequential", "parallel"), progress: bool | None = None) -> int:
+def run_demo(
+    out: str = "modelyard-out/demo",
+    num_images: int = 8,
+    max_new_tokens: int = 12,
+    address: str | None = None,
+    modes=("sequential", "parallel"),
+    progress: bool | None = None,
+) -> int:
     import pandas as pd
     import ray
 
@@ -46,25 +54,35 @@ def run_demo(out: str = "modelyard-out/demo", num_images: int = 8, max_new_token
     from ..orchestration.running.job import run_job
     from ..orchestration.spec.job import InputSpec, JobSpec, ModelSpec, PromptSpec
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")     # nothing in the demo needs the network
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the demo needs the network
     print(_BANNER, flush=True)
     root = Path(out).resolve()
     t0 = time.perf_counter()
     models, images = _prepare(root, num_images)
-    print(f"checkpoints: {', '.join(models.values())}\nimages:      {images} ({num_images} files)"
-          f"  [{time.perf_counter() - t0:.1f} s]", flush=True)
+    print(
+        f"checkpoints: {', '.join(models.values())}\nimages:      {images} ({num_images} files)"
+        f"  [{time.perf_counter() - t0:.1f} s]",
+        flush=True,
+    )
     ensure_ray(address)
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    print(f"devices:     {f'{gpus} GPU(s)' if gpus else 'no GPU visible to Ray: the models run on the CPU'}", flush=True)
+    print(
+        f"devices:     {f'{gpus} GPU(s)' if gpus else 'no GPU visible to Ray: the models run on the CPU'}", flush=True
+    )
 
     results = {}
     for mode in modes:
         run_dir = root / mode
-        shutil.rmtree(run_dir, ignore_errors=True)    # a demo starts fresh (a real job would resume)
-        job = JobSpec(models=tuple(ModelSpec(n, p) for n, p in models.items()), inputs=InputSpec(directory=str(images)),
-                      output_dir=str(run_dir), prompts=(PromptSpec("describe", "Describe the image."),),
-                      sampling=SamplingParams(max_new_tokens=max_new_tokens), mode=mode,
-                      name=f"modelyard demo ({mode}; random-weight models)")
+        shutil.rmtree(run_dir, ignore_errors=True)  # a demo starts fresh (a real job would resume)
+        job = JobSpec(
+            models=tuple(ModelSpec(n, p) for n, p in models.items()),
+            inputs=InputSpec(directory=str(images)),
+            output_dir=str(run_dir),
+            prompts=(PromptSpec("describe", "Describe the image."),),
+            sampling=SamplingParams(max_new_tokens=max_new_tokens),
+            mode=mode,
+            name=f"modelyard demo ({mode}; random-weight models)",
+        )
         print(f"\n--- {mode} ---", flush=True)
         results[mode] = run_job(job, progress=progress)
 
@@ -72,14 +90,18 @@ def run_demo(out: str = "modelyard-out/demo", num_images: int = 8, max_new_token
     for mode, res in results.items():
         print(f"{mode:<11} wall {res.wall_s:6.1f} s   report: {res.report.get('report', '(none)')}")
     if len(results) > 1:
-        frames = [pd.read_parquet(r.results_path).set_index(["image_id", "model", "prompt_id"]).sort_index()["caption"]
-                  for r in results.values()]
+        frames = [
+            pd.read_parquet(r.results_path).set_index(["image_id", "model", "prompt_id"]).sort_index()["caption"]
+            for r in results.values()
+        ]
         same = all(f.equals(frames[0]) for f in frames[1:])
         print(f"captions identical across {', '.join(results)}: {'yes' if same else 'NO'} ({len(frames[0])} rows)")
     last = list(results.values())[-1]
     print(f"\nopen the report: {last.report.get('report')}")
-    print("\nThe same comparison on real models from the Hugging Face Hub (downloads the weights):\n"
-          f"  modelyard compare --model {REAL_MODELS[0]} --model {REAL_MODELS[1]} "
-          f"{images} --mode parallel --out modelyard-out/real")
+    print(
+        "\nThe same comparison on real models from the Hugging Face Hub (downloads the weights):\n"
+        f"  modelyard compare --model {REAL_MODELS[0]} --model {REAL_MODELS[1]} "
+        f"{images} --mode parallel --out modelyard-out/real"
+    )
     print(f"\n(demo done in {time.perf_counter() - t0:.1f} s; the demo checkpoints have random weights)")
     return 0

@@ -1,4 +1,5 @@
 """Captioning and comparison jobs over many models: spec -> plan -> run (durable, resumable) -> report."""
+
 from .spec import DEFAULT_PROMPT, InputSpec, JobSpec, ModelSpec, PromptSpec, SpecError, job_from_dict, load_job
 
 
@@ -11,5 +12,16 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["JobSpec", "ModelSpec", "InputSpec", "PromptSpec", "SpecError", "DEFAULT_PROMPT", "load_job",
-           "job_from_dict", "JobRunner", "JobResult", "run_job"]
+__all__ = [
+    "JobSpec",
+    "ModelSpec",
+    "InputSpec",
+    "PromptSpec",
+    "SpecError",
+    "DEFAULT_PROMPT",
+    "load_job",
+    "job_from_dict",
+    "JobRunner",
+    "JobResult",
+    "run_job",
+]

@@ -1,4 +1,5 @@
 """Sample images for tests, demos and benchmarks: varied drawn scenes, awkward-but-valid files, broken files."""
+
 from __future__ import annotations
 
 import io
@@ -10,11 +11,12 @@ _ASPECTS = [(1, 1), (4, 3), (3, 4), (16, 9), (9, 16), (2, 1), (1, 2), (3, 2)]
 
 def _scene(rng: random.Random, w: int, h: int):
     from PIL import Image, ImageDraw
+
     c0 = tuple(rng.randint(0, 255) for _ in range(3))
     c1 = tuple(rng.randint(0, 255) for _ in range(3))
     img = Image.new("RGB", (w, h), c0)
     draw = ImageDraw.Draw(img)
-    for y in range(0, h, max(1, h // 32)):       # a vertical gradient in bands (cheap)
+    for y in range(0, h, max(1, h // 32)):  # a vertical gradient in bands (cheap)
         t = y / max(1, h - 1)
         col = tuple(int(a + (b - a) * t) for a, b in zip(c0, c1))
         draw.rectangle([0, y, w, y + max(1, h // 32)], fill=col)
@@ -58,8 +60,9 @@ def make_images(directory, n: int, seed: int = 0, size: tuple[int, int] | None =
 CAMERA_SIZES = {"1024x768": (1024, 768), "4032x3024": (4032, 3024)}
 
 
-def make_camera_jpegs(directory, n: int, size: tuple[int, int] = (4032, 3024), seed: int = 0,
-                      quality: int = 90) -> list[Path]:
+def make_camera_jpegs(
+    directory, n: int, size: tuple[int, int] = (4032, 3024), seed: int = 0, quality: int = 90
+) -> list[Path]:
     """Write `n` camera-size JPEGs (12 MP by default; 1024x768 is the other common set): a scene drawn
     at 1/8 scale, upscaled and with sensor-like noise, so files decode like photos (4-8 MB of entropy
     at 12 MP) instead of compressing to almost nothing; every 4th carries an EXIF rotation."""
@@ -75,7 +78,7 @@ def make_camera_jpegs(directory, n: int, size: tuple[int, int] = (4032, 3024), s
         img = Image.blend(_scene(rng, max(w // 8, 16), max(h // 8, 16)).resize((w, h), Image.BILINEAR), noise, 0.15)
         exif = Image.Exif()
         if i % 4 == 3:
-            exif[0x0112] = 6                            # stored sideways: viewers rotate it 90 degrees
+            exif[0x0112] = 6  # stored sideways: viewers rotate it 90 degrees
         p = directory / f"photo_{i:05d}.jpg"
         img.save(p, quality=quality, exif=exif.tobytes())
         paths.append(p)
@@ -85,6 +88,7 @@ def make_camera_jpegs(directory, n: int, size: tuple[int, int] = (4032, 3024), s
 def awkward_images(directory, seed: int = 0) -> dict[str, Path]:
     """Valid files that trip naive loaders: alpha, palette, CMYK, 16-bit, EXIF rotation, 1x1, panorama."""
     from PIL import Image
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -104,7 +108,7 @@ def awkward_images(directory, seed: int = 0) -> dict[str, Path]:
     g16.convert("I;16").save(out["png_gray16"])
     exif_img = _scene(rng, 160, 90)
     exif = exif_img.getexif()
-    exif[0x0112] = 6   # orientation: rotate 90 CW to display
+    exif[0x0112] = 6  # orientation: rotate 90 CW to display
     out["jpeg_exif_rotated"] = directory / "exif_rotated.jpg"
     exif_img.save(out["jpeg_exif_rotated"], exif=exif.tobytes())
     out["tiny_1x1"] = directory / "one_pixel.png"
@@ -117,6 +121,7 @@ def awkward_images(directory, seed: int = 0) -> dict[str, Path]:
 def broken_images(directory) -> dict[str, Path]:
     """Invalid inputs that must become one error row each: zero bytes, truncated, not an image, a bomb."""
     from PIL import Image
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     out = {}

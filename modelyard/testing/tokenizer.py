@@ -3,31 +3,49 @@
 Trained on generated text (pseudo-words from a fixed syllable set, so no corpus ships), then padded
 with further merges of existing tokens until the vocabulary has exactly the size the config asks for.
 """
+
 from __future__ import annotations
 
 import json
 import random
 from pathlib import Path
 
-_SYLLABLES = ("ka ri to na mi su be lo de va ne pi ru so ta ma le ko hi fu ga ze po chi ya wa "
-              "an en in on un ar er or ir st th sh ch qu pl tr br gr cl fl sp").split()
-_WORDS = ("the a an of in on with and is are red blue green yellow black white small large cat dog "
-          "car tree house sky road man woman child table cup bird flower window door light dark "
-          "image picture photo scene shows there left right top bottom near next behind front "
-          "circle square triangle line shape color background object describe caption").split()
+_SYLLABLES = (
+    "ka ri to na mi su be lo de va ne pi ru so ta ma le ko hi fu ga ze po chi ya wa "
+    "an en in on un ar er or ir st th sh ch qu pl tr br gr cl fl sp"
+).split()
+_WORDS = (
+    "the a an of in on with and is are red blue green yellow black white small large cat dog "
+    "car tree house sky road man woman child table cup bird flower window door light dark "
+    "image picture photo scene shows there left right top bottom near next behind front "
+    "circle square triangle line shape color background object describe caption"
+).split()
 
 _FAMILIES = {
     # leading specials get the first ids, trailing ones the last (as in the upstream vocabularies)
-    "llama": dict(leading=["<unk>", "<s>", "</s>"], trailing=["<image>", "<pad>"],
-                  bos="<s>", eos="</s>", unk="<unk>", pad="<pad>", add_bos=True),
-    "qwen2": dict(leading=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], trailing=["<image>"],
-                  bos=None, eos="<|im_end|>", unk=None, pad="<|endoftext|>", add_bos=False),
+    "llama": dict(
+        leading=["<unk>", "<s>", "</s>"],
+        trailing=["<image>", "<pad>"],
+        bos="<s>",
+        eos="</s>",
+        unk="<unk>",
+        pad="<pad>",
+        add_bos=True,
+    ),
+    "qwen2": dict(
+        leading=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        trailing=["<image>"],
+        bos=None,
+        eos="<|im_end|>",
+        unk=None,
+        pad="<|endoftext|>",
+        add_bos=False,
+    ),
 }
 
 
 def _corpus(rng: random.Random, n_lines: int) -> list[str]:
-    words = list(_WORDS) + ["".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(1, 4)))
-                            for _ in range(3000)]
+    words = list(_WORDS) + ["".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(1, 4))) for _ in range(3000)]
     lines = []
     for _ in range(n_lines):
         ws = [rng.choice(words) for _ in range(rng.randint(4, 16))]
@@ -50,8 +68,12 @@ def build_tokenizer(path: Path, family: str, vocab_size: int, seed: int = 0, cha
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=train_target, special_tokens=fam["leading"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=train_target,
+        special_tokens=fam["leading"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(_corpus(rng, 4000), trainer=trainer)
 
     model = json.loads(tok.to_str())["model"]
@@ -76,12 +98,16 @@ def build_tokenizer(path: Path, family: str, vocab_size: int, seed: int = 0, cha
     if fam["add_bos"]:
         bos_id = vocab[fam["bos"]]
         tok.post_processor = processors.TemplateProcessing(
-            single=f"{fam['bos']} $A", pair=f"{fam['bos']} $A {fam['bos']} $B",
-            special_tokens=[(fam["bos"], bos_id)])
+            single=f"{fam['bos']} $A", pair=f"{fam['bos']} $A {fam['bos']} $B", special_tokens=[(fam["bos"], bos_id)]
+        )
     assert tok.get_vocab_size() == vocab_size, (tok.get_vocab_size(), vocab_size)
 
-    kw = dict(tokenizer_object=tok, eos_token=fam["eos"], pad_token=fam["pad"],
-              extra_special_tokens={"image_token": "<image>"})
+    kw = dict(
+        tokenizer_object=tok,
+        eos_token=fam["eos"],
+        pad_token=fam["pad"],
+        extra_special_tokens={"image_token": "<image>"},
+    )
     if fam["bos"]:
         kw["bos_token"] = fam["bos"]
     if fam["unk"]:
@@ -97,6 +123,9 @@ def build_tokenizer(path: Path, family: str, vocab_size: int, seed: int = 0, cha
 
     ids = tok.get_vocab()
     eos_ids = [ids[fam["eos"]]] + ([ids["<|endoftext|>"]] if family == "qwen2" else [])
-    return {"bos_token_id": ids[fam["bos"]] if fam["bos"] else None,
-            "eos_token_id": eos_ids[0] if len(eos_ids) == 1 else eos_ids,
-            "pad_token_id": ids[fam["pad"]], "image_token_id": ids["<image>"]}
+    return {
+        "bos_token_id": ids[fam["bos"]] if fam["bos"] else None,
+        "eos_token_id": eos_ids[0] if len(eos_ids) == 1 else eos_ids,
+        "pad_token_id": ids[fam["pad"]],
+        "image_token_id": ids["<image>"],
+    }

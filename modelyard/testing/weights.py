@@ -1,6 +1,7 @@
 """The weights `modelyard.testing.make_checkpoint` writes: plain random weights, or, where the shape allows,
 random weights whose greedy decoding is well-conditioned in bf16, so that two correct implementations
 agree on their captions and a comparison of captions measures correctness rather than rounding."""
+
 from __future__ import annotations
 
 import json
@@ -8,7 +9,6 @@ import math
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-
 
 # Why the weights look the way they do (measurements and reasoning: benchmarks/NOTES-init.md).
 # Plain random weights make greedy decoding ill-conditioned: the logits are ~iid Gaussian over the
@@ -35,7 +35,7 @@ from pathlib import Path
 _BIGRAM_MARGIN = 2.0
 _BRANCH_FRACTION = 0.2
 _MAX_BIGRAM_COS = 0.6
-_BRANCH_RMS_PER_SQRT_LAYER = 0.92   # measured: rms of (final residual - input embedding) / sqrt(layers)
+_BRANCH_RMS_PER_SQRT_LAYER = 0.92  # measured: rms of (final residual - input embedding) / sqrt(layers)
 _SMALL_STD = 0.02
 
 
@@ -69,6 +69,7 @@ def _bigram_predecessors(vocab_size: int, specials, seed: int):
     among themselves); a branch token b also leads to succ1(sigma(b)), sigma a random cycle over the
     branch tokens, so succ2 = succ1 off the branch set and a bijection onto succ1(branch set) on it."""
     import torch
+
     gen = torch.Generator().manual_seed(seed * 1_000_003 + 77)
     special = sorted({i for i in specials if 0 <= i < vocab_size})
     is_special = torch.zeros(vocab_size, dtype=torch.bool)
@@ -79,7 +80,7 @@ def _bigram_predecessors(vocab_size: int, specials, seed: int):
             order = group[torch.randperm(len(group), generator=gen)]
             succ1[order] = order.roll(-1)
     ordinary = torch.nonzero(~is_special).flatten()
-    branch = ordinary[torch.randperm(len(ordinary), generator=gen)[:round(_BRANCH_FRACTION * len(ordinary))]]
+    branch = ordinary[torch.randperm(len(ordinary), generator=gen)[: round(_BRANCH_FRACTION * len(ordinary))]]
     succ2 = succ1.clone()
     if len(branch) > 1:
         succ2[branch] = succ1[branch.roll(-1)]
@@ -93,35 +94,40 @@ def _bigram_predecessors(vocab_size: int, specials, seed: int):
 class InitPlan:
     seed: int
     emb_std: float
-    lm_from_embedding: bool       # lm_head rows are normalized sums of predecessor embeddings
+    lm_from_embedding: bool  # lm_head rows are normalized sums of predecessor embeddings
     embed_name: str
     special_ids: tuple
 
     @classmethod
-    def for_config(cls, cfg, seed: int, specials) -> "InitPlan":
-        return cls(seed, _embedding_std(cfg), _conditioned(cfg),
-                   "model.language_model.embed_tokens.weight", tuple(specials))
+    def for_config(cls, cfg, seed: int, specials) -> InitPlan:
+        return cls(
+            seed, _embedding_std(cfg), _conditioned(cfg), "model.language_model.embed_tokens.weight", tuple(specials)
+        )
 
     def describe(self) -> str:
         if not self.lm_from_embedding:
             return "Weights: plain random (embeddings std 0.02, linear layers 1/sqrt(fan_in))."
-        return (f"Weights: conditioned for greedy decoding (embeddings std {self.emb_std:.3f}, lm_head rows from "
-                f"successor embeddings; bigram margin {_BIGRAM_MARGIN} sigma, branch fraction {_BRANCH_FRACTION}; "
-                "see modelyard/testing/weights.py).")
+        return (
+            f"Weights: conditioned for greedy decoding (embeddings std {self.emb_std:.3f}, lm_head rows from "
+            f"successor embeddings; bigram margin {_BIGRAM_MARGIN} sigma, branch fraction {_BRANCH_FRACTION}; "
+            "see modelyard/testing/weights.py)."
+        )
 
     def tensor(self, name: str, shape, dtype, device):
         import torch
+
         if name == "lm_head.weight" and self.lm_from_embedding:
-            emb = self._draw(self.embed_name, shape, device)                           # [V, H]
+            emb = self._draw(self.embed_name, shape, device)  # [V, H]
             pred = _bigram_predecessors(shape[0], self.special_ids, self.seed).to(emb.device)  # [2, V]
-            t = emb[pred[0]] + emb[pred[1]]                                                    # [V, H]
-            t = t / t.norm(dim=1, keepdim=True)   # unit rows: logits of a unit-rms hidden spread ~N(0, 1)
+            t = emb[pred[0]] + emb[pred[1]]  # [V, H]
+            t = t / t.norm(dim=1, keepdim=True)  # unit rows: logits of a unit-rms hidden spread ~N(0, 1)
         else:
             t = self._draw(name, shape, device)
         return t.to(getattr(torch, dtype)).cpu().contiguous()
 
     def _draw(self, name: str, shape, device):
         import torch
+
         seed = (self.seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
         gen = torch.Generator(device=device).manual_seed(seed)
         leaf = name.rsplit(".", 1)[-1]

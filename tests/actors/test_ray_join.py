@@ -65,36 +65,7 @@ def _join(address: str, env: dict) -> str:
     return out.stdout + out.stderr
 
 
-def _kill_cluster(temp_dir: str) -> list:
-    """Terminate the processes of the cluster whose temp dir is `temp_dir` (their command lines
-    name it) and their children (agents, workers); kill what does not exit. Returns survivors."""
-    me = os.getpid()
-    roots = [p for p in psutil.process_iter(["cmdline"])
-             if p.pid != me and any(temp_dir in a for a in (p.info["cmdline"] or []))]
-    procs = {}
-    for r in roots:
-        try:
-            procs.update({p.pid: p for p in [r, *r.children(recursive=True)]})
-        except psutil.NoSuchProcess:
-            pass
-    for p in procs.values():
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    # A short grace period only: the GCS and raylet take ~10 s to exit on SIGTERM, and this
-    # cluster is throwaway.
-    _, alive = psutil.wait_procs(list(procs.values()), timeout=2)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(alive, timeout=5)
-    return alive
-
-
-def test_join_ray_start_cluster_with_token_auth(auth_env):
+def test_join_ray_start_cluster_with_token_auth(auth_env, kill_ray_cluster):
     """`ray start --head` with token auth; RAY_AUTH_MODE unset in the client: a plain ray.init
     would be refused ("InvalidAuthToken"), ensure_ray turns token auth on for the join."""
     temp_dir = tempfile.mkdtemp(prefix="myj-", dir="/tmp")   # short: Ray's socket paths must fit 107 bytes
@@ -112,7 +83,7 @@ def test_join_ray_start_cluster_with_token_auth(auth_env):
         assert "JOINED token token True" in out, out
         assert time.monotonic() - t0 < 60
     finally:
-        survivors = _kill_cluster(temp_dir)
+        survivors = kill_ray_cluster(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
     assert not survivors, survivors
 

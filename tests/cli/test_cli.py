@@ -1,5 +1,6 @@
 """The `modelyard` command line: help texts, `run JOBFILE`, and `modelyard demo` end to end (in a
 fresh process, as a user runs it), its report opened in headless Chromium."""
+
 import html.parser
 import os
 import shutil
@@ -15,15 +16,18 @@ from modelyard.cli import main
 CHROMIUM = "/usr/bin/chromium"
 
 
-@pytest.mark.parametrize("cmd, expect", [
-    ("caption", ["--prompt", "--engine", "--address", "resumes"]),
-    ("compare", ["--model", "--mode", "parallel", "auto", "--replicas"]),
-    ("run", ["ray job submit", "--out"]),
-    ("demo", ["random-weight", "--out"]),
-    ("make-model", ["--size", "llava"]),
-    ("doctor", ["NVML", "--address"]),
-    ("build-kernels", ["--arch"]),
-])
+@pytest.mark.parametrize(
+    "cmd, expect",
+    [
+        ("caption", ["--prompt", "--engine", "--address", "resumes"]),
+        ("compare", ["--model", "--mode", "parallel", "auto", "--replicas"]),
+        ("run", ["ray job submit", "--out"]),
+        ("demo", ["random-weight", "--out"]),
+        ("make-model", ["--size", "llava"]),
+        ("doctor", ["NVML", "--address"]),
+        ("build-kernels", ["--arch"]),
+    ],
+)
 def test_every_command_has_helpful_help(cmd, expect, capsys):
     with pytest.raises(SystemExit) as e:
         main([cmd, "--help"])
@@ -100,11 +104,13 @@ def test_run_jobfile(tmp_path, capsys):
     import ray
 
     from modelyard.testing import make_checkpoint, make_images
+
     make_checkpoint("llava", tmp_path / "ckpt")
     make_images(tmp_path / "imgs", 3)
     (tmp_path / "job.toml").write_text(
         'output_dir = "out"\nmax_in_flight = 2\n[inputs]\ndirectory = "imgs"\n[sampling]\nmax_new_tokens = 4\n'
-        '[[prompts]]\nid = "d"\ntext = "Describe the image."\n[[models]]\nname = "tiny"\npath = "ckpt"\n')
+        '[[prompts]]\nid = "d"\ntext = "Describe the image."\n[[models]]\nname = "tiny"\npath = "ckpt"\n'
+    )
     try:
         assert main(["run", str(tmp_path / "job.toml"), "--no-progress"]) == 0
     finally:
@@ -132,9 +138,25 @@ def _norm(s: str) -> str:
 def test_demo_writes_a_report_that_opens_in_a_headless_browser(tmp_path):
     out = tmp_path / "demo"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, "-m", "modelyard.cli", "demo", "--out", str(out), "--images", "4",
-                           "--max-new-tokens", "6", "--no-progress"], env=env, capture_output=True, text=True,
-                          timeout=280)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "modelyard.cli",
+            "demo",
+            "--out",
+            str(out),
+            "--images",
+            "4",
+            "--max-new-tokens",
+            "6",
+            "--no-progress",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = proc.stdout
     assert "RANDOM WEIGHTS" in text and "modelyard compare --model llava-hf/" in text
@@ -143,13 +165,29 @@ def test_demo_writes_a_report_that_opens_in_a_headless_browser(tmp_path):
     assert f"open the report: {report}" in text and report.is_file()
 
     if not os.path.exists(CHROMIUM):
-        pytest.skip(f"{CHROMIUM} not installed (apt-get install -y chromium) — the browser half of this test is skipped")
+        pytest.skip(
+            f"{CHROMIUM} not installed (apt-get install -y chromium) — the browser half of this test is skipped"
+        )
     profile = tempfile.mkdtemp()
     try:
-        dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                              "--disable-component-update", "--disable-sync", "--no-first-run",
-                              f"--user-data-dir={profile}", "--dump-dom", report.as_uri()],
-                             capture_output=True, text=True, timeout=120)
+        dom = subprocess.run(
+            [
+                CHROMIUM,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+                f"--user-data-dir={profile}",
+                "--dump-dom",
+                report.as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     finally:
         shutil.rmtree(profile, ignore_errors=True)
     assert dom.returncode == 0 and "<table" in dom.stdout, dom.stderr[-2000:]
@@ -159,13 +197,14 @@ def test_demo_writes_a_report_that_opens_in_a_headless_browser(tmp_path):
     captions = pd.read_parquet(out / "parallel" / "results.parquet")["caption"]
     assert len(captions) == 8
     for cap in captions:
-        assert _norm(cap) in page_cells, cap     # every caption rendered, as text, in the browser's DOM
+        assert _norm(cap) in page_cells, cap  # every caption rendered, as text, in the browser's DOM
     assert dom.stdout.count("data:image/jpeg;base64,") == 4
 
 
 def test_the_job_file_in_run_help_is_a_valid_job(tmp_path):
     """The job file `modelyard run --help` shows loads as written (a help text that lies is worse than none)."""
     import textwrap
+
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
@@ -173,6 +212,7 @@ def test_the_job_file_in_run_help_is_a_valid_job(tmp_path):
 
     from modelyard.cli.parser import _RUN_EPILOG
     from modelyard.orchestration import job_from_dict
+
     sample = _RUN_EPILOG.split("\n\n")[0].split("\n", 1)[1]
     job = job_from_dict(tomllib.loads(textwrap.dedent(sample)), base_dir=tmp_path)
     assert job.mode == "auto" and job.models[0].engine == {"max_batch_size": 32}

@@ -1,17 +1,18 @@
 """`modelyard doctor` tells the truth about this machine: on a CPU it says plainly there is no GPU
 and no NVML and that the sdpa reference runs; for a checkpoint it prints the backend its head size
 and dtype get, as the engine itself resolves it (on a GPU too, where the test runs there)."""
+
 import pytest
 import torch
 
-from modelyard.engine.attention import resolve_backend_name
 from modelyard.cli.doctor import run_doctor
+from modelyard.engine.attention import resolve_backend_name
 
 
 def test_doctor_on_this_machine(tiny_models, capsys):
     rc = run_doctor(start_ray=False, models=[tiny_models["llava"], "/nonexistent/model"])
     out = capsys.readouterr().out
-    assert rc == 1 and "1 check(s) failed" in out                  # the nonexistent model, and nothing else
+    assert rc == 1 and "1 check(s) failed" in out  # the nonexistent model, and nothing else
     assert "[FAIL] model          /nonexistent/model: cannot read its config" in out
     assert "ray cluster    not checked (--no-ray)" in out
     model_line = next(line for line in out.splitlines() if line.startswith("[ok  ] model") and "head_dim 16" in line)
@@ -31,9 +32,11 @@ def test_doctor_on_this_machine(tiny_models, capsys):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: checks the per-checkpoint choice on cuda")
 def test_doctor_reports_the_gpu_choice_for_a_real_head_size(tmp_path, capsys):
-    from modelyard.testing import make_checkpoint
     import json
     from pathlib import Path
+
+    from modelyard.testing import make_checkpoint
+
     path = Path(make_checkpoint("llava-qwen2", tmp_path / "q", size="tiny"))
     cfg = json.loads((path / "config.json").read_text())
     text = cfg["text_config"]

@@ -1,4 +1,5 @@
 """Lazy input enumeration and stable image ids."""
+
 import types
 
 import pytest
@@ -48,7 +49,7 @@ def test_python_items_bytes_pairs_dicts():
     items = list(iter_items(InputSpec(items=["x/a.jpg", b"abc", ("id1", b"zz"), {"id": "id2", "path": "p.png"}])))
     assert items[0].image_id == "x/a.jpg" and items[0].source == "x/a.jpg"
     assert items[1].image_id.startswith("sha1:") and items[1].source == b"abc"
-    assert items[1].image_id == list(iter_items(InputSpec(items=[b"abc"])))[0].image_id   # stable
+    assert items[1].image_id == list(iter_items(InputSpec(items=[b"abc"])))[0].image_id  # stable
     assert (items[2].image_id, items[2].source) == ("id1", b"zz")
     assert (items[3].image_id, items[3].source) == ("id2", "p.png")
     with pytest.raises(SpecError, match="items\\[0\\]"):
@@ -61,7 +62,7 @@ def test_missing_directory_is_a_clear_error(tmp_path):
 
 
 def test_dataset_like_rows():
-    class FakeDataset:   # the two methods of ray.data.Dataset that inputs.py uses
+    class FakeDataset:  # the two methods of ray.data.Dataset that inputs.py uses
         def iter_rows(self):
             yield {"path": "/d/a.jpg"}
             yield {"bytes": b"123", "path": "/d/b.jpg"}
@@ -69,6 +70,7 @@ def test_dataset_like_rows():
 
         def count(self):
             return 3
+
     spec = InputSpec.from_any(FakeDataset())
     items = list(iter_items(spec))
     assert [(i.image_id, i.source) for i in items] == [("/d/a.jpg", "/d/a.jpg"), ("/d/b.jpg", b"123"), ("c", b"456")]

@@ -1,4 +1,5 @@
 """Memory estimates from checkpoint headers, and placement for sequential / parallel / auto."""
+
 import json
 
 import pytest
@@ -12,23 +13,39 @@ from modelyard.orchestration.planning.planner import ModelDemand, PlanError, pla
 
 @pytest.fixture
 def ckpt(tmp_path):
-    cfg = {"text_config": {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                           "hidden_size": 64, "intermediate_size": 128, "vocab_size": 1000}}
+    cfg = {
+        "text_config": {
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "vocab_size": 1000,
+        }
+    }
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    save_file({"w": torch.zeros(100, 10, dtype=torch.float32), "ids": torch.zeros(7, dtype=torch.int64)},
-              str(tmp_path / "model-00001-of-00002.safetensors"))
+    save_file(
+        {"w": torch.zeros(100, 10, dtype=torch.float32), "ids": torch.zeros(7, dtype=torch.int64)},
+        str(tmp_path / "model-00001-of-00002.safetensors"),
+    )
     save_file({"v": torch.zeros(50, dtype=torch.bfloat16)}, str(tmp_path / "model-00002-of-00002.safetensors"))
     return tmp_path
 
 
 def test_weights_bytes_reads_headers_and_converts_floats(ckpt):
     assert weights_bytes(ckpt, None) == 1000 * 4 + 7 * 8 + 50 * 2
-    assert weights_bytes(ckpt, "bfloat16") == 1000 * 2 + 7 * 8 + 50 * 2   # ints keep their width
+    assert weights_bytes(ckpt, "bfloat16") == 1000 * 2 + 7 * 8 + 50 * 2  # ints keep their width
 
 
 def test_kv_per_token_uses_gqa_heads():
-    cfg = {"text_config": {"num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-                           "hidden_size": 4096}}
+    cfg = {
+        "text_config": {
+            "num_hidden_layers": 32,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "hidden_size": 4096,
+        }
+    }
     assert kv_bytes_per_token(cfg["text_config"], 2) == 2 * 32 * 8 * 128 * 2
 
 
@@ -55,7 +72,7 @@ def test_fp8_kv_cache_estimate_takes_one_byte_per_element(ckpt):
         for name in ("fp8", "fp8_e4m3"):
             fp8 = estimate_memory(ckpt, {"max_batch_size": 2, "dtype": dtype, "kv_cache_dtype": name}, cfg=c)
             assert fp8.kv_bytes == 2 * 100 * per_token_fp8 == base.kv_bytes // width
-            assert fp8.weights_bytes == base.weights_bytes      # the weights keep the model dtype
+            assert fp8.weights_bytes == base.weights_bytes  # the weights keep the model dtype
     auto = estimate_memory(ckpt, {"max_batch_size": 2, "kv_cache_dtype": "auto"}, cfg=c)
     assert auto.kv_bytes == estimate_memory(ckpt, {"max_batch_size": 2}, cfg=c).kv_bytes
 
@@ -68,8 +85,8 @@ def test_sequential_one_model_per_wave():
     p = plan([_d("a", 30), _d("b", 60, replicas=2)], "sequential", num_gpus=2, gpu_memory_bytes=80 * GIB)
     assert [[(x.model, x.replica) for x in w] for w in p.waves] == [[("a", 0)], [("b", 0), ("b", 1)]]
     a = p.waves[0][0]
-    assert a.num_gpus == 1.0 and a.gpu_memory_budget_gib is None     # alone: the whole GPU, engine-sized KV
-    assert [x.num_gpus for x in p.waves[1]] == [1.0, 1.0]        # > half a GPU: the whole GPU
+    assert a.num_gpus == 1.0 and a.gpu_memory_budget_gib is None  # alone: the whole GPU, engine-sized KV
+    assert [x.num_gpus for x in p.waves[1]] == [1.0, 1.0]  # > half a GPU: the whole GPU
     assert {x.gpu_slot for x in p.waves[1]} == {0, 1}
 
 
@@ -99,12 +116,20 @@ def test_auto_waves_of_what_fits():
 
 
 def test_explicit_gpus_unknown_size_and_cpu():
-    p = plan([_d("a", 1, gpus=0.25), ModelDemand("hub", 1, None, MemoryEstimate(0, 0, 0, 0, "unknown"))],
-             "parallel", num_gpus=2, gpu_memory_bytes=80 * GIB)
+    p = plan(
+        [_d("a", 1, gpus=0.25), ModelDemand("hub", 1, None, MemoryEstimate(0, 0, 0, 0, "unknown"))],
+        "parallel",
+        num_gpus=2,
+        gpu_memory_bytes=80 * GIB,
+    )
     assert [x.num_gpus for x in p.waves[0]] == [0.25, 1.0]
-    assert p.waves[0][0].gpu_memory_budget_gib == 20.0      # a shared GPU always comes with a budget
-    p = plan([_d("a", 1, gpus=0.25), ModelDemand("hub", 1, None, MemoryEstimate(0, 0, 0, 0, "unknown"))],
-             "auto", num_gpus=1, gpu_memory_bytes=80 * GIB)
+    assert p.waves[0][0].gpu_memory_budget_gib == 20.0  # a shared GPU always comes with a budget
+    p = plan(
+        [_d("a", 1, gpus=0.25), ModelDemand("hub", 1, None, MemoryEstimate(0, 0, 0, 0, "unknown"))],
+        "auto",
+        num_gpus=1,
+        gpu_memory_bytes=80 * GIB,
+    )
     assert len(p.waves) == 2 and any("size unknown" in n for n in p.notes)
     cpu = plan([_d("a", 1), _d("b", 1, replicas=2)], "parallel", num_gpus=0, gpu_memory_bytes=None)
     assert len(cpu.waves) == 1 and all(x.num_gpus == 0 for x in cpu.waves[0]) and len(cpu.waves[0]) == 3

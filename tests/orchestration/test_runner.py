@@ -1,5 +1,6 @@
 """End-to-end jobs with real model actors on tiny checkpoints (CPU): sequential/parallel identity,
 an actor SIGKILLed mid-job, a driver killed halfway and resumed, broken and awkward inputs."""
+
 import json
 import os
 import signal
@@ -68,6 +69,7 @@ def _reference(run, model, prompt_id="default"):
 
 class _KillOnce(ModelHandle):
     """Real handle whose actor process is SIGKILLed right after its `kill_at`-th submit (once)."""
+
     killed = 0
 
     def __init__(self, *a, kill_at, **kw):
@@ -94,17 +96,18 @@ def test_actor_sigkill_mid_job_gives_exactly_one_row_per_key(sequential_run, tin
     res = run_job(job, progress=False, handle_factory=factory)
     assert _KillOnce.killed == 1 and res.summary["llava"]["restarts"] == 1
     keys = _jsonl_keys(res.output_dir)
-    assert len(keys) == len(set(keys)) == 8           # not even a superseded row
+    assert len(keys) == len(set(keys)) == 8  # not even a superseded row
     got = _rows(res.output_dir).set_index("image_id").sort_index()
     assert (got["finish_reason"] != "error").all()
     # the retried items give the same greedy captions as the uninterrupted run
     pd.testing.assert_series_equal(got["caption"], _reference(sequential_run, "llava"))
-    assert got["attempts"].max() == 2                  # the units in flight at the kill ran twice
+    assert got["attempts"].max() == 2  # the units in flight at the kill ran twice
 
 
 def test_ray_dataset_of_bytes(sequential_run, tiny_models, sample_images, tmp_path):
     """A Ray Dataset of encoded images as input: the actors decode the bytes; ids come from the rows."""
     import ray
+
     names = sorted(os.listdir(sample_images))
     ds = ray.data.from_items([{"id": n, "bytes": open(os.path.join(sample_images, n), "rb").read()} for n in names])
     res = run_job(_job({"qwen": tiny_models["qwen"]}, ds, tmp_path / "ds"), progress=False)
@@ -132,18 +135,31 @@ _DRIVER = textwrap.dedent("""
 
 def test_driver_killed_halfway_then_rerun_resumes_without_recompute(ray_local, tiny_models, tmp_path):
     from modelyard.testing import make_images
+
     make_images(tmp_path / "imgs", 30, seed=3)
     out = tmp_path / "out"
     jobfile = tmp_path / "job.json"
-    jobfile.write_text(json.dumps({
-        "output_dir": str(out), "inputs": {"directory": str(tmp_path / "imgs")}, "max_in_flight": 2,
-        "sampling": {"max_new_tokens": 6}, "models": [{"name": "llava", "path": tiny_models["llava"]}]}))
+    jobfile.write_text(
+        json.dumps(
+            {
+                "output_dir": str(out),
+                "inputs": {"directory": str(tmp_path / "imgs")},
+                "max_in_flight": 2,
+                "sampling": {"max_new_tokens": 6},
+                "models": [{"name": "llava", "path": tiny_models["llava"]}],
+            }
+        )
+    )
     (tmp_path / "driver.py").write_text(_DRIVER)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # the driver starts its own local Ray (a loopback-bound cluster cannot be joined by address from
     # another process: Ray rewrites 127.0.0.1 to the host's IP), which dies with it
-    proc = subprocess.Popen([sys.executable, str(tmp_path / "driver.py"), str(jobfile)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, str(tmp_path / "driver.py"), str(jobfile)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     jsonl = out / "results.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -159,16 +175,23 @@ def test_driver_killed_halfway_then_rerun_resumes_without_recompute(ray_local, t
     submitted = []
 
     class Recording:
-        def __init__(self, h): self.h = h
-        def __getattr__(self, k): return getattr(self.h, k)
+        def __init__(self, h):
+            self.h = h
+
+        def __getattr__(self, k):
+            return getattr(self.h, k)
+
         def submit(self, image, prompt, sampling, request_id=None):
             submitted.append(os.path.relpath(image, tmp_path / "imgs"))
             return self.h.submit(image, prompt, sampling, request_id=request_id)
 
     from modelyard.orchestration import load_job
-    res = run_job(load_job(jobfile), progress=False, handle_factory=lambda m, p: Recording(default_handle_factory(m, p)))
+
+    res = run_job(
+        load_job(jobfile), progress=False, handle_factory=lambda m, p: Recording(default_handle_factory(m, p))
+    )
     assert res.summary["llava"]["skipped_done"] == len(done_before)
-    assert not {(i, "llava", "default") for i in submitted} & done_before     # done keys not recomputed
+    assert not {(i, "llava", "default") for i in submitted} & done_before  # done keys not recomputed
     assert len(submitted) == 30 - len(done_before)
     keys = _jsonl_keys(out)
     assert len(keys) == len(set(keys)) == 30
@@ -178,6 +201,7 @@ def test_driver_killed_halfway_then_rerun_resumes_without_recompute(ray_local, t
 
 def test_broken_and_awkward_inputs_become_rows_and_the_rest_completes(ray_local, tiny_models, tmp_path):
     from modelyard.testing import awkward_images, broken_images, make_images
+
     d = tmp_path / "imgs"
     awkward = awkward_images(d / "awkward")
     broken = broken_images(d / "broken")

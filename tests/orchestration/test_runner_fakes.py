@@ -14,6 +14,7 @@ that the memory test measures modelyard's driver and not Ray's observability buf
 report is off in that test too: it is an explicit post-processing step over all rows (the HTML is
 capped, the side-by-side table is not); results.parquet is still written, streamed in chunks.
 """
+
 import os
 import threading
 import time
@@ -30,8 +31,13 @@ class _Echo:
     async def generate(self, image, prompt, sampling, request_id):
         if os.path.basename(image).startswith("poison"):
             os._exit(1)
-        return Output(request_id, text=f"a caption of {os.path.basename(image)}", token_ids=[1, 2, 3],
-                      finish_reason="stop", num_prompt_tokens=12)
+        return Output(
+            request_id,
+            text=f"a caption of {os.path.basename(image)}",
+            token_ids=[1, 2, 3],
+            finish_reason="stop",
+            num_prompt_tokens=12,
+        )
 
 
 class FakeHandle:
@@ -42,6 +48,7 @@ class FakeHandle:
         import sys
 
         import ray
+
         # Ray workers cannot import this test module: ship the class by value
         ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
         self._actor = ray.remote(num_cpus=0)(_Echo).options(max_concurrency=64).remote()
@@ -54,6 +61,7 @@ class FakeHandle:
 
     def get(self, refs):
         from modelyard.actors.calls import get_outputs
+
         refs = list(refs)
         try:
             return get_outputs(self.name, refs, [self._ids[r] for r in refs], None)
@@ -66,6 +74,7 @@ class FakeHandle:
 
     def unload(self):
         import ray
+
         ray.kill(self._actor)
         self._ids.clear()
         return {"residual_bytes": 0, "reclaimed_bytes": 0, "seconds": 0.0}
@@ -80,8 +89,9 @@ def ray_local():
     import ray
 
     from modelyard.actors import ensure_ray
+
     old = os.environ.get("RAY_task_events_report_interval_ms")
-    os.environ["RAY_task_events_report_interval_ms"] = "0"      # read by the core worker at ray.init
+    os.environ["RAY_task_events_report_interval_ms"] = "0"  # read by the core worker at ray.init
     try:
         ensure_ray(num_cpus=4)
         yield
@@ -109,13 +119,20 @@ def _peak_rss_of_job(images_dir, out, models=("m1", "m2")) -> int:
         while not stop.is_set():
             peak[0] = max(peak[0], proc.memory_info().rss)
             time.sleep(0.01)
+
     t = threading.Thread(target=sample, daemon=True)
     t.start()
     try:
         ckpt = _fake_ckpt(images_dir.parent / "ckpt")
-        job = JobSpec(models=tuple(ModelSpec(m, ckpt) for m in models),
-                      inputs=InputSpec(directory=str(images_dir)), output_dir=str(out), mode="parallel",
-                      sampling=SamplingParams(max_new_tokens=4), max_in_flight=16, report=False)
+        job = JobSpec(
+            models=tuple(ModelSpec(m, ckpt) for m in models),
+            inputs=InputSpec(directory=str(images_dir)),
+            output_dir=str(out),
+            mode="parallel",
+            sampling=SamplingParams(max_new_tokens=4),
+            max_in_flight=16,
+            report=False,
+        )
         res = run_job(job, progress=False, handle_factory=lambda m, p: FakeHandle(m.name), log=lambda s: None)
     finally:
         stop.set()
@@ -134,7 +151,7 @@ def _files(d, n):
 @pytest.mark.timeout(300)
 def test_driver_rss_flat_from_200_to_2000_images(ray_local, tmp_path):
     small, large = _files(tmp_path / "s", 200), _files(tmp_path / "l", 2000)
-    _peak_rss_of_job(small, tmp_path / "warmup")            # imports, Ray worker pools, pandas/pyarrow
+    _peak_rss_of_job(small, tmp_path / "warmup")  # imports, Ray worker pools, pandas/pyarrow
     rss_200 = _peak_rss_of_job(small, tmp_path / "o200")
     rss_2000 = _peak_rss_of_job(large, tmp_path / "o2000")
     print(f"peak RSS: 200 images {rss_200 / 2**20:.1f} MiB, 2000 images {rss_2000 / 2**20:.1f} MiB")
@@ -153,8 +170,14 @@ def _fakes(m, p):
 
 def test_replicas_share_one_models_work(ray_local, tmp_path):
     imgs = _files(tmp_path / "imgs", 60)
-    res = run_job(_job(imgs, tmp_path / "out", models=(ModelSpec("m", _fake_ckpt(tmp_path / "ckpt"), replicas=2),), max_in_flight=2),
-                  progress=False, handle_factory=_fakes, log=lambda s: None)
+    res = run_job(
+        _job(
+            imgs, tmp_path / "out", models=(ModelSpec("m", _fake_ckpt(tmp_path / "ckpt"), replicas=2),), max_in_flight=2
+        ),
+        progress=False,
+        handle_factory=_fakes,
+        log=lambda s: None,
+    )
     df = pd.read_parquet(res.results_path)
     assert len(df) == 60 and not df.duplicated(["image_id", "model", "prompt_id"]).any()
     per_worker = df["worker"].value_counts()
@@ -165,14 +188,20 @@ def test_replicas_share_one_models_work(ray_local, tmp_path):
 def test_an_input_that_kills_the_actor_is_isolated_and_the_rest_completes(ray_local, tmp_path):
     imgs = _files(tmp_path / "imgs", 30)
     (imgs / "poison.jpg").write_bytes(b"")
-    res = run_job(_job(imgs, tmp_path / "out", max_in_flight=4, max_restarts=3, max_item_attempts=2),
-                  progress=False, handle_factory=_fakes, log=lambda s: None)
+    res = run_job(
+        _job(imgs, tmp_path / "out", max_in_flight=4, max_restarts=3, max_item_attempts=2),
+        progress=False,
+        handle_factory=_fakes,
+        log=lambda s: None,
+    )
     df = pd.read_parquet(res.results_path).set_index("image_id")
     assert len(df) == 31 and not df.index.duplicated().any()
     bad = df.loc["poison.jpg"]
-    assert bad["finish_reason"] == "error" and "died 2 times" in bad["error"] and "nothing else in flight" in bad["error"]
+    assert (
+        bad["finish_reason"] == "error" and "died 2 times" in bad["error"] and "nothing else in flight" in bad["error"]
+    )
     assert not bad["retryable"]
-    assert (df.drop("poison.jpg")["finish_reason"] != "error").all()   # its batch-mates were retried, alone
+    assert (df.drop("poison.jpg")["finish_reason"] != "error").all()  # its batch-mates were retried, alone
     assert res.summary["m"]["restarts"] == 2
     with open(tmp_path / "out" / "results.jsonl") as f:
         assert sum(1 for _ in f) == 31
@@ -181,8 +210,12 @@ def test_an_input_that_kills_the_actor_is_isolated_and_the_rest_completes(ray_lo
 def test_restart_budget_exhausted_gives_retryable_error_rows(ray_local, tmp_path):
     imgs = _files(tmp_path / "imgs", 10)
     (imgs / "poison.jpg").write_bytes(b"")
-    res = run_job(_job(imgs, tmp_path / "out", max_in_flight=20, max_restarts=0),
-                  progress=False, handle_factory=_fakes, log=lambda s: None)
+    res = run_job(
+        _job(imgs, tmp_path / "out", max_in_flight=20, max_restarts=0),
+        progress=False,
+        handle_factory=_fakes,
+        log=lambda s: None,
+    )
     df = pd.read_parquet(res.results_path).set_index("image_id")
     assert len(df) == 11 and not df.index.duplicated().any()
     err = df[df["finish_reason"] == "error"]
@@ -200,8 +233,12 @@ def test_a_model_that_fails_to_load_gets_error_rows_and_the_others_finish(ray_lo
     imgs = _files(tmp_path / "imgs", 5)
     ckpt = _fake_ckpt(tmp_path / "ckpt")
     models = (ModelSpec("good", ckpt), ModelSpec("broken", ckpt))
-    res = run_job(_job(imgs, tmp_path / "out", models=models, mode="parallel"), progress=False, log=lambda s: None,
-                  handle_factory=lambda m, p: (_Unloadable if m.name == "broken" else FakeHandle)(m.name))
+    res = run_job(
+        _job(imgs, tmp_path / "out", models=models, mode="parallel"),
+        progress=False,
+        log=lambda s: None,
+        handle_factory=lambda m, p: (_Unloadable if m.name == "broken" else FakeHandle)(m.name),
+    )
     df = pd.read_parquet(res.results_path)
     good, broken = df[df["model"] == "good"], df[df["model"] == "broken"]
     assert len(good) == 5 and (good["finish_reason"] != "error").all()
@@ -212,12 +249,17 @@ def test_a_model_that_fails_to_load_gets_error_rows_and_the_others_finish(ray_lo
 def test_rerun_with_changed_sampling_is_refused_and_keeps_the_rows(ray_local, tmp_path):
     """run_job itself (not only the CLI) refuses to resume into rows made with other sampling."""
     from modelyard.orchestration import SpecError
+
     imgs = _files(tmp_path / "imgs", 6)
     run_job(_job(imgs, tmp_path / "out"), progress=False, handle_factory=_fakes, log=lambda s: None)
     before = (tmp_path / "out" / "results.jsonl").read_bytes()
     with pytest.raises(SpecError, match="sampling changed: max_new_tokens 4 -> 9"):
-        run_job(_job(imgs, tmp_path / "out", sampling=SamplingParams(max_new_tokens=9)), progress=False,
-                handle_factory=_fakes, log=lambda s: None)
+        run_job(
+            _job(imgs, tmp_path / "out", sampling=SamplingParams(max_new_tokens=9)),
+            progress=False,
+            handle_factory=_fakes,
+            log=lambda s: None,
+        )
     assert (tmp_path / "out" / "results.jsonl").read_bytes() == before
 
 
@@ -240,8 +282,9 @@ class _Counted(FakeHandle):
 
 def _run_counted(job):
     events, lines = [], []
-    res = run_job(job, progress=False, handle_factory=lambda m, p: _Counted(f"{m.name}#{p.replica}", events),
-                  log=lines.append)
+    res = run_job(
+        job, progress=False, handle_factory=lambda m, p: _Counted(f"{m.name}#{p.replica}", events), log=lines.append
+    )
     return res, events, "\n".join(lines)
 
 
@@ -251,8 +294,13 @@ TWO_PROMPTS = (PromptSpec("default", "Describe the image."), PromptSpec("short",
 def test_rerun_of_a_finished_job_spawns_nothing_and_keeps_the_output(ray_local, tmp_path):
     imgs = _files(tmp_path / "imgs", 6)
     ckpt = _fake_ckpt(tmp_path / "ckpt")
-    job = _job(imgs, tmp_path / "out", mode="parallel", prompts=TWO_PROMPTS,
-               models=(ModelSpec("m1", ckpt, replicas=2), ModelSpec("m2", ckpt)))
+    job = _job(
+        imgs,
+        tmp_path / "out",
+        mode="parallel",
+        prompts=TWO_PROMPTS,
+        models=(ModelSpec("m1", ckpt, replicas=2), ModelSpec("m2", ckpt)),
+    )
     first, events, _ = _run_counted(job)
     assert sorted(n for kind, n, *_ in events if kind == "spawn") == ["m1#0", "m1#1", "m2#0"]
     jsonl = (tmp_path / "out" / "results.jsonl").read_bytes()
@@ -260,7 +308,7 @@ def test_rerun_of_a_finished_job_spawns_nothing_and_keeps_the_output(ray_local, 
     assert len(before) == 6 * 2 * 2
 
     again, events, log = _run_counted(job)
-    assert events == []                                # no handle made, no actor spawned, nothing submitted
+    assert events == []  # no handle made, no actor spawned, nothing submitted
     assert "m1: all 12 rows already done, not loaded" in log and "m2: all 12 rows already done, not loaded" in log
     assert (tmp_path / "out" / "results.jsonl").read_bytes() == jsonl
     pd.testing.assert_frame_equal(pd.read_parquet(again.results_path), before)
@@ -275,8 +323,9 @@ def test_sequential_job_whose_first_model_is_done_goes_straight_to_the_next(ray_
     ckpt = _fake_ckpt(tmp_path / "ckpt")
     _run_counted(_job(imgs, tmp_path / "out", models=(ModelSpec("a", ckpt),)))
     a_rows = pd.read_parquet(tmp_path / "out" / "results.parquet")
-    res, events, log = _run_counted(_job(imgs, tmp_path / "out", mode="sequential",
-                                         models=(ModelSpec("a", ckpt), ModelSpec("b", ckpt))))
+    res, events, log = _run_counted(
+        _job(imgs, tmp_path / "out", mode="sequential", models=(ModelSpec("a", ckpt), ModelSpec("b", ckpt)))
+    )
     assert len(res.plan.waves) == 2
     assert [e[:2] for e in events if e[0] != "submit"] == [("made", "b#0"), ("spawn", "b#0")]
     assert {e[1] for e in events if e[0] == "submit"} == {"b#0"}
@@ -290,12 +339,14 @@ def test_sequential_job_whose_first_model_is_done_goes_straight_to_the_next(ray_
 def test_a_model_with_one_key_to_redo_is_loaded_for_that_key_only(ray_local, tmp_path):
     """The pending check reads up to the first pending key; that unit is the one submitted."""
     import json
+
     imgs = _files(tmp_path / "imgs", 6)
     ckpt = _fake_ckpt(tmp_path / "ckpt")
     job = _job(imgs, tmp_path / "out", mode="parallel", models=(ModelSpec("m1", ckpt), ModelSpec("m2", ckpt)))
     _run_counted(job)
     # a later retryable error row for one key of m2 (as a failed load would leave): the rerun redoes it
     from modelyard.orchestration.outputs.store import error_row
+
     row = error_row("00003.jpg", "m2", "default", "the model failed to load", retryable=True)
     with open(tmp_path / "out" / "results.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")

@@ -1,4 +1,5 @@
 """ResultStore: exactly once per key, torn-tail recovery, resume index, atomic Parquet."""
+
 import json
 import os
 
@@ -9,8 +10,14 @@ from modelyard.orchestration.outputs.store import DuplicateKeyError, ResultStore
 
 
 def _row(i, model="m", caption=None):
-    return {"image_id": f"img{i}", "model": model, "prompt_id": "p", "caption": caption or f"cap {i}",
-            "finish_reason": "stop", "num_generated_tokens": 3}
+    return {
+        "image_id": f"img{i}",
+        "model": model,
+        "prompt_id": "p",
+        "caption": caption or f"cap {i}",
+        "finish_reason": "stop",
+        "num_generated_tokens": 3,
+    }
 
 
 def test_rows_survive_reopen_and_are_skipped(tmp_path):
@@ -30,7 +37,7 @@ def test_torn_tail_is_cut_off(tmp_path):
         for i in range(3):
             s.add(_row(i))
     with open(tmp_path / "results.jsonl", "ab") as f:
-        f.write(json.dumps(_row(3)).encode()[:25])          # the writer died mid-row
+        f.write(json.dumps(_row(3)).encode()[:25])  # the writer died mid-row
     s = ResultStore(tmp_path)
     assert s.dropped_torn_bytes == 25 and s.num_done == 3
     s.add(_row(3))
@@ -47,8 +54,8 @@ def test_retryable_errors_are_redone_and_superseded(tmp_path):
         # within one run a retryable error is final (no double submission)
         assert s.is_done(make_key("img0", "m", "p"))
     s = ResultStore(tmp_path)
-    assert not s.is_done(make_key("img0", "m", "p"))        # retried on resume
-    assert s.is_done(make_key("img1", "m", "p"))            # a bad image stays an error
+    assert not s.is_done(make_key("img0", "m", "p"))  # retried on resume
+    assert s.is_done(make_key("img1", "m", "p"))  # a bad image stays an error
     s.add(_row(0, caption="now fine"))
     s.finalize()
     s.close()

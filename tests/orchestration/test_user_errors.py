@@ -2,19 +2,20 @@
 job-file typos and wrong types, bad engine options, model paths that are not checkpoints, inputs
 with no images, unreachable cluster addresses, and a rerun into an output directory whose rows
 came from a different job."""
+
 import json
 import socket
 
 import pytest
 
 from modelyard.engine.types import SamplingParams
-from modelyard.orchestration.spec.jobfile import job_from_dict, load_job
-from modelyard.orchestration.planning.memory import estimate_memory
 from modelyard.orchestration.checks.preflight import check_address, check_job
-from modelyard.orchestration.outputs.progress import describe_outcome, format_summary
 from modelyard.orchestration.checks.resume import check_resume
-from modelyard.orchestration.spec.job import InputSpec, JobSpec, ModelSpec, PromptSpec, SpecError
+from modelyard.orchestration.outputs.progress import describe_outcome, format_summary
 from modelyard.orchestration.outputs.store import ResultStore, error_row
+from modelyard.orchestration.planning.memory import estimate_memory
+from modelyard.orchestration.spec.job import InputSpec, JobSpec, ModelSpec, PromptSpec, SpecError
+from modelyard.orchestration.spec.jobfile import job_from_dict, load_job
 
 
 def _data(**change):
@@ -22,28 +23,36 @@ def _data(**change):
     return d | change
 
 
-@pytest.mark.parametrize("change, match", [
-    ({"max_in_flght": 4}, r"unknown key 'max_in_flght' \(did you mean 'max_in_flight'\?\)"),
-    ({"models": [{"path": "org/model", "engnie": {}}]}, r"models\[0\]: unknown key 'engnie' \(did you mean 'engine'"),
-    ({"sampling": {"max_tokens": 4}}, r"sampling: unknown key 'max_tokens' \(did you mean 'max_new_tokens'"),
-    ({"prompts": [{"id": "a", "txt": "x"}]}, r"prompts\[0\]: unknown key 'txt' \(did you mean 'text'"),
-    ({"max_in_flight": "4"}, r"max_in_flight must be \"auto\" or an integer >= 1, got '4'"),
-    ({"report": "no"}, r"report must be true/false, got 'no'"),
-    ({"sampling": {"max_new_tokens": "4"}}, r"sampling: max_new_tokens must be an integer, got '4'"),
-    ({"sampling": {"temperature": "hot"}}, r"sampling: temperature must be a number"),
-    ({"sampling": 4}, r"`sampling` must be a table"),
-    ({"models": [{"path": 3}]}, r"models\[0\]: path must be a string, got 3"),
-    ({"models": [{"path": "org/model", "replicas": "2"}]}, r"replicas must be an integer, got '2'"),
-    ({"models": [{"path": "org/model", "gpus": "half"}]}, r"gpus must be a number or null, got 'half'"),
-    ({"models": [{"path": "org/model", "prompt": 3}]}, r"prompt must be a string or a table or null"),
-    ({"models": [{"path": "org/model", "engine": {"max_batch_size": "2"}}]},
-     r"engine options: max_batch_size must be an integer, got '2'"),
-    ({"models": [{"path": "org/model", "engine": {"max_batch": 2}}]}, r"did you mean 'max_batch_size'"),
-    ({"models": [{"path": "org/model", "engine": {"backend": "vllm"}}]}, r"backend must be one of"),
-    ({"output_dir": 5}, r"output_dir must be a non-empty path string, got 5"),
-    ({"inputs": {"directory": "imgs", "extensions": "jpg"}}, r"extensions must be a list, got 'jpg'"),
-    ({"inputs": {"directory": "imgs", "recursive": "no"}}, r"recursive must be true/false, got 'no'"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"max_in_flght": 4}, r"unknown key 'max_in_flght' \(did you mean 'max_in_flight'\?\)"),
+        (
+            {"models": [{"path": "org/model", "engnie": {}}]},
+            r"models\[0\]: unknown key 'engnie' \(did you mean 'engine'",
+        ),
+        ({"sampling": {"max_tokens": 4}}, r"sampling: unknown key 'max_tokens' \(did you mean 'max_new_tokens'"),
+        ({"prompts": [{"id": "a", "txt": "x"}]}, r"prompts\[0\]: unknown key 'txt' \(did you mean 'text'"),
+        ({"max_in_flight": "4"}, r"max_in_flight must be \"auto\" or an integer >= 1, got '4'"),
+        ({"report": "no"}, r"report must be true/false, got 'no'"),
+        ({"sampling": {"max_new_tokens": "4"}}, r"sampling: max_new_tokens must be an integer, got '4'"),
+        ({"sampling": {"temperature": "hot"}}, r"sampling: temperature must be a number"),
+        ({"sampling": 4}, r"`sampling` must be a table"),
+        ({"models": [{"path": 3}]}, r"models\[0\]: path must be a string, got 3"),
+        ({"models": [{"path": "org/model", "replicas": "2"}]}, r"replicas must be an integer, got '2'"),
+        ({"models": [{"path": "org/model", "gpus": "half"}]}, r"gpus must be a number or null, got 'half'"),
+        ({"models": [{"path": "org/model", "prompt": 3}]}, r"prompt must be a string or a table or null"),
+        (
+            {"models": [{"path": "org/model", "engine": {"max_batch_size": "2"}}]},
+            r"engine options: max_batch_size must be an integer, got '2'",
+        ),
+        ({"models": [{"path": "org/model", "engine": {"max_batch": 2}}]}, r"did you mean 'max_batch_size'"),
+        ({"models": [{"path": "org/model", "engine": {"backend": "vllm"}}]}, r"backend must be one of"),
+        ({"output_dir": 5}, r"output_dir must be a non-empty path string, got 5"),
+        ({"inputs": {"directory": "imgs", "extensions": "jpg"}}, r"extensions must be a list, got 'jpg'"),
+        ({"inputs": {"directory": "imgs", "recursive": "no"}}, r"recursive must be true/false, got 'no'"),
+    ],
+)
 def test_job_file_mistakes_are_named(change, match):
     with pytest.raises(SpecError, match=match):
         job_from_dict(_data(**change))
@@ -54,7 +63,10 @@ def test_python_specs_check_engine_options_and_inputs():
         ModelSpec("m", "x", engine={"bogus": 1})
     with pytest.raises(SpecError, match="cache_max_entry_count must be in"):
         ModelSpec("m", "x", engine={"cache_max_entry_count": 2.0})
-    assert ModelSpec("m", "x", engine={"gpu_memory_budget_gib": 10, "enforce_eager": True}).engine["gpu_memory_budget_gib"] == 10
+    assert (
+        ModelSpec("m", "x", engine={"gpu_memory_budget_gib": 10, "enforce_eager": True}).engine["gpu_memory_budget_gib"]
+        == 10
+    )
     with pytest.raises(SpecError, match="extensions must be a list"):
         InputSpec(directory="d", extensions=".jpg")
     with pytest.raises(SpecError, match="recursive must be true or false"):
@@ -85,7 +97,7 @@ def test_preflight_model_paths(tmp_path):
         check_job(_job(tmp_path, imgs, inputs))
     with pytest.raises(SpecError, match="is a file; give the checkpoint's directory"):
         check_job(_job(tmp_path, imgs / "a.jpg", inputs))
-    check_job(_job(tmp_path, "org/some-model", inputs))          # a Hub id is fetched later, by the runner
+    check_job(_job(tmp_path, "org/some-model", inputs))  # a Hub id is fetched later, by the runner
 
 
 def test_preflight_inputs_without_images(tmp_path):
@@ -108,7 +120,7 @@ def test_preflight_inputs_without_images(tmp_path):
 
 
 def test_preflight_address():
-    with socket.socket() as s:                  # a port nobody listens on: bind, then close
+    with socket.socket() as s:  # a port nobody listens on: bind, then close
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(SpecError, match=f"no Ray cluster answers at 127.0.0.1:{port}"):
@@ -123,7 +135,7 @@ def test_preflight_address():
 
 def test_corrupt_safetensors_is_named(tmp_path):
     (tmp_path / "config.json").write_text("{}")
-    (tmp_path / "model.safetensors").write_bytes(b"\x40\x00\x00\x00\x00\x00\x00\x00{\"w\": {\"dtype\"")
+    (tmp_path / "model.safetensors").write_bytes(b'\x40\x00\x00\x00\x00\x00\x00\x00{"w": {"dtype"')
     with pytest.raises(SpecError, match="model.safetensors is not a readable safetensors file"):
         estimate_memory(tmp_path, {}, on_gpu=False)
 
@@ -141,30 +153,52 @@ def test_rerun_with_a_changed_job_is_refused(tmp_path):
     ckpt, other = tmp_path / "ckpt", tmp_path / "other"
     ckpt.mkdir(), other.mkdir()
     base = _job(tmp_path, ckpt, InputSpec(items=["a.jpg"]), sampling=SamplingParams(max_new_tokens=8))
-    assert check_resume(base) == []                             # nothing there yet
+    assert check_resume(base) == []  # nothing there yet
     _done_run(tmp_path, base)
-    assert check_resume(base) == []                             # the same job resumes
-    more = JobSpec(models=base.models, inputs=InputSpec(items=["a.jpg", "b.jpg"]),
-                   output_dir=base.output_dir, sampling=base.sampling, mode="parallel", max_in_flight=3)
-    assert check_resume(more) == []                             # new images, mode: new keys only
-    added = JobSpec(models=base.models + (ModelSpec("m2", str(other)),), inputs=base.inputs,
-                    output_dir=base.output_dir, sampling=base.sampling)
-    assert check_resume(added) == []                            # a model added: one consistent, larger job
-    swapped = JobSpec(models=(ModelSpec("m2", str(other)),), inputs=base.inputs, output_dir=base.output_dir,
-                      sampling=base.sampling)
+    assert check_resume(base) == []  # the same job resumes
+    more = JobSpec(
+        models=base.models,
+        inputs=InputSpec(items=["a.jpg", "b.jpg"]),
+        output_dir=base.output_dir,
+        sampling=base.sampling,
+        mode="parallel",
+        max_in_flight=3,
+    )
+    assert check_resume(more) == []  # new images, mode: new keys only
+    added = JobSpec(
+        models=base.models + (ModelSpec("m2", str(other)),),
+        inputs=base.inputs,
+        output_dir=base.output_dir,
+        sampling=base.sampling,
+    )
+    assert check_resume(added) == []  # a model added: one consistent, larger job
+    swapped = JobSpec(
+        models=(ModelSpec("m2", str(other)),), inputs=base.inputs, output_dir=base.output_dir, sampling=base.sampling
+    )
     with pytest.raises(SpecError, match=r"its models are m; this run's are m2 \(a rerun keeps every model"):
-        check_resume(swapped)                                   # m's rows would stay, undescribed
+        check_resume(swapped)  # m's rows would stay, undescribed
     with pytest.raises(SpecError, match=r"its prompts are default; this run's are short"):
         check_resume(_job(tmp_path, ckpt, base.inputs, sampling=base.sampling, prompts=(PromptSpec("short", "Hi."),)))
     with pytest.raises(SpecError, match=r"sampling changed: max_new_tokens 8 -> 16.*new output directory"):
         check_resume(_job(tmp_path, ckpt, InputSpec(items=["a.jpg"]), sampling=SamplingParams(max_new_tokens=16)))
     with pytest.raises(SpecError, match=r"prompt 'default' of model 'm' was 'Describe the image.', now 'Say hi.'"):
-        check_resume(_job(tmp_path, ckpt, InputSpec(items=["a.jpg"]), sampling=base.sampling,
-                          prompts=(PromptSpec("default", "Say hi."),)))
+        check_resume(
+            _job(
+                tmp_path,
+                ckpt,
+                InputSpec(items=["a.jpg"]),
+                sampling=base.sampling,
+                prompts=(PromptSpec("default", "Say hi."),),
+            )
+        )
     with pytest.raises(SpecError, match=r"model 'm' was .*ckpt', now .*other'"):
         check_resume(_job(tmp_path, other, InputSpec(items=["a.jpg"]), sampling=base.sampling))
-    bf16 = JobSpec(models=(ModelSpec("m", str(ckpt), engine={"dtype": "bfloat16"}),), inputs=base.inputs,
-                   output_dir=base.output_dir, sampling=base.sampling)
+    bf16 = JobSpec(
+        models=(ModelSpec("m", str(ckpt), engine={"dtype": "bfloat16"}),),
+        inputs=base.inputs,
+        output_dir=base.output_dir,
+        sampling=base.sampling,
+    )
     (warning,) = check_resume(bf16)
     assert "engine dtype was None, now 'bfloat16'" in warning
 
@@ -180,7 +214,18 @@ def test_outcome_counts_unfinished_rows_and_summary_shows_notes(tmp_path):
     lines, unfinished = describe_outcome(path, ["m"])
     assert unfinished == 2 and lines[0].startswith("3 of 4 rows are errors")
     assert "2 x the model failed to load: boom" in lines[1] and "1 x ImageError" in lines[2]
-    text = format_summary({"m": {"rows": 4, "errors": 3, "images_per_s": 1.0, "load_s": 0.0, "peak_vram_bytes": 0,
-                                 "reclaim_residual_bytes": None, "restarts": 0,
-                                 "notes": ["m#0 failed to load: RuntimeError: boom"]}})
+    text = format_summary(
+        {
+            "m": {
+                "rows": 4,
+                "errors": 3,
+                "images_per_s": 1.0,
+                "load_s": 0.0,
+                "peak_vram_bytes": 0,
+                "reclaim_residual_bytes": None,
+                "restarts": 0,
+                "notes": ["m#0 failed to load: RuntimeError: boom"],
+            }
+        }
+    )
     assert "m#0 failed to load: RuntimeError: boom" in text

@@ -1,6 +1,7 @@
 """Checks a job passes before anything starts (no Ray, no model load): each one turns a mistake
 that would otherwise surface minutes later, or as a job that 'succeeds' on nothing, into one
 clear line. Every check here is cheap: a stat, one directory listing, one TCP connect."""
+
 from __future__ import annotations
 
 import socket
@@ -20,9 +21,11 @@ def check_address(address: str | None, timeout_s: float = 5.0) -> None:
     if not address or address == "auto" or address.startswith("ray://"):
         return
     if address.startswith(("http://", "https://")):
-        raise SpecError(f"--address {address!r} is a dashboard URL (what `ray job submit --address` takes); "
-                        "give the cluster's GCS address instead, host:port as `ray start --head` prints it "
-                        "(default port 6379), or 'auto' on a cluster node")
+        raise SpecError(
+            f"--address {address!r} is a dashboard URL (what `ray job submit --address` takes); "
+            "give the cluster's GCS address instead, host:port as `ray start --head` prints it "
+            "(default port 6379), or 'auto' on a cluster node"
+        )
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit():
         raise SpecError(f"--address {address!r} must look like host:port (e.g. 10.0.0.1:6379) or be 'auto'")
@@ -31,8 +34,10 @@ def check_address(address: str | None, timeout_s: float = 5.0) -> None:
             pass
     except OSError as e:
         why = e.strerror or type(e).__name__
-        raise SpecError(f"no Ray cluster answers at {address} ({why}); start one there with `ray start --head`, "
-                        "or leave out --address to run on a local one") from e
+        raise SpecError(
+            f"no Ray cluster answers at {address} ({why}); start one there with `ray start --head`, "
+            "or leave out --address to run on a local one"
+        ) from e
 
 
 def check_job(job: JobSpec, address: str | None = None) -> None:

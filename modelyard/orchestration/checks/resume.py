@@ -10,6 +10,7 @@ refused, naming what changed. Engine options
 that do not change what a model says (batch sizes, memory fractions) are not compared; dtype and
 backend can change the wording a little, so they only warn.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,7 +33,9 @@ def _prompts(d: dict) -> dict[str, dict[str, str]]:
     out = {}
     for m in d.get("models", []):
         over = m.get("prompt")
-        out[m["name"]] = {pid: (over if isinstance(over, str) else (over or {}).get(pid, t)) for pid, t in texts.items()}
+        out[m["name"]] = {
+            pid: (over if isinstance(over, str) else (over or {}).get(pid, t)) for pid, t in texts.items()
+        }
     return out
 
 
@@ -48,21 +51,28 @@ def check_resume(job: JobSpec, out_dir: str | os.PathLike | None = None) -> list
     try:
         old = json.loads(meta.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise SpecError(f"{meta} is unreadable ({e}); it describes the results in {out}: restore it, "
-                        "or give a new output directory") from e
+        raise SpecError(
+            f"{meta} is unreadable ({e}); it describes the results in {out}: restore it, or give a new output directory"
+        ) from e
     new = json.loads(json.dumps(job.to_dict(), default=str))
     problems, warnings = [], []
     if old.get("sampling") != new["sampling"]:
-        diff = {k: (old.get("sampling", {}).get(k), v) for k, v in new["sampling"].items()
-                if old.get("sampling", {}).get(k) != v}
+        diff = {
+            k: (old.get("sampling", {}).get(k), v)
+            for k, v in new["sampling"].items()
+            if old.get("sampling", {}).get(k) != v
+        }
         problems.append("sampling changed: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items()))
     old_models = {m["name"]: m for m in old.get("models", [])}
-    for what, before, now in (("models", list(old_models), [m["name"] for m in new["models"]]),
-                              ("prompts", [p["id"] for p in old.get("prompts", [])],
-                               [p["id"] for p in new["prompts"]])):
+    for what, before, now in (
+        ("models", list(old_models), [m["name"] for m in new["models"]]),
+        ("prompts", [p["id"] for p in old.get("prompts", [])], [p["id"] for p in new["prompts"]]),
+    ):
         if not set(before) <= set(now):
-            problems.append(f"its {what} are {', '.join(before) or 'none'}; this run's are {', '.join(now)} "
-                            f"(a rerun keeps every {what[:-1]} already there and may add more)")
+            problems.append(
+                f"its {what} are {', '.join(before) or 'none'}; this run's are {', '.join(now)} "
+                f"(a rerun keeps every {what[:-1]} already there and may add more)"
+            )
     old_prompts, new_prompts = _prompts(old), _prompts(new)
     for m in new["models"]:
         was = old_models.get(m["name"])
@@ -77,10 +87,14 @@ def check_resume(job: JobSpec, out_dir: str | os.PathLike | None = None) -> list
         for k in _WARN_ENGINE_KEYS:
             a, b = (was.get("engine") or {}).get(k), (m.get("engine") or {}).get(k)
             if a != b:
-                warnings.append(f"model {m['name']!r}: engine {k} was {a!r}, now {b!r}; rows done before keep "
-                                "their captions")
+                warnings.append(
+                    f"model {m['name']!r}: engine {k} was {a!r}, now {b!r}; rows done before keep their captions"
+                )
     if problems:
-        raise SpecError(f"{out} holds results of a different job, which a rerun would mix with this one's: "
-                        + "; ".join(problems) + ". Give a new output directory (--out), or delete "
-                        f"{out} to start over (or edit {meta.name} if the change does not matter)")
+        raise SpecError(
+            f"{out} holds results of a different job, which a rerun would mix with this one's: "
+            + "; ".join(problems)
+            + ". Give a new output directory (--out), or delete "
+            f"{out} to start over (or edit {meta.name} if the change does not matter)"
+        )
     return warnings

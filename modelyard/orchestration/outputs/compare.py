@@ -6,13 +6,14 @@ Agreement uses rapidfuzz (a maintained C++ string-metric library):
   token_set       = rapidfuzz.fuzz.token_set_ratio / 100 (bag-of-words overlap, order-free).
 Both are averaged over the (image, prompt) pairs where both models produced a caption.
 """
+
 from __future__ import annotations
 
 import itertools
 import os
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import pandas as pd
 
@@ -25,6 +26,7 @@ def words(text: str) -> list[str]:
 
 def word_similarity(a: str, b: str) -> float:
     from rapidfuzz.distance import Levenshtein
+
     wa, wb = words(a), words(b)
     if not wa and not wb:
         return 1.0
@@ -33,6 +35,7 @@ def word_similarity(a: str, b: str) -> float:
 
 def token_set(a: str, b: str) -> float:
     from rapidfuzz import fuzz
+
     if not a.strip() and not b.strip():
         return 1.0
     return float(fuzz.token_set_ratio(a, b)) / 100.0
@@ -80,13 +83,27 @@ def model_stats(results: pd.DataFrame, models: Sequence[str], summary: Mapping |
     for m in models:
         r = results[results["model"] == m]
         ok = r[r["finish_reason"] != "error"]
-        row = {"model": m, "rows": len(r), "captions": len(ok), "errors": len(r) - len(ok),
-               "mean_words": float(ok["caption"].map(lambda c: len(c.split())).mean()) if len(ok) else 0.0,
-               "mean_new_tokens": float(ok["num_generated_tokens"].mean()) if len(ok) else 0.0,
-               "mean_latency_s": float(ok["latency_s"].mean()) if len(ok) else 0.0}
+        row = {
+            "model": m,
+            "rows": len(r),
+            "captions": len(ok),
+            "errors": len(r) - len(ok),
+            "mean_words": float(ok["caption"].map(lambda c: len(c.split())).mean()) if len(ok) else 0.0,
+            "mean_new_tokens": float(ok["num_generated_tokens"].mean()) if len(ok) else 0.0,
+            "mean_latency_s": float(ok["latency_s"].mean()) if len(ok) else 0.0,
+        }
         s = (summary or {}).get(m) or {}
-        for k in ("images_per_s", "output_tokens_per_s", "max_running_seen", "mean_batch", "busy_fraction",
-                  "load_s", "peak_vram_bytes", "reclaim_residual_bytes", "restarts"):
+        for k in (
+            "images_per_s",
+            "output_tokens_per_s",
+            "max_running_seen",
+            "mean_batch",
+            "busy_fraction",
+            "load_s",
+            "peak_vram_bytes",
+            "reclaim_residual_bytes",
+            "restarts",
+        ):
             if k in s:
                 row[k] = s[k]
         rows.append(row)
@@ -101,11 +118,18 @@ def _atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-def write_comparison(out_dir: str | os.PathLike, results: pd.DataFrame, models: Sequence[str],
-                     summary: Mapping | None = None, title: str = "modelyard comparison",
-                     max_images: int = 200, meta: Mapping | None = None) -> dict:
+def write_comparison(
+    out_dir: str | os.PathLike,
+    results: pd.DataFrame,
+    models: Sequence[str],
+    summary: Mapping | None = None,
+    title: str = "modelyard comparison",
+    max_images: int = 200,
+    meta: Mapping | None = None,
+) -> dict:
     """Write comparison.parquet (side by side), agreement.csv and report.html; return their paths."""
     from .report import render_report
+
     out = Path(out_dir)
     table = side_by_side(results, models)
     agree = {name: agreement(table, models, name) for name in METRICS} if len(models) > 1 else {}
@@ -116,7 +140,8 @@ def write_comparison(out_dir: str | os.PathLike, results: pd.DataFrame, models: 
         paths["agreement"] = out / "agreement.csv"
         long = pd.concat({k: v for k, v in agree.items()}, names=["metric", "model"])
         _atomic_write(paths["agreement"], lambda p: long.to_csv(p))
-    html = render_report(title=title, table=table, models=models, stats=stats, agreement=agree,
-                         max_images=max_images, meta=meta or {})
+    html = render_report(
+        title=title, table=table, models=models, stats=stats, agreement=agree, max_images=max_images, meta=meta or {}
+    )
     _atomic_write(paths["report"], lambda p: Path(p).write_text(html, encoding="utf-8"))
     return {k: str(v) for k, v in paths.items()}

@@ -1,5 +1,6 @@
 """Per-model progress (bars on a terminal, a line per model at a bounded rate into a log file)
 and the end-of-job summary."""
+
 from __future__ import annotations
 
 import sys
@@ -11,27 +12,27 @@ MIB = 1 << 20
 
 @dataclass
 class ModelStats:
-    total: int = 0                 # units to do in this run
-    rows: int = 0                  # rows written in this run
+    total: int = 0  # units to do in this run
+    rows: int = 0  # rows written in this run
     errors: int = 0
-    skipped: int = 0               # done in an earlier run
+    skipped: int = 0  # done in an earlier run
     first_submit: float | None = None
     last_result: float | None = None
-    load_s: float = 0.0            # slowest replica's spawn (they load concurrently)
+    load_s: float = 0.0  # slowest replica's spawn (they load concurrently)
     peak_vram_bytes: int = 0
     reclaim_residual_bytes: int | None = None
     reclaimed_bytes: int = 0
     unload_s: float = 0.0
     restarts: int = 0
     replicas: int = 0
-    output_tokens: int = 0         # generated tokens of this run's rows
-    max_running_seen: int = 0      # the most sequences one engine step ran (a full batch?)
-    decode_steps: int = 0          # over every replica's engine
+    output_tokens: int = 0  # generated tokens of this run's rows
+    max_running_seen: int = 0  # the most sequences one engine step ran (a full batch?)
+    decode_steps: int = 0  # over every replica's engine
     decode_tokens: int = 0
-    engine_busy_s: float = 0.0     # time the engines spent in steps
-    not_loaded: bool = False       # every key was done already: no actor was spawned
+    engine_busy_s: float = 0.0  # time the engines spent in steps
+    not_loaded: bool = False  # every key was done already: no actor was spawned
     load_error: str | None = None  # why the model could not load (or be planned)
-    load_error_permanent: bool = False   # a rerun cannot fix it; fix the cause, then --retry-errors
+    load_error_permanent: bool = False  # a rerun cannot fix it; fix the cause, then --retry-errors
     notes: list = field(default_factory=list)
 
     def images_per_s(self) -> float:
@@ -46,20 +47,30 @@ class ModelStats:
 
     def as_dict(self) -> dict:
         active = self.active_s()
-        return {"rows": self.rows, "errors": self.errors, "skipped_done": self.skipped,
-                "images_per_s": round(self.images_per_s(), 3), "load_s": round(self.load_s, 3),
-                "output_tokens_per_s": round(self.output_tokens / active, 2) if active else 0.0,
-                "mean_new_tokens": round(self.output_tokens / max(self.rows - self.errors, 1), 2),
-                "max_running_seen": self.max_running_seen,
-                "mean_batch": round(self.decode_tokens / self.decode_steps, 2) if self.decode_steps else None,
-                # share of the time this model worked (first request to last row) its engines spent in
-                # steps, summed over replicas: near 1 per replica when decoding never waits for input
-                "busy_fraction": round(self.engine_busy_s / active, 3) if active else None,
-                "peak_vram_bytes": self.peak_vram_bytes, "reclaim_residual_bytes": self.reclaim_residual_bytes,
-                "reclaimed_bytes": self.reclaimed_bytes, "unload_s": round(self.unload_s, 3),
-                "restarts": self.restarts, "replicas": self.replicas, "not_loaded": self.not_loaded,
-                "load_error": self.load_error, "load_error_permanent": self.load_error_permanent,
-                "notes": list(self.notes)}
+        return {
+            "rows": self.rows,
+            "errors": self.errors,
+            "skipped_done": self.skipped,
+            "images_per_s": round(self.images_per_s(), 3),
+            "load_s": round(self.load_s, 3),
+            "output_tokens_per_s": round(self.output_tokens / active, 2) if active else 0.0,
+            "mean_new_tokens": round(self.output_tokens / max(self.rows - self.errors, 1), 2),
+            "max_running_seen": self.max_running_seen,
+            "mean_batch": round(self.decode_tokens / self.decode_steps, 2) if self.decode_steps else None,
+            # share of the time this model worked (first request to last row) its engines spent in
+            # steps, summed over replicas: near 1 per replica when decoding never waits for input
+            "busy_fraction": round(self.engine_busy_s / active, 3) if active else None,
+            "peak_vram_bytes": self.peak_vram_bytes,
+            "reclaim_residual_bytes": self.reclaim_residual_bytes,
+            "reclaimed_bytes": self.reclaimed_bytes,
+            "unload_s": round(self.unload_s, 3),
+            "restarts": self.restarts,
+            "replicas": self.replicas,
+            "not_loaded": self.not_loaded,
+            "load_error": self.load_error,
+            "load_error_permanent": self.load_error_permanent,
+            "notes": list(self.notes),
+        }
 
 
 def _peak_vram(info: dict | None, stats: dict | None) -> int:
@@ -77,8 +88,14 @@ class Progress:
     log file, `ray job submit`) one plain line per active model every `line_interval_s`: done,
     rate, ETA. `enabled=False` shows neither, `True` forces the bars."""
 
-    def __init__(self, models: list[str], totals: dict[str, int], skipped: dict[str, int], enabled: bool | None,
-                 line_interval_s: float = 10.0):
+    def __init__(
+        self,
+        models: list[str],
+        totals: dict[str, int],
+        skipped: dict[str, int],
+        enabled: bool | None,
+        line_interval_s: float = 10.0,
+    ):
         self.stats = {m: ModelStats(total=totals.get(m, 0), skipped=skipped.get(m, 0)) for m in models}
         tty = sys.stderr.isatty()
         self.enabled = tty if enabled is None else enabled
@@ -93,10 +110,18 @@ class Progress:
             return None
         if model not in self._bars:
             from tqdm import tqdm
+
             width = max(len(m) for m in self._order)
-            self._bars[model] = tqdm(total=self.stats[model].total, desc=model.ljust(width), unit="img",
-                                     position=self._order[model], leave=True, dynamic_ncols=True,
-                                     file=sys.stderr, smoothing=0.1)
+            self._bars[model] = tqdm(
+                total=self.stats[model].total,
+                desc=model.ljust(width),
+                unit="img",
+                position=self._order[model],
+                leave=True,
+                dynamic_ncols=True,
+                file=sys.stderr,
+                smoothing=0.1,
+            )
         return self._bars[model]
 
     def submitted(self, model: str) -> None:
@@ -130,8 +155,10 @@ class Progress:
             rate = s.images_per_s()
             eta = f"{(s.total - s.rows) / rate:.0f} s" if rate > 0 else "?"
             errors = f", {s.errors} errors" if s.errors else ""
-            out.append(f"progress {m}: {s.rows}/{s.total} ({100 * s.rows / max(s.total, 1):.0f}%){errors}, "
-                       f"{rate:.2f} img/s, ETA {eta}")
+            out.append(
+                f"progress {m}: {s.rows}/{s.total} ({100 * s.rows / max(s.total, 1):.0f}%){errors}, "
+                f"{rate:.2f} img/s, ETA {eta}"
+            )
         return out
 
     def loaded(self, model: str, info: dict | None) -> None:
@@ -193,8 +220,10 @@ def _all_done(rows: int) -> str:
 def format_summary(summary: dict[str, dict]) -> str:
     """The end-of-job table: per model rows, errors, images/s, output tokens/s, the most sequences
     one engine step ran (batch), the engines' busy share of the model's time, load, memory."""
-    head = (f"{'model':<20} {'rows':>6} {'errors':>6} {'img/s':>8} {'tok/s':>8} {'batch':>5} {'busy':>5} "
-            f"{'load s':>7} {'peak VRAM':>10} {'residual':>9} {'restarts':>8}")
+    head = (
+        f"{'model':<20} {'rows':>6} {'errors':>6} {'img/s':>8} {'tok/s':>8} {'batch':>5} {'busy':>5} "
+        f"{'load s':>7} {'peak VRAM':>10} {'residual':>9} {'restarts':>8}"
+    )
     lines = [head, "-" * len(head)]
     # a note every model shares (e.g. CPU actors: no VRAM to verify) is said once, under the table
     shared = set.intersection(*(set(s.get("notes") or ()) for s in summary.values())) if len(summary) > 1 else set()
@@ -202,15 +231,17 @@ def format_summary(summary: dict[str, dict]) -> str:
         res = s.get("reclaim_residual_bytes")
         peak = f"{s['peak_vram_bytes'] / MIB:.0f} MiB" if s["peak_vram_bytes"] else "-"
         busy = s.get("busy_fraction")
-        lines.append(f"{m:<20} {s['rows']:>6} {s['errors']:>6} {s['images_per_s']:>8.2f} "
-                     f"{s.get('output_tokens_per_s', 0.0):>8.1f} {s.get('max_running_seen') or '-':>5} "
-                     f"{'-' if busy is None else f'{busy:.0%}':>5} {s['load_s']:>7.2f} "
-                     f"{peak:>10} {'-' if res is None else f'{res / MIB:.0f} MiB':>9} {s['restarts']:>8}")
+        lines.append(
+            f"{m:<20} {s['rows']:>6} {s['errors']:>6} {s['images_per_s']:>8.2f} "
+            f"{s.get('output_tokens_per_s', 0.0):>8.1f} {s.get('max_running_seen') or '-':>5} "
+            f"{'-' if busy is None else f'{busy:.0%}':>5} {s['load_s']:>7.2f} "
+            f"{peak:>10} {'-' if res is None else f'{res / MIB:.0f} MiB':>9} {s['restarts']:>8}"
+        )
         if s.get("not_loaded"):
             lines.append(f"{'':<20} {_all_done(s['skipped_done'] + s['rows'])}")
         elif s.get("skipped_done"):
             lines.append(f"{'':<20} ({s['skipped_done']} done in an earlier run, skipped)")
-        for note in s.get("notes") or ():       # load failures, deaths, unload problems: say why
+        for note in s.get("notes") or ():  # load failures, deaths, unload problems: say why
             if note not in shared:
                 lines.append(f"{'':<20} {note}")
     lines += [f"every model: {note}" for note in sorted(shared)]
@@ -222,6 +253,7 @@ def describe_outcome(results_path, models: list[str], top: int = 3) -> tuple[lis
     unfinished work (retryable errors: a model failed to load or ran out of restarts), which the
     same command retries on a rerun. Bad inputs are final error rows, not unfinished work."""
     import pandas as pd
+
     df = pd.read_parquet(results_path, columns=["model", "finish_reason", "error", "retryable"])
     df = df[df["model"].isin(models)]
     err = df[df["finish_reason"] == "error"]

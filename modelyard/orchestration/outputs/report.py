@@ -1,5 +1,6 @@
 """The self-contained HTML comparison report: inline CSS, thumbnails as base64 data URIs, every
 caption escaped. Opens from a file with no network and no JavaScript."""
+
 from __future__ import annotations
 
 import base64
@@ -7,7 +8,7 @@ import datetime as _dt
 import html
 import io
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import pandas as pd
 
@@ -22,9 +23,9 @@ th{background:#f0f0f3}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
 td.cap{max-width:360px;white-space:pre-wrap;word-wrap:break-word}
 td.err{color:#b00020;font-style:italic;max-width:360px}
-td.img{width:%dpx;text-align:center} img{max-width:%dpx;max-height:%dpx}
+td.img{width:{cell}px;text-align:center} img{max-width:{thumb}px;max-height:{thumb}px}
 .noimg{color:#999;font-size:12px} .id{font-family:ui-monospace,monospace;font-size:12px;word-break:break-all}
-""" % (THUMB_PX + 8, THUMB_PX, THUMB_PX)
+""".replace("{cell}", str(THUMB_PX + 8)).replace("{thumb}", str(THUMB_PX))
 
 
 def thumbnail_data_uri(source, px: int = THUMB_PX) -> str | None:
@@ -34,8 +35,9 @@ def thumbnail_data_uri(source, px: int = THUMB_PX) -> str | None:
         return None
     try:
         from PIL import Image, ImageOps
+
         with Image.open(source) as im:
-            im.draft("RGB", (px * 2, px * 2))   # JPEG: decode at reduced scale
+            im.draft("RGB", (px * 2, px * 2))  # JPEG: decode at reduced scale
             im = ImageOps.exif_transpose(im)
             if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
                 im = im.convert("I").point(lambda v: v / 256).convert("L")
@@ -60,12 +62,23 @@ def _fmt(v: float) -> str:
     return "–" if math.isnan(v) else f"{v:.3f}"
 
 
-_STAT_NAMES = {"rows": "rows", "captions": "captions", "errors": "errors", "mean_words": "mean words",
-               "mean_new_tokens": "mean new tokens", "mean_latency_s": "mean latency (s)",
-               "images_per_s": "images/s", "output_tokens_per_s": "output tokens/s",
-               "max_running_seen": "most sequences in a step", "mean_batch": "mean decode batch",
-               "busy_fraction": "engine busy", "load_s": "load (s)", "peak_vram_bytes": "peak VRAM (MiB)",
-               "reclaim_residual_bytes": "reclaim residual (MiB)", "restarts": "restarts"}
+_STAT_NAMES = {
+    "rows": "rows",
+    "captions": "captions",
+    "errors": "errors",
+    "mean_words": "mean words",
+    "mean_new_tokens": "mean new tokens",
+    "mean_latency_s": "mean latency (s)",
+    "images_per_s": "images/s",
+    "output_tokens_per_s": "output tokens/s",
+    "max_running_seen": "most sequences in a step",
+    "mean_batch": "mean decode batch",
+    "busy_fraction": "engine busy",
+    "load_s": "load (s)",
+    "peak_vram_bytes": "peak VRAM (MiB)",
+    "reclaim_residual_bytes": "reclaim residual (MiB)",
+    "restarts": "restarts",
+}
 
 
 def _stat_cell(col: str, v) -> str:
@@ -123,36 +136,51 @@ def _captions_table(table: pd.DataFrame, models: Sequence[str], max_images: int)
                     cells.append(f'<td class="err">error: {_e(err)}</td>')
                 else:
                     cells.append(f'<td class="cap">{_e(r[m])}</td>')
-            lead = (f'<td class="img" rowspan="{len(grp)}">{img}<div class="id">{_e(image_id)}</div></td>'
-                    if first else "")
+            lead = (
+                f'<td class="img" rowspan="{len(grp)}">{img}<div class="id">{_e(image_id)}</div></td>' if first else ""
+            )
             first = False
             rows.append(f"<tr>{lead}<td>{_e(r['prompt_id'])}</td>{''.join(cells)}</tr>")
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>", shown
 
 
-def render_report(*, title: str, table: pd.DataFrame, models: Sequence[str], stats: pd.DataFrame,
-                  agreement: Mapping[str, pd.DataFrame], max_images: int, meta: Mapping) -> str:
+def render_report(
+    *,
+    title: str,
+    table: pd.DataFrame,
+    models: Sequence[str],
+    stats: pd.DataFrame,
+    agreement: Mapping[str, pd.DataFrame],
+    max_images: int,
+    meta: Mapping,
+) -> str:
     n_images = table["image_id"].nunique()
     captions, shown = _captions_table(table, models, max_images)
     when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     meta_line = " · ".join(f"{_e(k)}: {_e(v)}" for k, v in meta.items())
     parts = [
-        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">",
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">',
         f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{_e(title)}</h1>",
         f'<div class="meta">{len(models)} model(s) · {n_images} image(s) · generated {when}'
-        + (f" · {meta_line}" if meta_line else "") + "</div>",
-        "<h2>Per-model statistics</h2>", _stats_table(stats),
+        + (f" · {meta_line}" if meta_line else "")
+        + "</div>",
+        "<h2>Per-model statistics</h2>",
+        _stats_table(stats),
     ]
     if agreement:
         parts.append("<h2>Pairwise agreement between models' captions</h2>")
-        parts.append('<div class="meta">word_similarity: 1 − normalized word-level edit distance; '
-                     "token_set: bag-of-words overlap (rapidfuzz token_set_ratio). Mean over images both "
-                     "models captioned.</div>")
+        parts.append(
+            '<div class="meta">word_similarity: 1 − normalized word-level edit distance; '
+            "token_set: bag-of-words overlap (rapidfuzz token_set_ratio). Mean over images both "
+            "models captioned.</div>"
+        )
         parts += [_agreement_table(k, v) for k, v in agreement.items()]
     parts.append("<h2>Captions</h2>")
     if shown < n_images:
-        parts.append(f'<div class="meta">showing the first {shown} of {n_images} images; '
-                     "comparison.parquet has all of them</div>")
+        parts.append(
+            f'<div class="meta">showing the first {shown} of {n_images} images; '
+            "comparison.parquet has all of them</div>"
+        )
     parts += [captions, "</body></html>"]
     return "\n".join(parts)

@@ -9,6 +9,7 @@ keys, so a rerun skips them. `finalize()` writes `results.parquet` through a tem
 `os.replace`, keeping exactly one row per key (a later row for a key supersedes an earlier
 error row that was retried).
 """
+
 from __future__ import annotations
 
 import errno
@@ -17,8 +18,8 @@ import json
 import os
 import socket
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from ...engine.images import without_reprs
 from ..spec.inputs import safe_text
@@ -27,10 +28,22 @@ from ..spec.validation import SpecError
 KEY_FIELDS = ("image_id", "model", "prompt_id")
 # column -> default; a row is always written with every column, in this order
 COLUMNS = {
-    "image_id": "", "model": "", "prompt_id": "", "caption": "", "finish_reason": "",
-    "error": None, "num_prompt_tokens": 0, "num_image_tokens": 0, "num_generated_tokens": 0,
-    "latency_s": 0.0, "source": None, "prompt": "", "attempts": 1, "retryable": False,
-    "worker": "", "time": 0.0,
+    "image_id": "",
+    "model": "",
+    "prompt_id": "",
+    "caption": "",
+    "finish_reason": "",
+    "error": None,
+    "num_prompt_tokens": 0,
+    "num_image_tokens": 0,
+    "num_generated_tokens": 0,
+    "latency_s": 0.0,
+    "source": None,
+    "prompt": "",
+    "attempts": 1,
+    "retryable": False,
+    "worker": "",
+    "time": 0.0,
 }
 _SEP = "\x1f"
 
@@ -55,11 +68,15 @@ def _lock(out_dir: Path) -> int:
         os.close(fd)
         if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             raise
-        raise OutputDirBusy(f"{out_dir} is in use by {holder}: one job writes to an output directory at a time; "
-                            "wait for it to finish (or stop it), or give another output directory") from None
+        raise OutputDirBusy(
+            f"{out_dir} is in use by {holder}: one job writes to an output directory at a time; "
+            "wait for it to finish (or stop it), or give another output directory"
+        ) from None
     os.ftruncate(fd, 0)
-    os.write(fd, f"modelyard pid {os.getpid()} on {socket.gethostname()}, since "
-                 f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+    os.write(
+        fd,
+        f"modelyard pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(),
+    )
     return fd
 
 
@@ -71,11 +88,30 @@ def make_key(image_id: str, model: str, prompt_id: str) -> str:
     return _SEP.join((image_id, model, prompt_id))
 
 
-def error_row(image_id: str, model: str, prompt_id: str, error: str, *, retryable: bool,
-              source=None, prompt: str = "", attempts: int = 1, worker: str = "") -> dict:
-    return {"image_id": image_id, "model": model, "prompt_id": prompt_id, "finish_reason": "error",
-            "error": without_reprs(error), "retryable": retryable, "source": source, "prompt": prompt,
-            "attempts": attempts, "worker": worker}
+def error_row(
+    image_id: str,
+    model: str,
+    prompt_id: str,
+    error: str,
+    *,
+    retryable: bool,
+    source=None,
+    prompt: str = "",
+    attempts: int = 1,
+    worker: str = "",
+) -> dict:
+    return {
+        "image_id": image_id,
+        "model": model,
+        "prompt_id": prompt_id,
+        "finish_reason": "error",
+        "error": without_reprs(error),
+        "retryable": retryable,
+        "source": source,
+        "prompt": prompt,
+        "attempts": attempts,
+        "worker": worker,
+    }
 
 
 class ResultStore:
@@ -88,8 +124,8 @@ class ResultStore:
         self.parquet = self.dir / "results.parquet"
         self.retry_errors = retry_errors
         self.fsync_interval = fsync_interval
-        self._done: set[str] = set()        # keys whose row is final
-        self._redo: set[str] = set()        # keys with an error row to recompute on this run
+        self._done: set[str] = set()  # keys whose row is final
+        self._redo: set[str] = set()  # keys with an error row to recompute on this run
         self.dropped_torn_bytes = 0
         self.resumed_rows = 0
         self._lock_fd = _lock(self.dir)
@@ -106,12 +142,12 @@ class ResultStore:
         with open(self.jsonl, "rb") as f:
             for line in f:
                 if not line.endswith(b"\n"):
-                    break                       # torn tail: the writer died mid-row
+                    break  # torn tail: the writer died mid-row
                 try:
                     row = json.loads(line)
                     key = key_of(row)
                 except (ValueError, KeyError):
-                    break                       # a garbled line can only be the torn tail
+                    break  # a garbled line can only be the torn tail
                 good_end += len(line)
                 self.resumed_rows += 1
                 self._index(key, row)
@@ -154,7 +190,7 @@ class ResultStore:
         self._done.add(key)
         self._redo.discard(key)
         n = os.write(self._fd, data)
-        while n < len(data):                    # a short write (rare: full disk, signals)
+        while n < len(data):  # a short write (rare: full disk, signals)
             n += os.write(self._fd, data[n:])
         self._dirty = True
         now = time.monotonic()
@@ -177,7 +213,7 @@ class ResultStore:
             os.close(self._fd)
             self._fd = None
         if self._lock_fd is not None:
-            os.close(self._lock_fd)     # closing the descriptor releases the flock
+            os.close(self._lock_fd)  # closing the descriptor releases the flock
             self._lock_fd = None
 
     def __enter__(self):
@@ -218,6 +254,7 @@ class ResultStore:
         Streams the JSONL in chunks, so memory is the key index plus one chunk, whatever the job's size.
         """
         import pyarrow.parquet as pq
+
         self.sync()
         tmp = self.parquet.with_name(f".{self.parquet.name}.{os.getpid()}.tmp")
         with pq.ParquetWriter(tmp, _schema()) as writer:
@@ -235,17 +272,26 @@ class ResultStore:
         return self.parquet
 
 
-_ARROW_TYPES = {"num_prompt_tokens": "int64", "num_image_tokens": "int64", "num_generated_tokens": "int64",
-                "attempts": "int64", "latency_s": "float64", "time": "float64", "retryable": "bool_"}
+_ARROW_TYPES = {
+    "num_prompt_tokens": "int64",
+    "num_image_tokens": "int64",
+    "num_generated_tokens": "int64",
+    "attempts": "int64",
+    "latency_s": "float64",
+    "time": "float64",
+    "retryable": "bool_",
+}
 
 
 def _schema():
     import pyarrow as pa
+
     return pa.schema([(c, getattr(pa, _ARROW_TYPES.get(c, "string"))()) for c in COLUMNS])
 
 
 def _to_table(rows: list[dict]):
     import pyarrow as pa
+
     return pa.Table.from_pylist([{c: r.get(c, d) for c, d in COLUMNS.items()} for r in rows], schema=_schema())
 
 

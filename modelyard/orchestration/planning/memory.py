@@ -6,37 +6,53 @@ of its safetensors files; nothing is loaded). KV budget: per-token K/V bytes of 
 activation estimate for its options (engine/memory.py, the arithmetic the engine sizes its pool
 with) and the CUDA context / library workspaces.
 """
+
 from __future__ import annotations
 
 import json
 import math
 import os
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 from ...engine import memory as engine_memory
 from ...engine.config import FP8_KV_CACHE_DTYPES, EngineConfig
 from ..spec.validation import SpecError
 
 GIB = 1024**3
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 _FLOAT = {"F64", "F32", "F16", "BF16"}
 _ENGINE_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 @dataclass(frozen=True)
 class PlannerConfig:
-    kv_tokens_per_seq: int = 1024         # image tokens + prompt + caption, typical for captioning
-    max_kv_seqs: int = 32                 # sequences the KV budget is sized for (capped by max_batch_size)
-    context_bytes: int = 600 * 1024**2    # CUDA context, cuBLAS workspaces, allocator slack
-    fraction_step: float = 0.01           # fractional GPUs are rounded up to this step
+    kv_tokens_per_seq: int = 1024  # image tokens + prompt + caption, typical for captioning
+    max_kv_seqs: int = 32  # sequences the KV budget is sized for (capped by max_batch_size)
+    context_bytes: int = 600 * 1024**2  # CUDA context, cuBLAS workspaces, allocator slack
+    fraction_step: float = 0.01  # fractional GPUs are rounded up to this step
 
     def __post_init__(self):
         if self.kv_tokens_per_seq < 1 or self.max_kv_seqs < 1:
             raise ValueError("kv_tokens_per_seq and max_kv_seqs must be >= 1")
+
+
+DEFAULT_PLANNER_CONFIG = PlannerConfig()
 
 
 @dataclass(frozen=True)
@@ -45,7 +61,7 @@ class MemoryEstimate:
     kv_bytes: int
     activation_bytes: int
     context_bytes: int
-    source: str = "checkpoint"            # checkpoint | budget (engine.gpu_memory_budget_gib) | unknown
+    source: str = "checkpoint"  # checkpoint | budget (engine.gpu_memory_budget_gib) | unknown
 
     @property
     def total_bytes(self) -> int:
@@ -55,9 +71,11 @@ class MemoryEstimate:
         if self.source == "unknown":
             return "unknown size (a whole GPU)"
         g = lambda b: f"{b / GIB:.2f}"  # noqa: E731
-        return (f"{g(self.total_bytes)} GiB = weights {g(self.weights_bytes)} + KV {g(self.kv_bytes)} "
-                f"+ activations {g(self.activation_bytes)} + context {g(self.context_bytes)}"
-                + (" (engine budget)" if self.source == "budget" else ""))
+        return (
+            f"{g(self.total_bytes)} GiB = weights {g(self.weights_bytes)} + KV {g(self.kv_bytes)} "
+            f"+ activations {g(self.activation_bytes)} + context {g(self.context_bytes)}"
+            + (" (engine budget)" if self.source == "budget" else "")
+        )
 
 
 def _safetensors_files(path: Path) -> list[Path]:
@@ -76,9 +94,11 @@ def _header(file: Path) -> dict:
         if not isinstance(header, dict):
             raise ValueError("the header is not a table")
         return header
-    except (OSError, ValueError, struct.error) as e:   # a truncated download, an HTML error page, ...
-        raise SpecError(f"{file} is not a readable safetensors file ({type(e).__name__}: {e}); "
-                        "the checkpoint is incomplete or corrupt") from e
+    except (OSError, ValueError, struct.error) as e:  # a truncated download, an HTML error page, ...
+        raise SpecError(
+            f"{file} is not a readable safetensors file ({type(e).__name__}: {e}); "
+            "the checkpoint is incomplete or corrupt"
+        ) from e
 
 
 def weights_bytes(path: str | os.PathLike, dtype: str | None) -> int:
@@ -98,8 +118,12 @@ def weights_bytes(path: str | os.PathLike, dtype: str | None) -> int:
     return total
 
 
-def estimate_memory(path: str | os.PathLike, engine: Mapping | None = None, on_gpu: bool = True,
-                    cfg: PlannerConfig = PlannerConfig()) -> MemoryEstimate:
+def estimate_memory(
+    path: str | os.PathLike,
+    engine: Mapping | None = None,
+    on_gpu: bool = True,
+    cfg: PlannerConfig = DEFAULT_PLANNER_CONFIG,
+) -> MemoryEstimate:
     """Estimate one actor's device memory from a local checkpoint dir and its engine options.
 
     An explicit `gpu_memory_budget_gib` is the answer as given. A path that is not a local
@@ -110,7 +134,7 @@ def estimate_memory(path: str | os.PathLike, engine: Mapping | None = None, on_g
     if engine.get("gpu_memory_budget_gib"):
         return MemoryEstimate(int(engine["gpu_memory_budget_gib"] * GIB), 0, 0, 0, source="budget")
     p = Path(path)
-    if not (p / "config.json").is_file() or not _safetensors_files(p):   # e.g. weights only as .bin
+    if not (p / "config.json").is_file() or not _safetensors_files(p):  # e.g. weights only as .bin
         return MemoryEstimate(0, 0, 0, 0, source="unknown")
     dtype = engine.get("dtype") or ("bfloat16" if on_gpu else "float32")
     w = weights_bytes(p, dtype)
@@ -126,7 +150,12 @@ def estimate_memory(path: str | os.PathLike, engine: Mapping | None = None, on_g
     kv = tokens * engine_memory.kv_bytes_per_token(text, kv_width)
     defaults = EngineConfig()
     act = engine_memory.activation_bytes(
-        text, vision, itemsize=_ENGINE_DTYPE_BYTES[dtype],
-        **{k: int(engine.get(k) or getattr(defaults, k))
-           for k in ("max_prefill_tokens", "max_batch_size", "max_image_batch")})
+        text,
+        vision,
+        itemsize=_ENGINE_DTYPE_BYTES[dtype],
+        **{
+            k: int(engine.get(k) or getattr(defaults, k))
+            for k in ("max_prefill_tokens", "max_batch_size", "max_image_batch")
+        },
+    )
     return MemoryEstimate(w, kv, act, cfg.context_bytes if on_gpu else 0)

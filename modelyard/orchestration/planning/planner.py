@@ -7,13 +7,14 @@ unplanned memory goes to the actors on it. An actor that shares a GPU gets `num_
 fraction and an absolute `gpu_memory_budget_gib` for the engine, because Ray's fractional GPUs do
 not limit memory by themselves.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
-from .memory import GIB, MemoryEstimate, PlannerConfig
+from .memory import DEFAULT_PLANNER_CONFIG, GIB, MemoryEstimate, PlannerConfig
 
 
 class PlanError(ValueError):
@@ -23,11 +24,12 @@ class PlanError(ValueError):
 @dataclass(frozen=True)
 class Placement:
     """One actor: a replica of a model, its Ray GPU request and the engine budget that goes with it."""
+
     model: str
     replica: int
     num_gpus: float
     gpu_memory_budget_gib: float | None = None
-    gpu_slot: int | None = None           # the planner's bin; Ray picks the physical device
+    gpu_slot: int | None = None  # the planner's bin; Ray picks the physical device
 
 
 @dataclass(frozen=True)
@@ -53,11 +55,12 @@ class Plan:
 @dataclass(frozen=True)
 class ModelDemand:
     """What the planner needs of a ModelSpec: its name, replicas, explicit GPUs and estimate."""
+
     name: str
     replicas: int
     gpus: float | None
     estimate: MemoryEstimate
-    has_budget: bool = False              # the user fixed engine.gpu_memory_budget_gib
+    has_budget: bool = False  # the user fixed engine.gpu_memory_budget_gib
 
 
 def _fraction(d: ModelDemand, gpu_bytes: int, step: float) -> float:
@@ -71,7 +74,8 @@ def _fraction(d: ModelDemand, gpu_bytes: int, step: float) -> float:
             f"model {d.name!r} needs about {d.estimate.total_bytes / GIB:.1f} GiB "
             f"({d.estimate.describe()}), more than one GPU's {gpu_bytes / GIB:.1f} GiB; one model runs on "
             "one GPU here: lower its KV budget (engine.max_batch_size or engine.gpu_memory_budget_gib) "
-            "or use a bigger GPU")
+            "or use a bigger GPU"
+        )
     # a model that cannot share its GPU anyway takes all of it and lets the engine size its KV pool
     return 1.0 if frac > 0.5 else round(frac, 6)
 
@@ -91,7 +95,7 @@ def _pack(items: list[Placement], bins: list[float]) -> list[Placement] | None:
     placed = []
     for p in items:
         need = max(p.num_gpus, 0.0)
-        if need > 1.0:   # multi-GPU replica: whole empty GPUs
+        if need > 1.0:  # multi-GPU replica: whole empty GPUs
             k = int(math.ceil(need))
             empty = [i for i, c in enumerate(trial) if c >= 1.0 - 1e-9][:k]
             if len(empty) < k:
@@ -109,8 +113,13 @@ def _pack(items: list[Placement], bins: list[float]) -> list[Placement] | None:
     return placed
 
 
-def plan(demands: Sequence[ModelDemand], mode: str, num_gpus: int, gpu_memory_bytes: int | None,
-         cfg: PlannerConfig = PlannerConfig()) -> Plan:
+def plan(
+    demands: Sequence[ModelDemand],
+    mode: str,
+    num_gpus: int,
+    gpu_memory_bytes: int | None,
+    cfg: PlannerConfig = DEFAULT_PLANNER_CONFIG,
+) -> Plan:
     """Waves of placements. num_gpus=0 plans for CPU actors (everything fits; memory is the host's)."""
     estimates = {d.name: d.estimate for d in demands}
     if num_gpus == 0:
@@ -137,8 +146,10 @@ def plan(demands: Sequence[ModelDemand], mode: str, num_gpus: int, gpu_memory_by
         for d in demands:
             placed = _pack(groups[d.name], [1.0] * num_gpus)
             if placed is None:
-                raise PlanError(f"model {d.name!r}: {d.replicas} replica(s) x {fracs[d.name]:g} GPU do not fit "
-                                f"on {num_gpus} GPU(s); lower replicas")
+                raise PlanError(
+                    f"model {d.name!r}: {d.replicas} replica(s) x {fracs[d.name]:g} GPU do not fit "
+                    f"on {num_gpus} GPU(s); lower replicas"
+                )
             waves.append(placed)
     elif mode == "parallel":
         bins = [1.0] * num_gpus
@@ -147,8 +158,10 @@ def plan(demands: Sequence[ModelDemand], mode: str, num_gpus: int, gpu_memory_by
             placed = _pack(groups[d.name], bins)
             if placed is None:
                 total = sum(need(x) for x in demands)
-                raise PlanError(f"parallel: the models need about {total:.2f} GPU(s) together but {num_gpus} "
-                                f"GPU(s) are here ({d.name!r} did not fit); use mode='auto' (waves) or 'sequential'")
+                raise PlanError(
+                    f"parallel: the models need about {total:.2f} GPU(s) together but {num_gpus} "
+                    f"GPU(s) are here ({d.name!r} did not fit); use mode='auto' (waves) or 'sequential'"
+                )
             waves[0].extend(placed)
         order = {d.name: i for i, d in enumerate(demands)}
         waves[0].sort(key=lambda p: (order[p.model], p.replica))
@@ -165,8 +178,10 @@ def plan(demands: Sequence[ModelDemand], mode: str, num_gpus: int, gpu_memory_by
                 bins = [1.0] * num_gpus
                 placed = _pack(groups[d.name], bins)
                 if placed is None:
-                    raise PlanError(f"model {d.name!r}: {d.replicas} replica(s) x {fracs[d.name]:g} GPU do not "
-                                    f"fit on {num_gpus} GPU(s) even alone; lower replicas")
+                    raise PlanError(
+                        f"model {d.name!r}: {d.replicas} replica(s) x {fracs[d.name]:g} GPU do not "
+                        f"fit on {num_gpus} GPU(s) even alone; lower replicas"
+                    )
                 wave_bins.append(bins)
                 waves.append(placed)
     else:

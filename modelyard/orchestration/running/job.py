@@ -4,35 +4,44 @@ Inputs are enumerated lazily and rows stream into the store, so the driver's mem
 with the data set. A model whose keys are all in the store already (a resumed job) is not spawned
 at all. What happens inside one wave (spawn, in-flight bound, actor deaths, unload) is wave.py's.
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
-from ..planning.memory import GIB, estimate_memory
-from ..planning.planner import ModelDemand, Plan, Placement, plan
-from ..spec.hub import resolve_job_paths
-from ..outputs.progress import Progress, format_summary
 from ..checks.resume import check_resume
-from ..spec.job import JobSpec, ModelSpec
+from ..outputs.progress import Progress, format_summary
 from ..outputs.store import ResultStore, write_json_atomic
+from ..planning.memory import GIB, estimate_memory
+from ..planning.planner import ModelDemand, Placement, Plan, plan
+from ..spec.hub import resolve_job_paths
+from ..spec.job import JobSpec, ModelSpec
 from .wave import HandleFactory, WaveRunner, fail_all, first_line
 from .work import ModelWork, count_pending
 
+
 def default_handle_factory(model: ModelSpec, placement: Placement, max_concurrent: int = 64):
     from ...actors import ModelHandle
+
     # num_cpus left to the handle: its actors hold (almost) no CPU, so parallel CPU models never wait
     # for each other's slots.
-    return ModelHandle(model.path, name=f"{model.name}-{placement.replica}", engine_config=dict(model.engine),
-                       num_gpus=placement.num_gpus, gpu_memory_budget_gib=placement.gpu_memory_budget_gib,
-                       max_concurrent_requests=max_concurrent)
+    return ModelHandle(
+        model.path,
+        name=f"{model.name}-{placement.replica}",
+        engine_config=dict(model.engine),
+        num_gpus=placement.num_gpus,
+        gpu_memory_budget_gib=placement.gpu_memory_budget_gib,
+        max_concurrent_requests=max_concurrent,
+    )
 
 
 def _smallest_gpu_bytes() -> int | None:
     """Memory of the smallest GPU this process's node has, through NVML (no CUDA context)."""
     from ...actors.gpu import NvmlSession
+
     with NvmlSession.open() as nv:
         return min(nv.snapshot(i).total_bytes for i in range(nv.device_count())) if nv.ok else None
 
@@ -48,8 +57,15 @@ class JobResult:
 
 
 class JobRunner:
-    def __init__(self, job: JobSpec, *, address: str | None = None, progress: bool | None = None,
-                 handle_factory: HandleFactory | None = None, log: Callable[[str], None] = print):
+    def __init__(
+        self,
+        job: JobSpec,
+        *,
+        address: str | None = None,
+        progress: bool | None = None,
+        handle_factory: HandleFactory | None = None,
+        log: Callable[[str], None] = print,
+    ):
         self.job = job
         self.address = address
         self.progress_enabled = progress
@@ -61,6 +77,7 @@ class JobRunner:
     # -- planning ---------------------------------------------------------------------------------
     def _gpus(self) -> tuple[int, int | None]:
         import ray
+
         n = int(ray.cluster_resources().get("GPU", 0))
         if n == 0:
             return 0, None
@@ -77,8 +94,9 @@ class JobRunner:
         else:
             why = "NVML unavailable there"
         if remote is None:
-            raise RuntimeError(f"the cluster has GPUs but their memory could not be read ({why}); "
-                               "set gpu_memory_gib in the job")
+            raise RuntimeError(
+                f"the cluster has GPUs but their memory could not be read ({why}); set gpu_memory_gib in the job"
+            )
         return n, remote
 
     def make_plan(self) -> Plan:
@@ -90,11 +108,14 @@ class JobRunner:
         for m in self.job.models:
             try:
                 estimate = estimate_memory(m.path, m.engine, on_gpu=n > 0)
-            except (OSError, ValueError) as e:       # SpecError is a ValueError
+            except (OSError, ValueError) as e:  # SpecError is a ValueError
                 self.unplanned[m.name] = f"the model failed to load: {type(e).__name__}: {e}"
                 continue
-            demands.append(ModelDemand(m.name, m.replicas, m.gpus, estimate,
-                                       has_budget=bool(m.engine.get("gpu_memory_budget_gib"))))
+            demands.append(
+                ModelDemand(
+                    m.name, m.replicas, m.gpus, estimate, has_budget=bool(m.engine.get("gpu_memory_budget_gib"))
+                )
+            )
         return plan(demands, self.job.mode, n, mem)
 
     def _fail_unplanned(self, store: ResultStore, progress: Progress) -> None:
@@ -109,6 +130,7 @@ class JobRunner:
     # -- the job ----------------------------------------------------------------------------------
     def run(self) -> JobResult:
         from ...actors import ensure_ray
+
         t0 = time.perf_counter()
         out = Path(self.job.output_dir)
         # the lock first: a second driver on this directory stops here, before Ray or any download
@@ -117,23 +139,36 @@ class JobRunner:
         try:
             ensure_ray(self.address)
             self.job = job = resolve_job_paths(self.job)
-            for warning in check_resume(job, out):      # SpecError if out holds another job's rows
+            for warning in check_resume(job, out):  # SpecError if out holds another job's rows
                 self.log(f"warning: {warning}")
             if store.resumed_rows:
-                self.log(f"resuming: {store.num_done} key(s) already done in {store.jsonl}"
-                         + (f" (dropped a torn last row of {store.dropped_torn_bytes} bytes)"
-                            if store.dropped_torn_bytes else ""))
+                self.log(
+                    f"resuming: {store.num_done} key(s) already done in {store.jsonl}"
+                    + (
+                        f" (dropped a torn last row of {store.dropped_torn_bytes} bytes)"
+                        if store.dropped_torn_bytes
+                        else ""
+                    )
+                )
             write_json_atomic(out / "job.json", job.to_dict())
             the_plan = self.make_plan()
             self.log(the_plan.describe())
             pending, total = count_pending(job, store)
-            progress = Progress([m.name for m in job.models], pending,
-                                {m: total - pending[m] for m in pending}, self.progress_enabled)
+            progress = Progress(
+                [m.name for m in job.models], pending, {m: total - pending[m] for m in pending}, self.progress_enabled
+            )
             self._restarts = {m.name: 0 for m in job.models}
             self._fail_unplanned(store, progress)
             for wave in the_plan.waves:
-                WaveRunner(job, wave, factory=self.factory, store=store, progress=progress,
-                           restarts=self._restarts, log=self.log).run()
+                WaveRunner(
+                    job,
+                    wave,
+                    factory=self.factory,
+                    store=store,
+                    progress=progress,
+                    restarts=self._restarts,
+                    log=self.log,
+                ).run()
             progress.close()
             results_path = store.finalize()
             summary = progress.summary()
@@ -142,12 +177,21 @@ class JobRunner:
                 import pandas as pd
 
                 from ..outputs.compare import write_comparison
+
                 df = pd.read_parquet(results_path)
-                result.report = write_comparison(out, df, [m.name for m in job.models], summary, title=job.name,
-                                                 max_images=job.report_max_images,
-                                                 meta={"mode": job.mode, "prompts": len(job.prompts)})
-            write_json_atomic(out / "summary.json", {"wall_s": round(result.wall_s, 3), "mode": job.mode,
-                                                     "plan": the_plan.describe(), "models": summary})
+                result.report = write_comparison(
+                    out,
+                    df,
+                    [m.name for m in job.models],
+                    summary,
+                    title=job.name,
+                    max_images=job.report_max_images,
+                    meta={"mode": job.mode, "prompts": len(job.prompts)},
+                )
+            write_json_atomic(
+                out / "summary.json",
+                {"wall_s": round(result.wall_s, 3), "mode": job.mode, "plan": the_plan.describe(), "models": summary},
+            )
         finally:
             if progress is not None:
                 progress.close()

@@ -10,17 +10,19 @@ model's remaining units become retryable error rows. A model that cannot load gi
 that are retryable only when a rerun could load it (not for an unsupported architecture, a
 missing package or an unreadable checkpoint: those need a fix, then `--retry-errors`).
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-from ..planning.planner import Placement
 from ..outputs.progress import Progress
-from ..spec.job import JobSpec, ModelSpec
 from ..outputs.store import ResultStore
+from ..planning.planner import Placement
+from ..spec.job import JobSpec, ModelSpec
 from .work import ModelWork, Unit, failed_row, output_row
 
 HandleFactory = Callable[[ModelSpec, Placement], Any]
@@ -40,10 +42,10 @@ class _Worker:
     replica: int
     handle: Any
     refs: set = field(default_factory=set)
-    isolating: bool = False       # a suspect unit is in flight alone
+    isolating: bool = False  # a suspect unit is in flight alone
     dead: bool = False
     seq: int = 0
-    limit: int = 1                # requests kept in flight (set once the actor has loaded)
+    limit: int = 1  # requests kept in flight (set once the actor has loaded)
 
     @property
     def label(self) -> str:
@@ -71,9 +73,17 @@ class WaveRunner:
     max_restarts budget is per model and per job, not per wave.
     """
 
-    def __init__(self, job: JobSpec, wave: tuple[Placement, ...], *, factory: HandleFactory,
-                 store: ResultStore, progress: Progress, restarts: dict[str, int],
-                 log: Callable[[str], None]):
+    def __init__(
+        self,
+        job: JobSpec,
+        wave: tuple[Placement, ...],
+        *,
+        factory: HandleFactory,
+        store: ResultStore,
+        progress: Progress,
+        restarts: dict[str, int],
+        log: Callable[[str], None],
+    ):
         self.job, self.wave, self.factory, self.log = job, wave, factory, log
         self._store, self._progress, self._restarts = store, progress, restarts
         self._works: dict[str, ModelWork] = {}
@@ -82,6 +92,7 @@ class WaveRunner:
 
     def run(self) -> None:
         import ray
+
         job, progress = self.job, self._progress
         works = {p.model: ModelWork(job, job.model(p.model), self._store) for p in self.wave}
         # A model with nothing pending is not spawned (a load costs seconds to minutes, for no row).
@@ -119,7 +130,7 @@ class WaveRunner:
                     more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
                     ready += more
                 for ref in ready:
-                    if ref in inflight:         # a death handled earlier in this batch may have taken it
+                    if ref in inflight:  # a death handled earlier in this batch may have taken it
                         self._collect(ref)
         finally:
             for w in workers:
@@ -129,6 +140,7 @@ class WaveRunner:
     def _spawn(self, w: _Worker) -> tuple[str, bool] | None:
         """None once loaded, else (why, permanent)."""
         from ...actors import is_permanent
+
         try:
             info = w.handle.spawn(timeout=self.job.spawn_timeout_s)
         except Exception as e:
@@ -143,9 +155,9 @@ class WaveRunner:
             try:
                 self._progress.engine_stats(w.model, w.handle.stats())
             except Exception:
-                pass                            # a dead actor has no stats; its unload still counts
+                pass  # a dead actor has no stats; its unload still counts
             res = w.handle.unload()
-        except Exception as e:                  # UnloadError carries the measured numbers
+        except Exception as e:  # UnloadError carries the measured numbers
             res = dict(getattr(e, "result", {}) or {})
             res["note"] = first_line(e)
         self._progress.unloaded(w.model, res)
@@ -162,11 +174,12 @@ class WaveRunner:
             unit.submitted_at = time.perf_counter()
             try:
                 ref = w.handle.submit(unit.item.source, unit.text, self.job.sampling, request_id=unit.request_id)
-            except Exception as e:              # e.g. an argument Ray cannot serialise: this unit only
+            except Exception as e:  # e.g. an argument Ray cannot serialise: this unit only
                 w.isolating = False
                 work.finish(unit)
-                self._write(failed_row(unit, w.model, f"submit failed: {first_line(e)}", retryable=False,
-                                       worker=w.label))
+                self._write(
+                    failed_row(unit, w.model, f"submit failed: {first_line(e)}", retryable=False, worker=w.label)
+                )
                 continue
             self._inflight[ref] = (w, unit)
             w.refs.add(ref)
@@ -178,6 +191,7 @@ class WaveRunner:
 
     def _collect(self, ref) -> None:
         from ...actors import ActorDied, EngineFailed
+
         w, unit = self._inflight.pop(ref)
         w.refs.discard(ref)
         try:
@@ -185,10 +199,10 @@ class WaveRunner:
         except ActorDied as e:
             self._on_death(w, [(ref, unit)], e)
             return
-        except EngineFailed as e:               # the actor refuses further work: like a death
+        except EngineFailed as e:  # the actor refuses further work: like a death
             self._on_death(w, [(ref, unit)], e)
             return
-        except Exception as e:                  # this request failed; the actor lives on
+        except Exception as e:  # this request failed; the actor lives on
             row = failed_row(unit, w.model, first_line(e), retryable=False, worker=w.label)
         else:
             row = output_row(unit, w.model, out, time.perf_counter() - unit.submitted_at, w.label)
@@ -198,6 +212,7 @@ class WaveRunner:
 
     def _on_death(self, w: _Worker, first: list, exc: BaseException) -> None:
         from ...actors import ActorDied
+
         job, work = self.job, self._works[w.model]
         units = list(first)
         for r in list(w.refs):
@@ -224,8 +239,9 @@ class WaveRunner:
             unit.attempts += 1
             if unit.attempts >= job.max_item_attempts:
                 work.finish(unit)
-                why = (f"the model actor died {unit.attempts} times while captioning this item"
-                       + (", the last time with nothing else in flight" if alone else ""))
+                why = f"the model actor died {unit.attempts} times while captioning this item" + (
+                    ", the last time with nothing else in flight" if alone else ""
+                )
                 self._write(failed_row(unit, w.model, why, retryable=False, worker=w.label))
             else:
                 work.put_back(unit)
@@ -241,8 +257,9 @@ class WaveRunner:
             except Exception as e:
                 w.dead = True
                 self._progress.stats[w.model].notes.append(f"{w.label} respawn failed: {first_line(e)}")
-        self._abandon_if_dead(w.model, f"the model actor died {self._restarts[w.model]} time(s) "
-                                       f"(max_restarts={job.max_restarts}): {why}")
+        self._abandon_if_dead(
+            w.model, f"the model actor died {self._restarts[w.model]} time(s) (max_restarts={job.max_restarts}): {why}"
+        )
 
     def _abandon_if_dead(self, model: str, reason: str, retryable: bool = True) -> None:
         """No live replica left: every remaining unit of the model becomes an error row."""

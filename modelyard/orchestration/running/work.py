@@ -5,25 +5,27 @@ units to retry after an actor died. Units that were in flight when an actor died
 they are retried one at a time, so an input that kills the actor by itself is identified and
 turned into an error row instead of taking the model's restart budget with it.
 """
+
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
+from ..outputs.store import ResultStore, error_row, make_key
 from ..spec.inputs import InputItem, iter_items
 from ..spec.job import JobSpec, ModelSpec, PromptSpec
-from ..outputs.store import ResultStore, error_row, make_key
 
 
 @dataclass(slots=True)
 class Unit:
     """One (image, prompt) for one model: the store key and how often an actor died holding it."""
+
     key: str
     item: InputItem
     prompt: PromptSpec
-    text: str                 # the prompt text this model gets (its override or the job's)
-    attempts: int = 0         # actor deaths while this unit was in flight
+    text: str  # the prompt text this model gets (its override or the job's)
+    attempts: int = 0  # actor deaths while this unit was in flight
     request_id: str = ""
     submitted_at: float = 0.0
 
@@ -34,7 +36,7 @@ class ModelWork:
     def __init__(self, job: JobSpec, model: ModelSpec, store: ResultStore):
         self.job, self.model, self.store = job, model, store
         self._gen: Iterator[Unit] | None = self._pending()
-        self._peeked: Unit | None = None      # read by has_pending(), handed out by the next take()
+        self._peeked: Unit | None = None  # read by has_pending(), handed out by the next take()
         self.suspects: deque[Unit] = deque()
         self.in_flight: set[str] = set()
 
@@ -113,15 +115,44 @@ def output_row(unit: Unit, model: str, out, latency_s: float, worker: str) -> di
     """A store row from an engine Output (finish_reason "error" becomes an error row)."""
     src = unit.item.path
     if out.finish_reason == "error":
-        return error_row(unit.item.image_id, model, unit.prompt.id, out.error or "engine error",
-                         retryable=False, source=src, prompt=unit.text, attempts=unit.attempts + 1, worker=worker)
-    return {"image_id": unit.item.image_id, "model": model, "prompt_id": unit.prompt.id, "caption": out.text,
-            "finish_reason": out.finish_reason, "error": None, "num_prompt_tokens": int(out.num_prompt_tokens),
-            "num_image_tokens": int(out.num_image_tokens), "num_generated_tokens": len(out.token_ids),
-            "latency_s": float(latency_s), "source": src, "prompt": unit.text, "attempts": unit.attempts + 1,
-            "worker": worker}
+        return error_row(
+            unit.item.image_id,
+            model,
+            unit.prompt.id,
+            out.error or "engine error",
+            retryable=False,
+            source=src,
+            prompt=unit.text,
+            attempts=unit.attempts + 1,
+            worker=worker,
+        )
+    return {
+        "image_id": unit.item.image_id,
+        "model": model,
+        "prompt_id": unit.prompt.id,
+        "caption": out.text,
+        "finish_reason": out.finish_reason,
+        "error": None,
+        "num_prompt_tokens": int(out.num_prompt_tokens),
+        "num_image_tokens": int(out.num_image_tokens),
+        "num_generated_tokens": len(out.token_ids),
+        "latency_s": float(latency_s),
+        "source": src,
+        "prompt": unit.text,
+        "attempts": unit.attempts + 1,
+        "worker": worker,
+    }
 
 
 def failed_row(unit: Unit, model: str, reason: str, *, retryable: bool, worker: str = "") -> dict:
-    return error_row(unit.item.image_id, model, unit.prompt.id, reason, retryable=retryable,
-                     source=unit.item.path, prompt=unit.text, attempts=max(unit.attempts, 1), worker=worker)
+    return error_row(
+        unit.item.image_id,
+        model,
+        unit.prompt.id,
+        reason,
+        retryable=retryable,
+        source=unit.item.path,
+        prompt=unit.text,
+        attempts=max(unit.attempts, 1),
+        worker=worker,
+    )

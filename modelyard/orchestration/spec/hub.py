@@ -5,6 +5,7 @@ Actors read checkpoints from their node's filesystem, so a Hub id is resolved on
 actors. On a multi-node cluster that path must be on a shared filesystem (or the same snapshot
 pre-fetched on every node); HF_HUB_OFFLINE=1 resolves from the cache without the network.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,10 @@ def check_local(path: str) -> bool:
     Cheap (no network, no Ray), so the CLI calls it before starting anything."""
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
-            raise SpecError(f"model path {path!r} is a directory but not a Hugging Face checkpoint (no config.json "
-                            "in it); `modelyard make-model llava DIR` writes a test checkpoint")
+            raise SpecError(
+                f"model path {path!r} is a directory but not a Hugging Face checkpoint (no config.json "
+                "in it); `modelyard make-model llava DIR` writes a test checkpoint"
+            )
         return True
     if os.path.exists(path):
         raise SpecError(f"model path {path!r} is a file; give the checkpoint's directory (the one with config.json)")
@@ -48,9 +51,11 @@ def resolve_checkpoint(path: str) -> str:
     try:
         return snapshot_download(path, allow_patterns=_PATTERNS)
     except Exception as e:
-        why = " ".join(str(e).split())[:300]        # the Hub's messages span lines; the CLI prints one
-        raise SpecError(f"cannot fetch {path!r} from the Hugging Face Hub ({type(e).__name__}: {why}); "
-                        "download it first or give a local checkpoint directory") from e
+        why = " ".join(str(e).split())[:300]  # the Hub's messages span lines; the CLI prints one
+        raise SpecError(
+            f"cannot fetch {path!r} from the Hugging Face Hub ({type(e).__name__}: {why}); "
+            "download it first or give a local checkpoint directory"
+        ) from e
 
 
 def resolve_job_paths(job: JobSpec) -> JobSpec:

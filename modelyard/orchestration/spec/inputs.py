@@ -10,14 +10,16 @@ bytes without an id, or the id the caller gives. A file name that is not valid U
 escaped by the OS layer) gets an id with its odd bytes written as `\\xNN`, so it can be stored,
 compared and shown like any other; its source keeps the real path the actor opens.
 """
+
 from __future__ import annotations
 
 import glob as _glob
 import hashlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .job import InputSpec, SpecError
 
@@ -35,7 +37,7 @@ def safe_text(s: str) -> str:
 @dataclass(frozen=True, slots=True)
 class InputItem:
     image_id: str
-    source: str | bytes      # filesystem path, or encoded image bytes
+    source: str | bytes  # filesystem path, or encoded image bytes
 
     def __post_init__(self):
         object.__setattr__(self, "image_id", safe_text(self.image_id))
@@ -166,8 +168,9 @@ def require_items(spec: InputSpec) -> None:
         return
     if spec.directory is not None:
         where = "under it (subdirectories included)" if spec.recursive else "in it (recursive = false)"
-        raise SpecError(f"no images in {spec.directory!r}: no file with an image extension "
-                        f"({', '.join(spec.extensions)}) {where}")
+        raise SpecError(
+            f"no images in {spec.directory!r}: no file with an image extension ({', '.join(spec.extensions)}) {where}"
+        )
     if spec.glob is not None:
         raise SpecError(f"no files match {spec.glob!r} (a recursive glob needs '**', e.g. 'imgs/**/*.jpg')")
     raise SpecError(f"inputs.file_list {spec.file_list!r} lists no paths")

@@ -20,12 +20,14 @@ Frozen, validated dataclasses. Built in Python, or loaded from a TOML, YAML or J
 
 Relative paths in a job file are resolved against the file's directory.
 """
+
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any
 
 from ...engine.config import EngineConfig
 from ...engine.types import SamplingParams
@@ -38,8 +40,10 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 def _check_name(what: str, name: str) -> None:
     if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise SpecError(f"{what} {name!r} must be 1-100 characters of letters, digits, '.', '_' or '-', "
-                        "starting with a letter or digit")
+        raise SpecError(
+            f"{what} {name!r} must be 1-100 characters of letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,7 @@ class ModelSpec:
     `gpus`: GPUs per replica (fractions allowed, 0 = CPU); None lets the planner decide.
     `replicas`: actors of this model sharing its work (data parallel).
     """
+
     name: str
     path: str
     engine: Mapping[str, Any] = field(default_factory=dict)
@@ -105,6 +110,7 @@ class InputSpec:
     of paths, bytes, (id, path-or-bytes) pairs or {"id", "path"|"bytes"} dicts), or dataset
     (a Ray Dataset whose rows have a "path" or "bytes" column and optionally "id").
     """
+
     directory: str | None = None
     glob: str | None = None
     file_list: str | None = None
@@ -116,14 +122,17 @@ class InputSpec:
     def __post_init__(self):
         given = [n for n in ("directory", "glob", "file_list", "items", "dataset") if getattr(self, n) is not None]
         if len(given) != 1:
-            raise SpecError(f"inputs: give exactly one of directory, glob, file_list, items, dataset (got {given or 'none'})")
+            raise SpecError(
+                f"inputs: give exactly one of directory, glob, file_list, items, dataset (got {given or 'none'})"
+            )
         if self.items is not None:
             object.__setattr__(self, "items", tuple(self.items))
         if not isinstance(self.recursive, bool):
             raise SpecError(f"inputs.recursive must be true or false, got {self.recursive!r}")
         if isinstance(self.extensions, str) or not all(isinstance(e, str) and e for e in self.extensions):
-            raise SpecError(f"inputs.extensions must be a list of file extensions like ['.jpg', '.png'], "
-                            f"got {self.extensions!r}")
+            raise SpecError(
+                f"inputs.extensions must be a list of file extensions like ['.jpg', '.png'], got {self.extensions!r}"
+            )
         exts = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in self.extensions)
         object.__setattr__(self, "extensions", exts)
         for n in ("directory", "glob", "file_list"):
@@ -134,7 +143,7 @@ class InputSpec:
                 object.__setattr__(self, n, os.fspath(v))
 
     @classmethod
-    def from_any(cls, src: Any) -> "InputSpec":
+    def from_any(cls, src: Any) -> InputSpec:
         """A directory, a glob, a .txt list of paths, a list of items or a Ray Dataset."""
         if isinstance(src, InputSpec):
             return src
@@ -151,8 +160,10 @@ class InputSpec:
             return cls(items=tuple(src))
         if hasattr(src, "iter_rows") and hasattr(src, "count"):
             return cls(dataset=src)
-        raise SpecError(f"cannot make an input from {type(src).__name__}: give a directory, glob, "
-                        "path-list file, list of paths/bytes or a Ray Dataset")
+        raise SpecError(
+            f"cannot make an input from {type(src).__name__}: give a directory, glob, "
+            "path-list file, list of paths/bytes or a Ray Dataset"
+        )
 
 
 @dataclass(frozen=True)
@@ -166,13 +177,13 @@ class JobSpec:
     # items in flight per actor; "auto": as many as the actor's engine batches, plus a queue to cover
     # its next steps (from what the actor reports after loading)
     max_in_flight: int | str = "auto"
-    max_restarts: int = 2           # respawns per model after its actor dies
-    max_item_attempts: int = 3      # an item in flight during this many actor deaths becomes an error row
-    retry_errors: bool = False      # on resume, recompute rows that ended in an error too
-    report: bool = True             # write comparison.parquet + report.html at the end
-    report_max_images: int = 200    # images shown in the HTML report (the tables keep all)
+    max_restarts: int = 2  # respawns per model after its actor dies
+    max_item_attempts: int = 3  # an item in flight during this many actor deaths becomes an error row
+    retry_errors: bool = False  # on resume, recompute rows that ended in an error too
+    report: bool = True  # write comparison.parquet + report.html at the end
+    report_max_images: int = 200  # images shown in the HTML report (the tables keep all)
     gpu_memory_gib: float | None = None  # per-GPU memory for planning; None: measured through NVML
-    spawn_timeout_s: float = 1800.0      # placement + weights + KV pool; past it the model's rows are errors
+    spawn_timeout_s: float = 1800.0  # placement + weights + KV pool; past it the model's rows are errors
     name: str = "job"
 
     def __post_init__(self):
@@ -201,8 +212,10 @@ class JobSpec:
             if isinstance(m.prompt, dict):
                 unknown = set(m.prompt) - set(ids)
                 if unknown:
-                    raise SpecError(f"model {m.name!r}: prompt override for unknown prompt ids {sorted(unknown)}; "
-                                    f"the job's prompt ids are {ids}")
+                    raise SpecError(
+                        f"model {m.name!r}: prompt override for unknown prompt ids {sorted(unknown)}; "
+                        f"the job's prompt ids are {ids}"
+                    )
         if not isinstance(self.sampling, SamplingParams):
             raise SpecError("sampling must be a SamplingParams")
         if self.mode not in MODES:
@@ -210,10 +223,14 @@ class JobSpec:
         if not isinstance(self.output_dir, (str, os.PathLike)) or not os.fspath(self.output_dir):
             raise SpecError(f"output_dir must be a non-empty path, got {self.output_dir!r}")
         object.__setattr__(self, "output_dir", os.fspath(self.output_dir))
-        check_types("job", JobSpec, {f.name: getattr(self, f.name) for f in fields(self)},
-                    skip=("models", "inputs", "prompts", "sampling", "output_dir"))
+        check_types(
+            "job",
+            JobSpec,
+            {f.name: getattr(self, f.name) for f in fields(self)},
+            skip=("models", "inputs", "prompts", "sampling", "output_dir"),
+        )
         if self.max_in_flight != "auto" and (not isinstance(self.max_in_flight, int) or self.max_in_flight < 1):
-            raise SpecError(f"max_in_flight must be \"auto\" or an integer >= 1, got {self.max_in_flight!r}")
+            raise SpecError(f'max_in_flight must be "auto" or an integer >= 1, got {self.max_in_flight!r}')
         for n in ("max_item_attempts", "report_max_images"):
             if not isinstance(getattr(self, n), int) or getattr(self, n) < 1:
                 raise SpecError(f"{n} must be an integer >= 1, got {getattr(self, n)!r}")
@@ -232,14 +249,21 @@ class JobSpec:
 
     def to_dict(self) -> dict:
         """A JSON-able description (a dataset input is described, not serialised)."""
-        inputs = {f.name: getattr(self.inputs, f.name) for f in fields(InputSpec)
-                  if f.name not in ("items", "dataset") and getattr(self.inputs, f.name) is not None}
+        inputs = {
+            f.name: getattr(self.inputs, f.name)
+            for f in fields(InputSpec)
+            if f.name not in ("items", "dataset") and getattr(self.inputs, f.name) is not None
+        }
         if self.inputs.items is not None:
             inputs["items"] = f"<{len(self.inputs.items)} python items>"
         if self.inputs.dataset is not None:
             inputs["dataset"] = "<ray dataset>"
         inputs["extensions"] = list(self.inputs.extensions)
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("models", "inputs", "prompts", "sampling")}
+        d = {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name not in ("models", "inputs", "prompts", "sampling")
+        }
         d["models"] = [{f.name: getattr(m, f.name) for f in fields(ModelSpec)} for m in self.models]
         d["prompts"] = [{"id": p.id, "text": p.text} for p in self.prompts]
         d["sampling"] = {f.name: getattr(self.sampling, f.name) for f in fields(SamplingParams)}

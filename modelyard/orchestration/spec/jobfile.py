@@ -3,14 +3,15 @@
 Relative paths (inputs, output_dir, model directories) resolve against the job file's directory;
 a model path that looks like a Hub id ("org/name") and is not a local directory is kept as is.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
-from typing import Mapping
 
 from ...engine.types import SamplingParams
 from .job import DEFAULT_PROMPT, InputSpec, JobSpec, ModelSpec, PromptSpec, SpecError
@@ -33,6 +34,7 @@ def _read_mapping(path: Path) -> dict:
             data = tomllib.loads(text)
         elif suffix in (".yaml", ".yml"):
             import yaml
+
             data = yaml.safe_load(text)
         elif suffix == ".json":
             data = json.loads(text)
@@ -86,7 +88,9 @@ def job_from_dict(d: Mapping, base_dir: str | os.PathLike | None = None, **overr
     inputs = dict(inputs)
     for k in ("directory", "glob", "file_list"):
         if inputs.get(k) is not None:
-            inputs[k] = os.path.normpath(base / inputs[k]) if base is not None and not os.path.isabs(inputs[k]) else inputs[k]
+            inputs[k] = (
+                os.path.normpath(base / inputs[k]) if base is not None and not os.path.isabs(inputs[k]) else inputs[k]
+            )
     if "extensions" in inputs:
         inputs["extensions"] = tuple(inputs["extensions"])
 
@@ -98,8 +102,9 @@ def job_from_dict(d: Mapping, base_dir: str | os.PathLike | None = None, **overr
     elif isinstance(prompts, Mapping):
         pspecs = tuple(PromptSpec(str(k), v) for k, v in prompts.items())
     elif isinstance(prompts, list):
-        pspecs = tuple(PromptSpec(f"p{i}", p) if isinstance(p, str) else _prompt(f"prompts[{i}]", p)
-                       for i, p in enumerate(prompts))
+        pspecs = tuple(
+            PromptSpec(f"p{i}", p) if isinstance(p, str) else _prompt(f"prompts[{i}]", p) for i, p in enumerate(prompts)
+        )
     else:
         raise SpecError("job: `prompts` must be a string, a list or a table of id -> text")
 

@@ -1,6 +1,7 @@
 """SpecError, and key and type checks of user-written options (job files, --engine KEY=VALUE)
 against a dataclass's own annotations: a typo or a quoted number is reported by name before
 anything starts, instead of surfacing as a TypeError deep inside a Ray actor."""
+
 from __future__ import annotations
 
 import collections.abc
@@ -9,7 +10,8 @@ import difflib
 import os
 import types
 import typing
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 _NONE = type(None)
 
@@ -27,8 +29,10 @@ def unknown_keys(where: str, got: Mapping, known) -> None:
     for k in extra:
         close = difflib.get_close_matches(str(k), [str(x) for x in known], n=1, cutoff=0.6)
         hints.append(f"{k!r} (did you mean {close[0]!r}?)" if close else repr(k))
-    raise SpecError(f"{where}: unknown key{'s' if len(extra) > 1 else ''} {', '.join(hints)}; "
-                    f"known keys: {', '.join(sorted(map(str, known)))}")
+    raise SpecError(
+        f"{where}: unknown key{'s' if len(extra) > 1 else ''} {', '.join(hints)}; "
+        f"known keys: {', '.join(sorted(map(str, known)))}"
+    )
 
 
 def _describe(hint) -> str:
@@ -39,8 +43,16 @@ def _describe(hint) -> str:
         return "null"
     if origin is not None:
         hint = origin
-    return {int: "an integer", float: "a number", bool: "true/false", str: "a string", tuple: "a list",
-            collections.abc.Mapping: "a table", dict: "a table", os.PathLike: "a path"}.get(hint, getattr(hint, "__name__", str(hint)))
+    return {
+        int: "an integer",
+        float: "a number",
+        bool: "true/false",
+        str: "a string",
+        tuple: "a list",
+        collections.abc.Mapping: "a table",
+        dict: "a table",
+        os.PathLike: "a path",
+    }.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 def matches(value: Any, hint) -> bool:
@@ -56,7 +68,7 @@ def matches(value: Any, hint) -> bool:
         return isinstance(value, bool)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:   # an integer is a fine number ("gpus = 1")
+    if hint is float:  # an integer is a fine number ("gpus = 1")
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if origin is tuple or hint is tuple:
         if not isinstance(value, (list, tuple)):
@@ -69,7 +81,7 @@ def matches(value: Any, hint) -> bool:
         return isinstance(value, Mapping)
     if isinstance(hint, type):
         return isinstance(value, hint)
-    return True         # an annotation this checker does not model: leave it to __post_init__
+    return True  # an annotation this checker does not model: leave it to __post_init__
 
 
 def check_types(where: str, cls: type, values: Mapping, skip: tuple[str, ...] = ()) -> None:
