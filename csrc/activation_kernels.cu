@@ -1,7 +1,5 @@
 // silu_and_mul: the gated MLP activation, silu(gate) * up, over rows [gate (I) | up (I)].
-// Rounding matches the torch reference: silu is rounded to the dtype before the multiply. With norm_x
-// (or norm_scale) the two halves are first scaled by the row's RMSNorm scale (the decoder's folded
-// norm, see below).
+// Rounding matches the torch reference: silu is rounded to the dtype before the multiply.
 //
 // silu_and_mul_quant_fp8 feeds an fp8 down_proj (EngineConfig(quantization="fp8")): it writes the
 // per-token e4m3 quantization of that product (q, scale), bit-identical to
@@ -32,51 +30,14 @@ __device__ __forceinline__ T silu_mul(T a, T b) {
   return from_float<T>(s * to_float(b));
 }
 
-// kNorm: gate and up are the un-normalized projections of a folded norm (engine/models/decoder.py):
-// each is first multiplied by the RMSNorm scale of the row's norm_x (every CTA of the row reduces it,
-// its loads in flight together with the row's) and rounded, as the projection of the normed row was.
-// The `chunks` CTAs of a row are consecutive in the grid, so its norm_x row is read from DRAM once
-// and then from L2 (with rows first, a 16k-token prefill step re-read it from DRAM per chunk: +2% on
-// the whole prefill, H200).
-// pdl (a PDL launch, common.cuh): the row's norm reduction runs first, before pdl_wait (norm_x is the
-// residual stream, which the gate_up GEMM before this kernel only reads), then the loads of x, which
-// that GEMM writes; without PDL the loads go first, in flight during the reduction.
-// With norm_scale (rms_scale's [rows] float32, computed beside the gate_up GEMM in the decode graphs)
-// the scale is read, before pdl_wait, instead of reduced.
-template <typename T, int VEC, int NVEC, bool kNorm>
-__global__ void silu_and_mul_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t x_stride, int inter,
-                                    int chunks, const T* __restrict__ norm_x, int64_t norm_stride, int norm_dim,
-                                    float norm_eps, bool pdl, const float* __restrict__ norm_scale) {
-  const int64_t row = blockIdx.x / chunks;
-  const int i = ((blockIdx.x % chunks) * blockDim.x + threadIdx.x) * VEC;
-  const bool live = i < inter;
+template <typename T, int VEC>
+__global__ void silu_and_mul_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t x_stride, int inter) {
+  const int64_t row = blockIdx.x;
+  const int i = (blockIdx.y * blockDim.x + threadIdx.x) * VEC;
+  if (i >= inter) return;
   const T* gate = x + row * x_stride;
-  Vec<T, VEC> a, b;
-  auto load = [&] {
-    pdl_wait();
-    pdl_trigger();
-    if (live) {
-      a = load_vec<T, VEC>(gate + i);
-      b = load_vec<T, VEC>(gate + inter + i);
-    }
-  };
-  if constexpr (kNorm) {
-    float s;
-    if (norm_scale != nullptr) {  // computed already: read before the wait
-      s = norm_scale[row];
-      load();
-    } else {
-      if (!pdl) load();
-      __shared__ float scratch[32];
-      s = block_inv_rms<T, NVEC>(norm_x + row * norm_stride, norm_dim, norm_eps, scratch);
-      if (pdl) load();
-    }
-    a = scaled<T, VEC>(a, s);
-    b = scaled<T, VEC>(b, s);
-  } else {
-    load();
-  }
-  if (!live) return;
+  const Vec<T, VEC> a = load_vec<T, VEC>(gate + i);
+  const Vec<T, VEC> b = load_vec<T, VEC>(gate + inter + i);
   Vec<T, VEC> o;
 #pragma unroll
   for (int k = 0; k < VEC; ++k) o.v[k] = silu_mul(a.v[k], b.v[k]);
@@ -153,15 +114,10 @@ at::Tensor silu_rows(const at::Tensor& x, const char* name) {
 
 }  // namespace
 
-at::Tensor silu_and_mul(const at::Tensor& x, const std::optional<at::Tensor>& norm_x, double norm_eps,
-                        const std::optional<at::Tensor>& norm_scale) {
+at::Tensor silu_and_mul(const at::Tensor& x) {
   const at::Tensor x2 = silu_rows(x, "silu_and_mul");
   const int64_t inter = x2.size(1) / 2;
   const int64_t rows = x2.size(0);
-  TORCH_CHECK(!(norm_x && norm_scale), "silu_and_mul: pass norm_x or norm_scale, not both");
-  const bool norm = norm_x.has_value() || norm_scale.has_value();
-  check_norm_x("silu_and_mul", norm_x, norm_eps, x, rows);
-  check_norm_scale("silu_and_mul", norm_scale, x, rows);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = inter;
   at::Tensor out = at::empty(out_shape, x.options());
@@ -175,26 +131,13 @@ at::Tensor silu_and_mul(const at::Tensor& x, const std::optional<at::Tensor>& no
     const int vec = vectorized ? V : 1;
     const int64_t items = ceil_div(inter, vec);
     const int threads = static_cast<int>(std::min<int64_t>(256, ceil_div(items, 32) * 32));
-    const int chunks = static_cast<int>(ceil_div(items, threads));
-    TORCH_CHECK(rows * chunks < (int64_t{1} << 31), "silu_and_mul: too many rows (", num(rows), ")");
-    const auto grid = static_cast<unsigned>(rows * chunks);
+    const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(ceil_div(items, threads)));
     const auto* xp = reinterpret_cast<const scalar_t*>(x2.data_ptr());
     auto* op = reinterpret_cast<scalar_t*>(out.data_ptr());
-    const auto* nx = norm_x ? reinterpret_cast<const scalar_t*>(norm_x->data_ptr()) : nullptr;
-    const int64_t ns = norm_x ? norm_x->stride(0) : 0;
-    const int nd = norm_x ? static_cast<int>(norm_x->size(1)) : 0;
-    const bool norm_vec = norm_x && vec_elems(*norm_x, {ns}, nd) == V;
-    const float* nsc = norm_scale ? norm_scale->data_ptr<float>() : nullptr;
-    auto go = [&](auto kernel) {
-      launch(kernel, grid, threads, stream, xp, op, x2.stride(0), static_cast<int>(inter), chunks, nx, ns, nd,
-             static_cast<float>(norm_eps), pdl_on(), nsc);
-    };
-    if (!norm) {
-      vectorized ? go(silu_and_mul_kernel<scalar_t, V, 1, false>) : go(silu_and_mul_kernel<scalar_t, 1, 1, false>);
-    } else if (vectorized) {
-      norm_vec ? go(silu_and_mul_kernel<scalar_t, V, V, true>) : go(silu_and_mul_kernel<scalar_t, V, 1, true>);
+    if (vectorized) {
+      silu_and_mul_kernel<scalar_t, V><<<grid, threads, 0, stream>>>(xp, op, x2.stride(0), static_cast<int>(inter));
     } else {
-      norm_vec ? go(silu_and_mul_kernel<scalar_t, 1, V, true>) : go(silu_and_mul_kernel<scalar_t, 1, 1, true>);
+      silu_and_mul_kernel<scalar_t, 1><<<grid, threads, 0, stream>>>(xp, op, x2.stride(0), static_cast<int>(inter));
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -1,10 +1,8 @@
 // Shared device helpers: dtype conversion, 16-byte vectors, warp reductions, dtype dispatch.
 #pragma once
 
-#include <atomic>
 #include <cstdint>
 #include <string>
-#include <utility>
 #include <type_traits>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -95,11 +93,6 @@ __device__ __forceinline__ void store_vec(T* p, const Vec<T, N>& x) {
   *reinterpret_cast<Vec<T, N>*>(p) = x;
 }
 
-// A pointer into shared memory as the 32-bit shared-window address PTX instructions take.
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
 __device__ __forceinline__ float warp_sum(float x) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
@@ -122,33 +115,6 @@ __device__ __forceinline__ float block_sum(float x, float* scratch) {
   __syncthreads();
   x = lane < nwarps ? scratch[lane] : 0.f;
   return warp_sum(x);
-}
-
-// 1 / sqrt(mean(row^2) + eps) in float32, every thread of the block gets it: the RMSNorm scale of a row
-// (rms_scale, and the folded-norm consumers given norm_x: engine/models/decoder.py). The
-// row is n elements (n % VEC == 0, 16-byte aligned for VEC > 1); every thread of the block must call it.
-template <typename T, int VEC>
-__device__ __forceinline__ float block_inv_rms(const T* __restrict__ row, int n, float eps, float* scratch) {
-  float ss = 0.f;
-#pragma unroll 4
-  for (int i = threadIdx.x * VEC; i < n; i += blockDim.x * VEC) {  // unrolled: a thread's loads in flight at once
-    const Vec<T, VEC> v = load_vec<T, VEC>(row + i);
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      const float f = to_float(v.v[k]);
-      ss = fmaf(f, f, ss);
-    }
-  }
-  ss = block_sum(ss, scratch);
-  return rsqrtf(ss / static_cast<float>(n) + eps);
-}
-
-// x * scale rounded to T: a folded norm's consumer scaling a projection output by its row's scale.
-template <typename T, int VEC>
-__device__ __forceinline__ Vec<T, VEC> scaled(Vec<T, VEC> x, float scale) {
-#pragma unroll
-  for (int e = 0; e < VEC; ++e) x.v[e] = from_float<T>(to_float(x.v[e]) * scale);
-  return x;
 }
 
 // Max over the whole block; every thread gets the result. `scratch` holds 32 floats and may have
@@ -231,92 +197,10 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // fired, while string insertion worked; keeping numbers out of iostreams sidesteps that mismatch.
 inline std::string num(int64_t v) { return std::to_string(v); }
 
-// The optional norm_x [rows, H] (and eps) of an op that applies a folded norm (block_inv_rms): like
-// `like` (device, dtype), one row per row of the op, a contiguous last dim.
-inline void check_norm_x(const char* op, const std::optional<at::Tensor>& norm_x, double eps, const at::Tensor& like,
-                         int64_t rows) {
-  if (!norm_x) return;
-  TORCH_CHECK(norm_x->device() == like.device() && norm_x->scalar_type() == like.scalar_type() && norm_x->dim() == 2 &&
-                  norm_x->size(0) == rows && norm_x->size(1) > 0 && norm_x->stride(1) == 1,
-              op, ": norm_x must be [", num(rows), ", H] in ", like.scalar_type(),
-              " on the same device, with a contiguous last dim");
-  TORCH_CHECK(eps >= 0, op, ": norm_eps must be >= 0");
-}
-
-// The optional norm_scale of an op that applies a folded norm's scale (rms_scale's output): float32
-// [rows] (or [rows, 1]), contiguous, on `like`'s device.
-inline void check_norm_scale(const char* op, const std::optional<at::Tensor>& norm_scale, const at::Tensor& like,
-                             int64_t rows) {
-  if (!norm_scale) return;
-  TORCH_CHECK(norm_scale->device() == like.device() && norm_scale->scalar_type() == at::kFloat &&
-                  norm_scale->numel() == rows && norm_scale->size(0) == rows && norm_scale->is_contiguous(),
-              op, ": norm_scale must be a contiguous float32 [", num(rows), "] on the same device");
-}
-
 inline std::string shape(at::IntArrayRef s) {
   std::string r = "[";
   for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
   return r + "]";
-}
-
-// Programmatic dependent launch (PDL, compute capability >= 9.0). A kernel started with PDL (by
-// `launch` while PDL is on: set_pdl, in pdl.cu; the decode CUDA graphs' capture turns it on) may
-// begin while the kernel before it in the stream is still running: before pdl_wait() it may read only
-// what that previous kernel does not write. What kernels further back wrote is complete, provided
-// every PDL kernel calls pdl_trigger() (which lets the next PDL launch begin; without it, that
-// happens as this kernel's CTAs exit) only after its own pdl_wait(). Both are no-ops in a kernel
-// launched without PDL.
-__device__ __forceinline__ void pdl_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
-__device__ __forceinline__ void pdl_trigger() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" :::);
-#endif
-}
-
-// Whether `launch` uses PDL now (one flag for the library).
-inline std::atomic<bool>& pdl_flag() {
-  static std::atomic<bool> on{false};
-  return on;
-}
-
-inline bool pdl_on() { return pdl_flag().load(std::memory_order_relaxed); }
-
-// kernel<<<grid, block, smem, stream>>>(args...) in clusters of `cluster_x` CTAs along x (1: none),
-// with PDL while it is on.
-template <typename... KArgs, typename... Args>
-void launch_ex(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, unsigned cluster_x, cudaStream_t stream,
-               Args&&... args) {
-  cudaLaunchAttribute attrs[2];
-  unsigned n = 0;
-  if (cluster_x > 1) {
-    attrs[n].id = cudaLaunchAttributeClusterDimension;
-    attrs[n].val.clusterDim.x = cluster_x;
-    attrs[n].val.clusterDim.y = 1;
-    attrs[n++].val.clusterDim.z = 1;
-  }
-  if (pdl_on()) {
-    attrs[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attrs[n++].val.programmaticStreamSerializationAllowed = 1;
-  }
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = block;
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cfg.attrs = attrs;
-  cfg.numAttrs = n;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
-}
-
-// kernel<<<grid, block, 0, stream>>>(args...), with PDL while it is on.
-template <typename... KArgs, typename... Args>
-void launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, cudaStream_t stream, Args&&... args) {
-  launch_ex(kernel, grid, block, 0, 1, stream, std::forward<Args>(args)...);
 }
 
 }  // namespace modelyard

@@ -137,46 +137,7 @@ void launch_norm(const at::Tensor& x, const at::Tensor* residual, const at::Tens
 at::Tensor new_fp8(const at::Tensor& x) { return at::empty({x.size(0), x.size(1)}, x.options().dtype(at::kFloat8_e4m3fn)); }
 at::Tensor new_scales(const at::Tensor& x) { return at::empty({x.size(0), 1}, x.options().dtype(at::kFloat)); }
 
-// rms_scale: 1 / sqrt(mean(x_row^2) + eps) per row into out [T] float32, one CTA per row. Launched
-// without PDL: the decoder runs it on a forked branch of the decode graph, beside a GEMM.
-template <typename T, int VEC>
-__global__ void rms_scale_kernel(const T* __restrict__ x, float* __restrict__ out, int64_t x_stride, int hidden,
-                                 float eps) {
-  __shared__ float scratch[32];
-  const float s = block_inv_rms<T, VEC>(x + blockIdx.x * x_stride, hidden, eps, scratch);
-  if (threadIdx.x == 0) out[blockIdx.x] = s;
-}
-
 }  // namespace
-
-void rms_scale(const at::Tensor& x, double eps, at::Tensor& out) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.stride(1) == 1, "rms_scale: x must be [T, H] on CUDA with a contiguous "
-              "last dim, got ", shape(x.sizes()));
-  TORCH_CHECK(out.device() == x.device() && out.scalar_type() == at::kFloat && out.is_contiguous() &&
-                  out.numel() == x.size(0) && out.size(0) == x.size(0),
-              "rms_scale: out must be a contiguous float32 [", num(x.size(0)), "] on x's device");
-  TORCH_CHECK(eps >= 0, "rms_scale: eps must be >= 0");
-  const int64_t T = x.size(0);
-  const int H = static_cast<int>(x.size(1));
-  if (T == 0) return;
-  TORCH_CHECK(T < (int64_t{1} << 31), "rms_scale: too many rows");
-  const c10::cuda::OptionalCUDAGuard guard(x.device());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const bool vectorized = vec_elems(x, {x.stride(0)}, H) > 1;
-  MODELYARD_DISPATCH_FLOAT_TYPES(x.scalar_type(), "rms_scale", [&] {
-    constexpr int V = 16 / sizeof(scalar_t);
-    const int64_t nvec = H / (vectorized ? V : 1);
-    // a few vectors per thread, all in flight at once (block_inv_rms unrolls by 4)
-    const int threads = static_cast<int>(std::min<int64_t>(1024, std::max<int64_t>(32, ceil_div(ceil_div(nvec, 4), 32) * 32)));
-    auto go = [&](auto kernel) {
-      kernel<<<static_cast<unsigned>(T), threads, 0, stream>>>(reinterpret_cast<const scalar_t*>(x.data_ptr()),
-                                                               out.data_ptr<float>(), x.stride(0), H,
-                                                               static_cast<float>(eps));
-    };
-    vectorized ? go(rms_scale_kernel<scalar_t, V>) : go(rms_scale_kernel<scalar_t, 1>);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-}
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   check_norm_args("rms_norm", x, weight);

@@ -14,10 +14,11 @@ template <typename T, typename C, int D, int NG>
 void launch_main(const Params<T, C>& p, int num_seqs, cudaStream_t stream) {
   const dim3 grid(p.num_kv_heads * p.head_groups, num_seqs, p.num_splits);
   if (p.variant == 3) {
-    launch(paged_decode_kernel_v2<T, C, D, NG, 3>, grid, kThreads, stream, p);
+    paged_decode_kernel_v2<T, C, D, NG, 3><<<grid, kThreads, 0, stream>>>(p);
   } else {
-    launch(paged_decode_kernel_v2<T, C, D, NG, 2>, grid, kThreads, stream, p);
+    paged_decode_kernel_v2<T, C, D, NG, 2><<<grid, kThreads, 0, stream>>>(p);
   }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T, typename C, int D>
@@ -53,7 +54,8 @@ void run(const Params<T, C>& p, int ng, int num_seqs, cudaStream_t stream) {
   }
   if (p.num_splits > 1) {
     const dim3 grid(p.num_heads, num_seqs);
-    launch(paged_decode_reduce_kernel<T, C>, grid, 128, stream, p);
+    paged_decode_reduce_kernel<T, C><<<grid, 128, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 

@@ -65,8 +65,6 @@ __global__ void paged_decode_reduce_kernel(const Params<T, C> p) {
   const int head = blockIdx.x, seq = blockIdx.y;
   const int used = splits_used(p.seq_lens[seq], p.num_splits);
   if (used == 1) return;
-  pdl_wait();  // the partial results of the main kernel
-  pdl_trigger();
   const int64_t sh = static_cast<int64_t>(seq) * p.num_heads + head;
   const int64_t base = sh * p.num_splits;
   if (threadIdx.x < 32) {

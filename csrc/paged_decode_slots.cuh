@@ -53,10 +53,6 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel_v2(const Params<
   const int slot = lane / TPT, vi = lane % TPT;
   const bool active = vi < NVEC;
 
-  // Before this point only the step's inputs (sequence lengths) are read; q and the cache's newest
-  // entries come from the kernel before (the rotary + cache write).
-  pdl_wait();
-  pdl_trigger();
   float qf[NG][VEC];
 #pragma unroll
   for (int g = 0; g < NG; ++g) {

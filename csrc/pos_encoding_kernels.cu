@@ -4,14 +4,6 @@
 // reshape_and_cache, with the same results bit for bit).
 // cos_sin_cache [max_pos, D] float32 holds [cos(D/2) | sin(D/2)] per position; the rotation is done
 // in float32 and rounded once, as the torch reference does.
-//
-// With norm_x (rotary_embedding_and_cache only), q, k and v are first multiplied by the RMSNorm scale
-// of the token's row of norm_x, 1 / sqrt(mean(norm_x^2) + eps), and rounded: the decoder's folded
-// input norm (engine/models/decoder.py), whose qkv projection read the un-normalized residual stream
-// and whose norm weight lives in the projection's weights. Or with norm_scale, that scale computed
-// already (rms_scale, [T] float32: the decode graphs compute it beside the qkv GEMM, so this kernel
-// reads one float instead of reducing the row). v is scaled in place too (the prefill
-// attention reads it there).
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -36,19 +28,15 @@ struct Rotated {
   int i1, i2;
 };
 
-template <typename T, bool kNeox, int VEC, bool kNorm = false>
+template <typename T, bool kNeox, int VEC>
 __device__ __forceinline__ Rotated<T, VEC> rotate_item(T* __restrict__ x, const float* __restrict__ cs, int j,
-                                                       int half, float norm_scale = 1.f) {
+                                                       int half) {
   static_assert(kNeox || VEC == 1, "GPT-J pairs are adjacent elements: one pair per item");
   Rotated<T, VEC> r;
   r.i1 = kNeox ? j : 2 * j;
   r.i2 = kNeox ? j + half : 2 * j + 1;
-  Vec<T, VEC> a = load_vec<T, VEC>(x + r.i1);
-  Vec<T, VEC> b = load_vec<T, VEC>(x + r.i2);
-  if constexpr (kNorm) {
-    a = scaled<T, VEC>(a, norm_scale);
-    b = scaled<T, VEC>(b, norm_scale);
-  }
+  const Vec<T, VEC> a = load_vec<T, VEC>(x + r.i1);
+  const Vec<T, VEC> b = load_vec<T, VEC>(x + r.i2);
 #pragma unroll
   for (int e = 0; e < VEC; ++e) {
     const float c = cs[j + e], s = cs[half + j + e];
@@ -82,46 +70,29 @@ __global__ void rotary_kernel(const P* __restrict__ positions, T* __restrict__ q
 // rotary_kernel plus the cache write of the token's K (rotated) and V rows, in one launch: the items
 // past the rotary ones copy V. A negative slot (padding row) is rotated but not written, as the two
 // separate ops do. C == T copies; C == fp8_e4m3 stores x * inv_scale rounded to e4m3.
-// kNorm: q, k and v are scaled by norm_scale[t], or without it by the RMSNorm scale of row t of
-// norm_x, first (see the top).
-template <typename T, typename C, typename P, bool kNeox, int VEC, bool kNorm>
+template <typename T, typename C, typename P, bool kNeox, int VEC>
 __global__ void rotary_cache_kernel(const P* __restrict__ positions, T* __restrict__ query, T* __restrict__ key,
-                                    T* __restrict__ value, C* __restrict__ k_cache, C* __restrict__ v_cache,
+                                    const T* __restrict__ value, C* __restrict__ k_cache, C* __restrict__ v_cache,
                                     const int64_t* __restrict__ slot_mapping, const float* __restrict__ cos_sin,
                                     int64_t q_stride, int64_t k_stride, int64_t v_stride, int num_heads,
-                                    int num_kv_heads, int head_dim, float k_inv_scale, float v_inv_scale,
-                                    const T* __restrict__ norm_x, int64_t norm_stride, int norm_dim, float norm_eps,
-                                    const float* __restrict__ norm_scale) {
+                                    int num_kv_heads, int head_dim, float k_inv_scale, float v_inv_scale) {
   const int64_t t = blockIdx.x;
-  float ns = 1.f;
-  // Before pdl_wait: norm_x is the residual stream, which the qkv GEMM before this kernel only reads;
-  // norm_scale was written by rms_scale, which ended before this launch (the decoder orders it so).
-  if constexpr (kNorm) {
-    if (norm_scale != nullptr) {
-      ns = norm_scale[t];
-    } else {
-      __shared__ float scratch[32];
-      ns = block_inv_rms<T, VEC>(norm_x + t * norm_stride, norm_dim, norm_eps, scratch);
-    }
-  }
-  pdl_wait();
-  pdl_trigger();
   const int64_t slot = slot_mapping[t];
   const int half = head_dim / 2;
   const int nvec = half / VEC;
   const float* cs = cos_sin + static_cast<int64_t>(positions[t]) * head_dim;
   const int rot = (num_heads + num_kv_heads) * nvec;
   const int vrow = head_dim / VEC;
-  const int total = rot + (slot >= 0 || kNorm ? num_kv_heads * vrow : 0);  // kNorm: v is scaled in place
+  const int total = rot + (slot >= 0 ? num_kv_heads * vrow : 0);
   const int64_t dst0 = slot * num_kv_heads * head_dim;
   for (int i = threadIdx.x; i < total; i += blockDim.x) {
     if (i < rot) {
       const int head = i / nvec, j = (i % nvec) * VEC;
       if (head < num_heads) {
-        rotate_item<T, kNeox, VEC, kNorm>(query + t * q_stride + head * head_dim, cs, j, half, ns);
+        rotate_item<T, kNeox, VEC>(query + t * q_stride + head * head_dim, cs, j, half);
       } else {
         const int kh = head - num_heads;
-        const auto r = rotate_item<T, kNeox, VEC, kNorm>(key + t * k_stride + kh * head_dim, cs, j, half, ns);
+        const auto r = rotate_item<T, kNeox, VEC>(key + t * k_stride + kh * head_dim, cs, j, half);
         if (slot >= 0) {
           C* dst = k_cache + dst0 + static_cast<int64_t>(kh) * head_dim;
           store_vec<C, VEC>(dst + r.i1, to_cache<C>(r.a, k_inv_scale));
@@ -130,13 +101,7 @@ __global__ void rotary_cache_kernel(const P* __restrict__ positions, T* __restri
       }
     } else {
       const int h = (i - rot) / vrow, d = ((i - rot) % vrow) * VEC;
-      T* vp = value + t * v_stride + h * head_dim + d;
-      Vec<T, VEC> vx = load_vec<T, VEC>(vp);
-      if constexpr (kNorm) {
-        vx = scaled<T, VEC>(vx, ns);
-        store_vec<T, VEC>(vp, vx);
-        if (slot < 0) continue;
-      }
+      const Vec<T, VEC> vx = load_vec<T, VEC>(value + t * v_stride + h * head_dim + d);
       store_vec<C, VEC>(v_cache + dst0 + static_cast<int64_t>(h) * head_dim + d, to_cache<C>(vx, v_inv_scale));
     }
   }
@@ -230,19 +195,13 @@ void rotary_embedding(const at::Tensor& positions, at::Tensor& query, at::Tensor
 }
 
 void rotary_embedding_and_cache(const at::Tensor& positions, at::Tensor& query, at::Tensor& key,
-                                at::Tensor& value, at::Tensor& k_cache, at::Tensor& v_cache,
+                                const at::Tensor& value, at::Tensor& k_cache, at::Tensor& v_cache,
                                 const at::Tensor& slot_mapping, int64_t head_dim, const at::Tensor& cos_sin_cache,
-                                bool is_neox, double k_scale, double v_scale,
-                                const std::optional<at::Tensor>& norm_x, double norm_eps,
-                                const std::optional<at::Tensor>& norm_scale) {
+                                bool is_neox, double k_scale, double v_scale) {
   const char* op = "rotary_embedding_and_cache";
   const RotaryShape r = check_rotary(op, positions, query, key, head_dim, cos_sin_cache);
   const bool fp8 = check_kv_write(op, key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale);
   TORCH_CHECK(key.size(2) == head_dim, op, ": key must be [T, Hk, head_dim]");
-  TORCH_CHECK(!(norm_x && norm_scale), op, ": pass norm_x or norm_scale, not both");
-  const bool norm = norm_x.has_value() || norm_scale.has_value();
-  check_norm_x(op, norm_x, norm_eps, query, r.T);
-  check_norm_scale(op, norm_scale, query, r.T);
   if (r.T == 0) return;
   const c10::cuda::OptionalCUDAGuard guard(query.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -250,14 +209,9 @@ void rotary_embedding_and_cache(const at::Tensor& positions, at::Tensor& query, 
   MODELYARD_DISPATCH_FLOAT_TYPES(query.scalar_type(), op, [&] {
     auto* q = reinterpret_cast<scalar_t*>(query.data_ptr());
     auto* k = reinterpret_cast<scalar_t*>(key.data_ptr());
-    auto* v = reinterpret_cast<scalar_t*>(value.data_ptr());
+    const auto* v = reinterpret_cast<const scalar_t*>(value.data_ptr());
     const float* cs = cos_sin_cache.data_ptr<float>();
     const int64_t v_stride = value.stride(0);
-    const auto* nx = norm_x ? reinterpret_cast<const scalar_t*>(norm_x->data_ptr()) : nullptr;
-    const int64_t n_stride = norm_x ? norm_x->stride(0) : 0;
-    const int n_dim = norm_x ? static_cast<int>(norm_x->size(1)) : 0;
-    const float* nsc = norm_scale ? norm_scale->data_ptr<float>() : nullptr;
-    const float n_eps = static_cast<float>(norm_eps);
     TORCH_CHECK(value.stride(1) == head_dim, op, ": value heads must be packed [T, Hk, head_dim]");
     constexpr int VEC = 16 / sizeof(scalar_t);
     // As rotary_embedding, and V rows and the cache (VEC elements of its own width: 16 bytes, or
@@ -266,40 +220,33 @@ void rotary_embedding_and_cache(const at::Tensor& positions, at::Tensor& query, 
     const bool vec = is_neox && (head_dim / 2) % VEC == 0 && r.q_stride % VEC == 0 && r.k_stride % VEC == 0 &&
                      v_stride % VEC == 0 && aligned16(q) && aligned16(k) && aligned16(v) &&
                      reinterpret_cast<uintptr_t>(k_cache.data_ptr()) % cache_align == 0 &&
-                     reinterpret_cast<uintptr_t>(v_cache.data_ptr()) % cache_align == 0 &&
-                     (!norm_x || vec_elems(*norm_x, {n_stride}, n_dim) == VEC);
+                     reinterpret_cast<uintptr_t>(v_cache.data_ptr()) % cache_align == 0;
     // Up to one item per thread: at decode sizes the kernel is a chain of dependent loads and
     // stores, and a second pass per thread would double it (64 x 32 heads of 128: 1024 items).
-    // Whole warps: the folded norm's block reduction needs them.
-    const int threads = static_cast<int>(ceil_div(
-        threads_for((r.Hq + r.Hk) * head_dim / 2 / (vec ? VEC : 1) + r.Hk * head_dim / (vec ? VEC : 1), 1024), 32) * 32);
+    const int threads = threads_for((r.Hq + r.Hk) * head_dim / 2 / (vec ? VEC : 1) + r.Hk * head_dim / (vec ? VEC : 1), 1024);
     const int D = static_cast<int>(head_dim);
     const int64_t* slots = slot_mapping.data_ptr<int64_t>();
-    auto with_cache = [&](auto* pos, auto* kc, auto* vc) {
+    auto launch = [&](auto* pos, auto* kc, auto* vc) {
       using P = std::remove_pointer_t<decltype(pos)>;
       using C = std::remove_pointer_t<decltype(kc)>;
-      auto go = [&](auto kernel) {
-        launch(kernel, r.T, threads, stream, pos, q, k, v, kc, vc, slots, cs, r.q_stride, r.k_stride, v_stride, r.Hq,
-               r.Hk, D, kis, vis, nx, n_stride, n_dim, n_eps, nsc);
-      };
       if (vec) {
-        norm ? go(rotary_cache_kernel<scalar_t, C, P, true, VEC, true>)
-             : go(rotary_cache_kernel<scalar_t, C, P, true, VEC, false>);
+        rotary_cache_kernel<scalar_t, C, P, true, VEC><<<r.T, threads, 0, stream>>>(
+            pos, q, k, v, kc, vc, slots, cs, r.q_stride, r.k_stride, v_stride, r.Hq, r.Hk, D, kis, vis);
       } else if (is_neox) {
-        norm ? go(rotary_cache_kernel<scalar_t, C, P, true, 1, true>)
-             : go(rotary_cache_kernel<scalar_t, C, P, true, 1, false>);
+        rotary_cache_kernel<scalar_t, C, P, true, 1><<<r.T, threads, 0, stream>>>(
+            pos, q, k, v, kc, vc, slots, cs, r.q_stride, r.k_stride, v_stride, r.Hq, r.Hk, D, kis, vis);
       } else {
-        norm ? go(rotary_cache_kernel<scalar_t, C, P, false, 1, true>)
-             : go(rotary_cache_kernel<scalar_t, C, P, false, 1, false>);
+        rotary_cache_kernel<scalar_t, C, P, false, 1><<<r.T, threads, 0, stream>>>(
+            pos, q, k, v, kc, vc, slots, cs, r.q_stride, r.k_stride, v_stride, r.Hq, r.Hk, D, kis, vis);
       }
     };
     with_positions(positions, [&](auto* pos) {
       if (fp8) {
         if constexpr (!std::is_same_v<scalar_t, float>) {
-          with_cache(pos, reinterpret_cast<fp8_e4m3*>(k_cache.data_ptr()), reinterpret_cast<fp8_e4m3*>(v_cache.data_ptr()));
+          launch(pos, reinterpret_cast<fp8_e4m3*>(k_cache.data_ptr()), reinterpret_cast<fp8_e4m3*>(v_cache.data_ptr()));
         }
       } else {
-        with_cache(pos, reinterpret_cast<scalar_t*>(k_cache.data_ptr()), reinterpret_cast<scalar_t*>(v_cache.data_ptr()));
+        launch(pos, reinterpret_cast<scalar_t*>(k_cache.data_ptr()), reinterpret_cast<scalar_t*>(v_cache.data_ptr()));
       }
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();

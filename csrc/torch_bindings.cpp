@@ -17,27 +17,14 @@ TORCH_LIBRARY(modelyard, m) {
       "rotary_embedding(Tensor positions, Tensor(a!) query, Tensor(b!) key, int head_dim, Tensor cos_sin_cache, "
       "bool is_neox) -> ()");
   m.def(
-      "rotary_embedding_and_cache(Tensor positions, Tensor(a!) query, Tensor(b!) key, Tensor(e!) value, "
+      "rotary_embedding_and_cache(Tensor positions, Tensor(a!) query, Tensor(b!) key, Tensor value, "
       "Tensor(c!) k_cache, Tensor(d!) v_cache, Tensor slot_mapping, int head_dim, Tensor cos_sin_cache, "
-      "bool is_neox, float k_scale=1.0, float v_scale=1.0, Tensor? norm_x=None, float norm_eps=0.0, "
-      "Tensor? norm_scale=None) -> ()");
-  m.def("silu_and_mul(Tensor x, Tensor? norm_x=None, float norm_eps=0.0, Tensor? norm_scale=None) -> Tensor");
-  m.def("rms_scale(Tensor x, float eps, Tensor(a!) out) -> ()");
+      "bool is_neox, float k_scale=1.0, float v_scale=1.0) -> ()");
+  m.def("silu_and_mul(Tensor x) -> Tensor");
   m.def("per_token_quant_fp8(Tensor x) -> (Tensor, Tensor)");
   m.def("rms_norm_quant_fp8(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("fused_add_rms_norm_quant_fp8(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor, Tensor)");
   m.def("silu_and_mul_quant_fp8(Tensor x) -> (Tensor, Tensor)");
-  m.def(
-      "lt_gemm_algos(Tensor x, Tensor w, Tensor? bias, Tensor? x_scale, Tensor? w_scale, ScalarType out_dtype, "
-      "int max_algos, bool wide=False) -> (Tensor, Tensor)");
-  m.def(
-      "lt_gemm(Tensor x, Tensor w, Tensor? bias, Tensor? x_scale, Tensor? w_scale, ScalarType out_dtype, "
-      "Tensor algo) -> Tensor");
-  m.def("lt_gemm_add_(Tensor(a!) out, Tensor x, Tensor w, Tensor algo) -> ()");
-  m.def("skinny_gemm_configs() -> Tensor", &modelyard::skinny_gemm_configs);  // no tensor input: catch-all
-  m.def("set_pdl(bool enabled) -> bool", &modelyard::set_pdl);               // no tensor input: catch-all
-  m.def("skinny_gemm(Tensor x, Tensor w, Tensor? bias, int config, int split_k) -> Tensor");
-  m.def("skinny_gemm_add_(Tensor(a!) out, Tensor x, Tensor w, int config, int split_k) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(modelyard, CUDA, m) {
@@ -48,14 +35,8 @@ TORCH_LIBRARY_IMPL(modelyard, CUDA, m) {
   m.impl("rotary_embedding", &modelyard::rotary_embedding);
   m.impl("rotary_embedding_and_cache", &modelyard::rotary_embedding_and_cache);
   m.impl("silu_and_mul", &modelyard::silu_and_mul);
-  m.impl("rms_scale", &modelyard::rms_scale);
   m.impl("per_token_quant_fp8", &modelyard::per_token_quant_fp8);
   m.impl("rms_norm_quant_fp8", &modelyard::rms_norm_quant_fp8);
   m.impl("fused_add_rms_norm_quant_fp8", &modelyard::fused_add_rms_norm_quant_fp8);
   m.impl("silu_and_mul_quant_fp8", &modelyard::silu_and_mul_quant_fp8);
-  m.impl("lt_gemm_algos", &modelyard::lt_gemm_algos);
-  m.impl("lt_gemm", &modelyard::lt_gemm);
-  m.impl("skinny_gemm", &modelyard::skinny_gemm);
-  m.impl("skinny_gemm_add_", &modelyard::skinny_gemm_add_);
-  m.impl("lt_gemm_add_", &modelyard::lt_gemm_add_);
 }

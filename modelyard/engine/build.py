@@ -40,8 +40,6 @@ def build_engine_parts(path, config: EngineConfig) -> dict:
     model = load_model(path, dtype, device, max_model_len)
     if config.quantization is not None:
         quantize_model(model, config.quantization)
-    if config.fold_norms:
-        model.language_model.fold_norms()
     weights_bytes = sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(),
                                                                              model.buffers()))
     processor = Processor.from_pretrained(path, image_token_id=model.image_token_id)

@@ -30,17 +30,6 @@ class EngineConfig:
     # admitted (engine/scheduler.py): a pool too small for the batch at full length then runs fewer
     # sequences at once instead of preempting and recomputing. False admits on current length only.
     reserve_decode_blocks: bool = True
-    # Time cuBLAS against cuBLASLt's algorithms per decode batch size and linear-layer shape before the
-    # decode graphs are captured, and capture the fastest (engine/gemm.py; 16-bit models on CUDA).
-    tune_decode_gemms: bool = True
-    # Fold each decoder layer's RMSNorm weights into the projection that reads the norm (bfloat16 and
-    # float32 decoders without biases or fp8 layers): the residual adds run inside the o_proj and
-    # down_proj GEMMs and the norms' scaling inside the rotary and SiLU kernels, two kernels fewer per
-    # layer (engine/models/decoder.py). False keeps the separate norm kernels.
-    fold_norms: bool = True
-    # Capture the decode graphs with programmatic dependent launch for the csrc kernels that support
-    # it (Hopper and newer; engine/kernels.py `pdl`): each may start while the kernel before it runs.
-    pdl: bool = True
     seed: int = 0                          # default seed for requests without one
     max_image_batch: int = 64              # images per vision-encoder batch
     kv_cache_dtype: str = "auto"           # auto (the model dtype) | fp8 | fp8_e4m3 (both float8_e4m3fn)
@@ -121,5 +110,6 @@ class EngineConfig:
         d = dict(d or {})
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"unknown engine options: {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+            # TypeError, as EngineConfig(**d) itself raises for an unknown keyword
+            raise TypeError(f"unknown engine options: {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
         return cls(**d)

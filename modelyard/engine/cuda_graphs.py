@@ -22,7 +22,6 @@ from typing import Sequence
 
 import torch
 
-from . import gemm, kernels
 from .attention.base import AttentionBackend, AttentionMetadata
 from .config import EngineConfig
 from .kv_cache import KVCache
@@ -109,7 +108,7 @@ class DecodeGraphs:
     """One captured decode step per bucket, sharing one memory pool and one set of static inputs."""
 
     def __init__(self, model, kv_cache: KVCache, attn: AttentionBackend, device: torch.device,
-                 max_batch_size: int, max_model_len: int, tune_gemms: bool = True, pdl: bool = True):
+                 max_batch_size: int, max_model_len: int):
         if torch.device(device).type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         if not getattr(attn, "cuda_graph_safe", False):
@@ -132,9 +131,6 @@ class DecodeGraphs:
         self._logits: dict[int, torch.Tensor] = {}        # bucket -> [bucket, vocab] float32 (graph output)
         self._copied = torch.cuda.Event()                 # the last step's staging -> device copies
         self.capture_seconds = 0.0
-        self.tune_gemms = tune_gemms
-        self.gemm_plan = gemm.GemmPlan()
-        self.pdl = pdl              # requested; after capture: whether the graphs hold PDL launches
 
     def covers(self, n: int) -> bool:
         return pick_bucket(n, self.sizes) is not None
@@ -153,35 +149,24 @@ class DecodeGraphs:
         return self.model.compute_logits(hidden)                                   # [b, vocab] float32
 
     @torch.inference_mode()
-    def capture(self, plan: gemm.GemmPlan | None = None) -> None:
-        """Capture every bucket, largest first so the smaller graphs reuse its pool memory; the
-        linear layers follow `plan`, else a freshly tuned one (tune_gemms), else F.linear; with
-        programmatic dependent launch (kernels.pdl) where requested and supported.
+    def capture(self) -> None:
+        """Capture every bucket, largest first so the smaller graphs reuse its pool memory.
 
         The static inputs hold padding only (slot PAD_SLOT, seq_len 0), so the eager warm-up run
         before each capture writes nothing into the KV pool."""
         import time
-        with kernels.pdl(self.pdl) as pdl_on:
-            self.pdl = pdl_on
-            if plan is not None:
-                self.gemm_plan = plan
-            elif self.tune_gemms:
-                self.gemm_plan = gemm.tune(self.model, self.sizes, self.device, pdl=pdl_on)
-            else:
-                self.gemm_plan = gemm.GemmPlan(note="off: tune_decode_gemms=False")
-            t0 = time.perf_counter()
-            self.staging.fill_padding(self.sizes[-1])
-            self._copy_inputs(self.sizes[-1])
-            pool = None
-            with gemm.active(self.gemm_plan):
-                for b in reversed(self.sizes):
-                    self._forward(b)           # loads lazily-loaded kernels, lets cuBLAS pick its algorithms
-                    torch.cuda.synchronize(self.device)
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool):
-                        logits = self._forward(b)
-                    pool = graph.pool()
-                    self._graphs[b], self._logits[b] = graph, logits
+        t0 = time.perf_counter()
+        self.staging.fill_padding(self.sizes[-1])
+        self._copy_inputs(self.sizes[-1])
+        pool = None
+        for b in reversed(self.sizes):
+            self._forward(b)               # loads lazily-loaded kernels, lets cuBLAS pick its algorithms
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self._forward(b)
+            pool = graph.pool()
+            self._graphs[b], self._logits[b] = graph, logits
         torch.cuda.synchronize(self.device)
         self.capture_seconds = time.perf_counter() - t0
 
@@ -227,8 +212,7 @@ def decode_graphs_for(config: EngineConfig, model, kv_cache: KVCache, attn: Atte
         return None, "off: enforce_eager=True"
     if not getattr(attn, "cuda_graph_safe", False):
         return None, f"off: attention backend {attn.name!r} has no graph-safe decode"
-    graphs = DecodeGraphs(model, kv_cache, attn, device, config.max_batch_size, max_model_len,
-                          tune_gemms=config.tune_decode_gemms, pdl=config.pdl)
+    graphs = DecodeGraphs(model, kv_cache, attn, device, config.max_batch_size, max_model_len)
     try:
         graphs.capture()
     except Exception as e:

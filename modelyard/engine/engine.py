@@ -219,7 +219,6 @@ class Engine:
             "kv_cache_dtype": str(self.kv_cache.spec.dtype).removeprefix("torch."),
             "kv_cache_scales": [self.config.kv_cache_k_scale, self.config.kv_cache_v_scale],
             "quantization": self.config.quantization or "none",
-            "norms_folded": self.model.language_model.norms_folded,     # EngineConfig.fold_norms
             "kv_blocks_total": bm.num_blocks, "kv_blocks_used": bm.num_used_blocks,
             "block_size": bm.block_size, "kv_bytes": self.kv_cache.nbytes, "kv_sizing": self.kv_sizing,
             "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),

@@ -17,9 +17,7 @@ import json
 import os
 import shutil
 import threading
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -69,33 +67,8 @@ def _parse_arch(arch: str | tuple[int, int] | None) -> tuple[int, int]:
 def _cuda_flags(arch: tuple[int, int]) -> list[str]:
     cc = f"{arch[0]}{arch[1]}"
     # Naming the exact target keeps cpp_extension from adding its own list and makes the build
-    # native machine code for this GPU (no PTX JIT at load). On sm_90 the target is sm_90a, whose
-    # code runs only on that architecture (the build is for the GPU present anyway) and which has
-    # wgmma, the instructions of csrc/tma_gemm.cu (MODELYARD_SM90A tells its host code they are in).
-    if arch == (9, 0):
-        return [*_CUDA_FLAGS, "-gencode=arch=compute_90a,code=sm_90a", "-DMODELYARD_SM90A=1"]
+    # native machine code for this GPU (no PTX JIT at load, Hopper instructions available).
     return [*_CUDA_FLAGS, f"-gencode=arch=compute_{cc},code=sm_{cc}"]
-
-
-def cublaslt_library() -> str | None:
-    """The libcublasLt the process already uses (torch's, loaded with libtorch_cuda), else the CUDA
-    toolkit's: lt_gemm.cu links against it. Linking by full path works for pip wheels, which ship
-    only the versioned file (libcublasLt.so.13) that -lcublasLt would not find."""
-    try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                path = line.rstrip().split(" ")[-1]
-                if "/libcublasLt.so" in path and os.path.isfile(path):
-                    return path
-    except OSError:
-        pass
-    from torch.utils.cpp_extension import CUDA_HOME
-    if CUDA_HOME:
-        for sub in ("lib64", "lib", "targets/x86_64-linux/lib", "targets/sbsa-linux/lib"):
-            hits = sorted(Path(CUDA_HOME, sub).glob("libcublasLt.so*"))
-            if hits:
-                return str(hits[0])
-    return None
 
 
 def build_key(arch: tuple[int, int], src: Path | None = None) -> str:
@@ -107,7 +80,7 @@ def build_key(arch: tuple[int, int], src: Path | None = None) -> str:
     from torch.utils.cpp_extension import CUDA_HOME
 
     for part in (torch.__version__, str(torch.version.cuda), str(CUDA_HOME), f"sm_{arch[0]}{arch[1]}",
-                 *_cuda_flags(arch), *_CXX_FLAGS):
+                 *_CUDA_FLAGS, *_CXX_FLAGS):
         h.update(part.encode())
     return h.hexdigest()[:16]
 
@@ -175,9 +148,6 @@ def _build_and_load(arch: tuple[int, int], verbose: bool) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     from torch.utils.cpp_extension import load
 
-    lt = cublaslt_library()
-    if lt is None:
-        raise FileNotFoundError("libcublasLt not found (neither loaded by torch nor under CUDA_HOME)")
     # cpp_extension serializes concurrent builders (a lock file in `out`), so actors starting
     # together on a fresh machine build once and the others wait, then load.
     load(
@@ -186,7 +156,6 @@ def _build_and_load(arch: tuple[int, int], verbose: bool) -> Path:
         extra_cflags=list(_CXX_FLAGS),
         extra_cuda_cflags=_cuda_flags(arch),
         extra_include_paths=[str(src)],
-        extra_ldflags=[lt],
         build_directory=str(out),
         is_python_module=False,
         verbose=verbose,
@@ -203,24 +172,6 @@ _LOADER = _Loader()
 def get():
     """torch.ops.modelyard when the kernels can run here (built on first call), else None."""
     return _LOADER.get()
-
-
-@contextmanager
-def pdl(enabled: bool = True) -> Iterator[bool]:
-    """Programmatic dependent launch for the kernels that support it (csrc/common.cuh: the rotary +
-    cache write, SiLU-and-mul, paged decode attention and skinny_gemm), inside the block: each may
-    start while the kernel before it runs, overlapping its launch and its independent work (the
-    folded norm's reduction, the first weight loads) with that kernel. Hopper (compute capability 9.0) and newer; yields whether it
-    is on. The decode CUDA graphs are captured inside it (EngineConfig.pdl)."""
-    k = get()
-    if k is None:
-        yield False
-        return
-    prev = k.set_pdl(enabled)
-    try:
-        yield bool(enabled and torch.cuda.get_device_capability()[0] >= 9)
-    finally:
-        k.set_pdl(prev)
 
 
 def build(arch: str | None = None, verbose: bool = True) -> Path:

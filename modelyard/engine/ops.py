@@ -6,8 +6,7 @@ Shapes follow vLLM's conventions so the kernels are drop-in:
   fused_add_rms_norm(x [T, H], residual [T, H], weight, eps) -> (normed [T, H], new_residual [T, H])
   rotary_embedding(positions [T], q [T, Hq*D], k [T, Hk*D], head_dim, cos_sin_cache [max_pos, D], is_neox)
       -> in place on q and k; cos_sin_cache rows are [cos(D/2) | sin(D/2)]
-  silu_and_mul(x [T, 2I], norm_x=None, norm_eps, norm_scale=None) -> [T, I]   (see "Folded norms" below)
-  rms_scale(x [T, H], eps) -> [T] float32: 1 / sqrt(mean(x^2) + eps) per row
+  silu_and_mul(x [T, 2I]) -> [T, I]
   reshape_and_cache(k [T, Hk, D], v [T, Hk, D], k_cache, v_cache [NB, BS, Hk, D], slot_mapping [T],
                     k_scale, v_scale)
   paged_decode_attention(q [S, Hq, D], k_cache, v_cache, block_tables [S, MB], seq_lens [S], scale,
@@ -20,13 +19,6 @@ Shapes follow vLLM's conventions so the kernels are drop-in:
 KV cache dtype: the model's dtype, or float8_e4m3fn (the fp8 cache). An fp8 cache stores
 x / scale rounded to e4m3 and saturated at +-448 (k_scale for keys, v_scale for values, per tensor,
 default 1.0); readers multiply by the scale. `dequantize_kv` is that read for the gather paths.
-
-Folded norms (engine/models/decoder.py): a decoder whose RMSNorm weights were folded into the next
-projection's weights feeds that projection the un-normalized residual stream h; the consumer of the
-projection's output then multiplies it by each token's RMSNorm scale 1 / sqrt(mean(h^2) + eps) and
-rounds, before its own work: rotary_embedding_and_cache (q, k and v) and silu_and_mul (gate and up).
-The consumer reduces the scale from norm_x = h itself, or is given it (norm_scale [T] float32, computed
-by rms_scale; the decode graphs run that beside the GEMM).
 
 The CUDA ops (csrc/, torch.ops.modelyard.*) compute the same functions with the same rounding
 points; none of them syncs with the host, so all are usable inside CUDA graph capture.
@@ -112,91 +104,35 @@ def rotary_embedding(positions, q, k, head_dim, cos_sin_cache, is_neox=True):
     return rotary_embedding_ref(positions, q, k, head_dim, cos_sin_cache, is_neox)
 
 
-def inv_rms_ref(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """[..., 1] float32: the RMSNorm scale 1 / sqrt(mean(x^2) + eps) of each row of x."""
-    return torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
-
-
-def rms_scale_ref(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """[T] float32: each row's RMSNorm scale 1 / sqrt(mean(x^2) + eps), x [T, H]."""
-    return inv_rms_ref(x, eps).view(-1)
-
-
-def rms_scale(x: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
-    """rms_scale_ref into out ([T] float32, allocated when None): a folded norm's scale, one per token."""
-    if out is None:
-        out = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
-    k = _kernels(x)
-    if k is not None:
-        k.rms_scale(x, float(eps), out)
-    else:
-        out.copy_(rms_scale_ref(x, eps))
-    return out
-
-
-def scale_rows_(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [T, ...] *= scale [T] (float32) row by row, rounded to x's dtype, in place: what a folded norm's
-    consumer applies to the projection of the un-normalized row (engine/models/decoder.py)."""
-    s = scale.view(x.shape[0], *([1] * (x.dim() - 1)))
-    return x.copy_((x.float() * s).to(x.dtype))
-
-
-def _norm_scale(norm_x, norm_eps, norm_scale):
-    """A folded-norm consumer's row scales: given (norm_scale), or from the rows of norm_x, or None."""
-    if norm_x is not None and norm_scale is not None:
-        raise ValueError("pass norm_x or norm_scale, not both")
-    return rms_scale_ref(norm_x, norm_eps) if norm_x is not None else norm_scale
-
-
 def rotary_embedding_and_cache_ref(positions, q, k, v, k_cache, v_cache, slot_mapping, head_dim, cos_sin_cache,
-                                   is_neox=True, k_scale: float = 1.0, v_scale: float = 1.0,
-                                   norm_x: torch.Tensor | None = None, norm_eps: float = 0.0,
-                                   norm_scale: torch.Tensor | None = None):
-    """rotary_embedding_ref on q and k [T, Hk, D] in place, then reshape_and_cache_ref of k and v; with
-    norm_x [T, H] (or its rms_scale, norm_scale [T] float32), q, k and v are first scaled in place by
-    each row's RMSNorm scale (scale_rows_)."""
-    s = _norm_scale(norm_x, norm_eps, norm_scale)
-    if s is not None:
-        for x in (q, k, v):
-            scale_rows_(x, s)
+                                   is_neox=True, k_scale: float = 1.0, v_scale: float = 1.0):
+    """rotary_embedding_ref on q and k [T, Hk, D] in place, then reshape_and_cache_ref of k and v."""
     rotary_embedding_ref(positions, q, k, head_dim, cos_sin_cache, is_neox)
     reshape_and_cache_ref(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
 def rotary_embedding_and_cache(positions, q, k, v, k_cache, v_cache, slot_mapping, head_dim, cos_sin_cache,
-                               is_neox=True, k_scale: float = 1.0, v_scale: float = 1.0,
-                               norm_x: torch.Tensor | None = None, norm_eps: float = 0.0,
-                               norm_scale: torch.Tensor | None = None):
-    """The rotary embedding and the cache write in one kernel on CUDA (the same results as the two ops),
-    after the folded input norm's scaling of q, k and v when norm_x (reduced in the kernel) or
-    norm_scale (rms_scale's, computed already) is given."""
+                               is_neox=True, k_scale: float = 1.0, v_scale: float = 1.0):
+    """The rotary embedding and the cache write in one kernel on CUDA (the same results as the two ops)."""
     kern = _kernels(q)
     if kern is not None:
         kern.rotary_embedding_and_cache(positions, q, k, v, k_cache, v_cache, slot_mapping, head_dim,
-                                        cos_sin_cache, is_neox, float(k_scale), float(v_scale),
-                                        norm_x, float(norm_eps), norm_scale)
+                                        cos_sin_cache, is_neox, float(k_scale), float(v_scale))
         return
     rotary_embedding_and_cache_ref(positions, q, k, v, k_cache, v_cache, slot_mapping, head_dim, cos_sin_cache,
-                                   is_neox, k_scale, v_scale, norm_x, norm_eps, norm_scale)
+                                   is_neox, k_scale, v_scale)
 
 
-def silu_and_mul_ref(x: torch.Tensor, norm_x: torch.Tensor | None = None, norm_eps: float = 0.0,
-                     norm_scale: torch.Tensor | None = None) -> torch.Tensor:
-    s = _norm_scale(norm_x, norm_eps, norm_scale)
-    if s is not None:     # the folded norm: gate and up scaled by the row's RMSNorm scale first
-        x = scale_rows_(x.reshape(-1, x.shape[-1]).clone(), s).view(x.shape)
+def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
     d = x.shape[-1] // 2
     return torch.nn.functional.silu(x[..., :d]) * x[..., d:]
 
 
-def silu_and_mul(x: torch.Tensor, norm_x: torch.Tensor | None = None, norm_eps: float = 0.0,
-                 norm_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """silu(gate) * up over x [..., 2I]; with norm_x [rows, H] (or its rms_scale, norm_scale [rows]
-    float32), gate and up are first scaled by each row's RMSNorm scale (the folded post-attention norm)."""
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     k = _kernels(x)
     if k is not None:
-        return k.silu_and_mul(x, norm_x, float(norm_eps), norm_scale)
-    return silu_and_mul_ref(x, norm_x, norm_eps, norm_scale)
+        return k.silu_and_mul(x)
+    return silu_and_mul_ref(x)
 
 
 FP8_KV_DTYPE = torch.float8_e4m3fn

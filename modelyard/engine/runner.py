@@ -132,9 +132,7 @@ class ModelRunner:
     def describe(self) -> dict:
         """Attention paths and CUDA-graph state, for Engine.stats()."""
         return {**describe_backend(self.attn), "cuda_graphs": self.graphs_note,
-                "cuda_graph_capture_seconds": self.graphs.capture_seconds if self.graphs else 0.0,
-                "decode_gemms": self.graphs.gemm_plan.summary() if self.graphs else "off: no decode graphs",
-                "decode_pdl": bool(self.graphs and self.graphs.pdl)}   # EngineConfig.pdl, where supported
+                "cuda_graph_capture_seconds": self.graphs.capture_seconds if self.graphs else 0.0}
 
     def _pack(self, seqs: tuple[ScheduledSeq, ...]):
         """Host arrays for the packed step: token ids, positions and KV slots [T] int64, and the

@@ -117,6 +117,15 @@ def test_config_checks_and_backend_dispatch(env):
         eng.add_request(Request(image=env["images"][0]))
 
 
+def test_unknown_options_are_type_errors_naming_them():
+    """A dict with an option EngineConfig lacks (a typo, or one of a removed feature) fails as the
+    constructor does, naming it."""
+    with pytest.raises(TypeError, match="no_such_option"):
+        EngineConfig(no_such_option=True)
+    with pytest.raises(TypeError, match=r"unknown engine options: \['no_such_option'\]"):
+        EngineConfig.from_dict({"no_such_option": True, "max_batch_size": 8})
+
+
 def test_host_memory_stays_flat_over_300_requests(env):
     eng = env["eng"]
     sp = SamplingParams(max_new_tokens=2, ignore_eos=True)

@@ -32,11 +32,6 @@ class HandRoundedSdpa(SdpaBackend):
 
     def write_kv(self, k, v, k_cache, v_cache, meta, q=None, rotary=None):
         if rotary is not None:      # q and k are rotated in place before the write, as the engine's is
-            if rotary.norm_x is not None or rotary.norm_scale is not None:  # the folded input norm's scaling
-                s = rotary.norm_scale if rotary.norm_scale is not None else ops.rms_scale_ref(rotary.norm_x,
-                                                                                               rotary.norm_eps)
-                for x in (q, k, v):
-                    ops.scale_rows_(x, s)
             ops.rotary_embedding_ref(rotary.positions, q, k, k.shape[-1], rotary.cos_sin_cache, rotary.is_neox)
         super().write_kv(hand_round(k, self.round_k), hand_round(v, self.round_v), k_cache, v_cache, meta)
 

@@ -60,14 +60,10 @@ def gather_kv(cache: torch.Tensor, index: torch.Tensor, dtype: torch.dtype, scal
 @dataclass(frozen=True)
 class Rotary:
     """The rotary embedding write_kv applies to q and k (in place) before it stores k: the two run
-    as one kernel on CUDA (ops.rotary_embedding_and_cache). With norm_x or norm_scale (a folded input
-    norm, engine/models/decoder.py), q, k and v are first scaled by each token's RMSNorm scale."""
+    as one kernel on CUDA (ops.rotary_embedding_and_cache)."""
     positions: torch.Tensor         # [T] int64
     cos_sin_cache: torch.Tensor     # [max_pos, head_dim] float32 rows [cos | sin]
     is_neox: bool = True
-    norm_x: torch.Tensor | None = None       # [T, hidden]: the un-normalized rows q, k, v were projected from
-    norm_eps: float = 0.0
-    norm_scale: torch.Tensor | None = None   # [T] float32: their scales, computed already (ops.rms_scale)
 
 
 class AttentionBackend:
@@ -87,14 +83,13 @@ class AttentionBackend:
 
     def write_kv(self, k, v, k_cache, v_cache, meta: AttentionMetadata, q=None, rotary: Rotary | None = None) -> None:
         """The step's new K/V [T, Hk, D] into their slots (quantized for an fp8 cache); with `rotary`,
-        q and k are rotated in place first (q, k and v scaled in place before that by its folded norm)."""
+        q and k are rotated in place first."""
         if rotary is None:
             ops.reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
         else:
             ops.rotary_embedding_and_cache(rotary.positions, q, k, v, k_cache, v_cache, meta.slot_mapping,
                                            k.shape[-1], rotary.cos_sin_cache, rotary.is_neox,
-                                           self.k_scale, self.v_scale, rotary.norm_x, rotary.norm_eps,
-                                           rotary.norm_scale)
+                                           self.k_scale, self.v_scale)
 
     def forward(
         self,

@@ -7,28 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import gemm, ops
-
-
-class Linear(nn.Linear):
-    """nn.Linear whose GEMM can follow a tuned decode plan (engine/gemm.py) while the decode graphs
-    are captured; it is F.linear everywhere else.
-
-    accumulates: the layer is called through add_ (out += x W^T, the residual add of a decoder with
-    folded norms), so the decode-GEMM tuner times it that way."""
-
-    accumulates = False
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2:
-            return gemm.linear(x, self.weight, self.bias)
-        return super().forward(x)
-
-    def add_(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """out [T, out_features] += x [T, in_features] W^T in place (no bias)."""
-        if self.bias is not None:
-            raise ValueError("Linear.add_ takes layers without a bias")
-        return gemm.linear_add_(out, x, self.weight)
+from .. import ops
 
 
 class QuantizedInput(NamedTuple):
@@ -38,7 +17,7 @@ class QuantizedInput(NamedTuple):
     scale: torch.Tensor   # [..., 1] float32
 
 
-class MergedLinear(Linear):
+class MergedLinear(nn.Linear):
     """Several projections of one input computed by a single GEMM.
 
     The checkpoint stores them separately (e.g. q_proj / k_proj / v_proj); the loader copies each into

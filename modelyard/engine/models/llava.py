@@ -10,9 +10,9 @@ import re
 from typing import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .. import gemm
 from ..attention.base import AttentionBackend, AttentionMetadata
 from .base import NativeVLM
 from .decoder import DecoderModel, DecoderSpec
@@ -155,4 +155,4 @@ class LlavaForConditionalGeneration(NativeVLM):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.language_model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return gemm.linear(hidden, weight).float()                      # [S, vocab]
+        return F.linear(hidden, weight).float()                         # [S, vocab]
