@@ -13,6 +13,7 @@ The driver never touches CUDA (checkpoint writing and the in-process contrast ru
 processes), so the only GPU memory that comes and goes is the actors'.
 Writes <out>/actor_cycles.json and <out>/actor_cycles.md, and prints the markdown.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,12 @@ def parse_args(argv=None):
     ap.add_argument("--num-gpus", type=float, default=None, help="default: 1 if Ray sees a GPU, else 0")
     ap.add_argument("--cache-max-entry-count", type=float, default=None)
     ap.add_argument("--unload-timeout", type=float, default=120.0)
-    ap.add_argument("--via", default="handle", choices=["handle", "pipeline"],
-                    help="drive each cycle through ModelHandle or a `with modelyard.pipeline()` block")
+    ap.add_argument(
+        "--via",
+        default="handle",
+        choices=["handle", "pipeline"],
+        help="drive each cycle through ModelHandle or a `with modelyard.pipeline()` block",
+    )
     ap.add_argument("--no-inprocess", action="store_true", help="skip the in-process release contrast")
     ap.add_argument("--inprocess-child", action="store_true", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
@@ -59,8 +64,10 @@ def ensure_checkpoint(args, out: Path) -> Path:
     ckpt = Path(args.ckpt) if args.ckpt else out / f"ckpt-{args.arch}-{args.size}"
     if not (ckpt / "config.json").exists():
         dtype = None if args.size == "tiny" else "bfloat16"
-        code = ("import sys; from modelyard.testing import make_checkpoint; "
-                "make_checkpoint(sys.argv[1], sys.argv[2], size=sys.argv[3], dtype=sys.argv[4] or None)")
+        code = (
+            "import sys; from modelyard.testing import make_checkpoint; "
+            "make_checkpoint(sys.argv[1], sys.argv[2], size=sys.argv[3], dtype=sys.argv[4] or None)"
+        )
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-c", code, args.arch, str(ckpt), args.size, dtype or ""], check=True)
         print(f"wrote {args.size} checkpoint to {ckpt} in {time.perf_counter() - t0:.1f}s", flush=True)
@@ -73,8 +80,13 @@ def run_cycles(args, ckpt: Path, images: list[str]) -> list[dict]:
     sampling = {"max_new_tokens": args.max_new_tokens, "ignore_eos": True}
     rows = []
     for c in range(args.cycles):
-        opts = dict(name=f"cycle{c}", engine_config=engine_options(args), num_gpus=args.num_gpus,
-                    max_concurrent_requests=max(1, len(images)), unload_timeout_s=args.unload_timeout)
+        opts = dict(
+            name=f"cycle{c}",
+            engine_config=engine_options(args),
+            num_gpus=args.num_gpus,
+            max_concurrent_requests=max(1, len(images)),
+            unload_timeout_s=args.unload_timeout,
+        )
         if args.via == "pipeline":
             info, outs, caption_s, res, unload_error = _pipeline_cycle(ckpt, opts, images, sampling)
         else:
@@ -89,19 +101,36 @@ def run_cycles(args, ckpt: Path, images: list[str]) -> list[dict]:
                 res, unload_error = e.result, str(e)
         mem, tim = info["memory"], info["timings"]
         row = {
-            "cycle": c, "pid": info["pid"], "device": info["device"], "verified_by": res.get("verified_by"),
-            "process_start_s": tim["process_start_s"], "load_s": tim["load_s"], "kv_alloc_s": tim["kv_alloc_s"],
-            "spawn_s": tim["spawn_s"], "caption_s": caption_s, "images_per_s": len(images) / caption_s,
-            "errors": sum(not o.ok for o in outs), "weights_bytes": mem["weights_bytes"], "kv_bytes": mem["kv_bytes"],
-            "process_vram_bytes": mem["process_vram_bytes"], "baseline_used_bytes": mem["baseline_used_bytes"],
-            "loaded_used_bytes": mem["device_used_bytes"], "reclaim_s": res.get("seconds"),
-            "reclaimed_bytes": res.get("reclaimed_bytes"), "residual_bytes": res.get("residual_bytes"),
-            "others_drift_bytes": res.get("others_drift_bytes"), "note": res.get("note"), "unload_error": unload_error,
+            "cycle": c,
+            "pid": info["pid"],
+            "device": info["device"],
+            "verified_by": res.get("verified_by"),
+            "process_start_s": tim["process_start_s"],
+            "load_s": tim["load_s"],
+            "kv_alloc_s": tim["kv_alloc_s"],
+            "spawn_s": tim["spawn_s"],
+            "caption_s": caption_s,
+            "images_per_s": len(images) / caption_s,
+            "errors": sum(not o.ok for o in outs),
+            "weights_bytes": mem["weights_bytes"],
+            "kv_bytes": mem["kv_bytes"],
+            "process_vram_bytes": mem["process_vram_bytes"],
+            "baseline_used_bytes": mem["baseline_used_bytes"],
+            "loaded_used_bytes": mem["device_used_bytes"],
+            "reclaim_s": res.get("seconds"),
+            "reclaimed_bytes": res.get("reclaimed_bytes"),
+            "residual_bytes": res.get("residual_bytes"),
+            "others_drift_bytes": res.get("others_drift_bytes"),
+            "note": res.get("note"),
+            "unload_error": unload_error,
         }
         rows.append(row)
-        print(f"cycle {c}: spawn {row['spawn_s']:.2f}s (load {row['load_s']:.2f}s) caption {caption_s:.2f}s "
-              f"reclaim {row['reclaim_s']:.3f}s residual {_cell(_mib(row['residual_bytes']))} MiB "
-              f"[{row['verified_by']}]" + (f" ERROR {unload_error}" if unload_error else ""), flush=True)
+        print(
+            f"cycle {c}: spawn {row['spawn_s']:.2f}s (load {row['load_s']:.2f}s) caption {caption_s:.2f}s "
+            f"reclaim {row['reclaim_s']:.3f}s residual {_cell(_mib(row['residual_bytes']))} MiB "
+            f"[{row['verified_by']}]" + (f" ERROR {unload_error}" if unload_error else ""),
+            flush=True,
+        )
     return rows
 
 
@@ -150,17 +179,33 @@ def inprocess_child(args) -> None:
         torch.cuda.empty_cache()
         time.sleep(1.0)
         after = nv.snapshot(uuid)
-        res.update(uuid=uuid, baseline_used_bytes=base[uuid].used_bytes, loaded_used_bytes=loaded.used_bytes,
-                   released_used_bytes=after.used_bytes,
-                   residual_bytes=after.used_bytes - base[uuid].used_bytes,
-                   torch_reserved_bytes=torch.cuda.memory_reserved(), torch_allocated_bytes=torch.cuda.memory_allocated())
+        res.update(
+            uuid=uuid,
+            baseline_used_bytes=base[uuid].used_bytes,
+            loaded_used_bytes=loaded.used_bytes,
+            released_used_bytes=after.used_bytes,
+            residual_bytes=after.used_bytes - base[uuid].used_bytes,
+            torch_reserved_bytes=torch.cuda.memory_reserved(),
+            torch_allocated_bytes=torch.cuda.memory_allocated(),
+        )
     nv.close()
     print("INPROCESS_RESULT " + json.dumps(res), flush=True)
 
 
 def run_inprocess(args, ckpt: Path) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--inprocess-child", "--out", args.out, "--ckpt", str(ckpt),
-           "--backend", args.backend, "--max-new-tokens", str(args.max_new_tokens)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--inprocess-child",
+        "--out",
+        args.out,
+        "--ckpt",
+        str(ckpt),
+        "--backend",
+        args.backend,
+        "--max-new-tokens",
+        str(args.max_new_tokens),
+    ]
     if args.cache_max_entry_count is not None:
         cmd += ["--cache-max-entry-count", str(args.cache_max_entry_count)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -177,39 +222,55 @@ def summarize(rows: list[dict], inproc: dict | None) -> dict:
 
     residuals = [r["residual_bytes"] for r in rows if r["residual_bytes"] is not None]
     return {
-        "cycles": len(rows), "unload_errors": sum(bool(r["unload_error"]) for r in rows),
+        "cycles": len(rows),
+        "unload_errors": sum(bool(r["unload_error"]) for r in rows),
         "caption_errors": sum(r["errors"] for r in rows),
         "residual_mib_max": _mib(max(residuals)) if residuals else None,
-        "all_residuals_zero": all(x == 0 for x in residuals) if residuals else None,   # None: no GPU measured
-        "reclaim_s": stat("reclaim_s"), "spawn_s": stat("spawn_s"), "load_s": stat("load_s"),
-        "process_start_s": stat("process_start_s"), "kv_alloc_s": stat("kv_alloc_s"),
-        "images_per_s": stat("images_per_s"), "process_vram_mib": _mib((stat("process_vram_bytes") or {}).get("p50")),
+        "all_residuals_zero": all(x == 0 for x in residuals) if residuals else None,  # None: no GPU measured
+        "reclaim_s": stat("reclaim_s"),
+        "spawn_s": stat("spawn_s"),
+        "load_s": stat("load_s"),
+        "process_start_s": stat("process_start_s"),
+        "kv_alloc_s": stat("kv_alloc_s"),
+        "images_per_s": stat("images_per_s"),
+        "process_vram_mib": _mib((stat("process_vram_bytes") or {}).get("p50")),
         "inprocess_residual_mib": _mib(inproc.get("residual_bytes")) if inproc else None,
     }
 
 
 def markdown(meta: dict, rows: list[dict], summary: dict, inproc: dict | None) -> str:
     f = lambda x, d=2: "n/a" if x is None else f"{x:.{d}f}"  # noqa: E731
-    lines = [f"### Actor spawn -> caption -> unload cycles ({meta['arch']} {meta['size']}, {meta['backend']}, "
-             f"{meta['images']} images x {meta['max_new_tokens']} tokens, via {meta['via']}, {meta['device']})", "",
-             "| cycle | spawn s | load s | caption s | img/s | process VRAM MiB | reclaim s | reclaimed MiB "
-             "| residual MiB | verified by |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"### Actor spawn -> caption -> unload cycles ({meta['arch']} {meta['size']}, {meta['backend']}, "
+        f"{meta['images']} images x {meta['max_new_tokens']} tokens, via {meta['via']}, {meta['device']})",
+        "",
+        "| cycle | spawn s | load s | caption s | img/s | process VRAM MiB | reclaim s | reclaimed MiB "
+        "| residual MiB | verified by |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['cycle']} | {f(r['spawn_s'])} | {f(r['load_s'])} | {f(r['caption_s'])} | "
-                     f"{f(r['images_per_s'], 1)} | {_cell(_mib(r['process_vram_bytes']))} | {f(r['reclaim_s'], 3)} | "
-                     f"{_cell(_mib(r['reclaimed_bytes']))} | {_cell(_mib(r['residual_bytes']))} | {r['verified_by']} |")
+        lines.append(
+            f"| {r['cycle']} | {f(r['spawn_s'])} | {f(r['load_s'])} | {f(r['caption_s'])} | "
+            f"{f(r['images_per_s'], 1)} | {_cell(_mib(r['process_vram_bytes']))} | {f(r['reclaim_s'], 3)} | "
+            f"{_cell(_mib(r['reclaimed_bytes']))} | {_cell(_mib(r['residual_bytes']))} | {r['verified_by']} |"
+        )
     s = summary
     p = lambda k, d=2: "n/a" if not s[k] else f"p50 {s[k]['p50']:.{d}f} / max {s[k]['max']:.{d}f}"  # noqa: E731
-    lines += ["", f"- residual over baseline after unload: max {_cell(s['residual_mib_max'])} MiB over {s['cycles']} cycles "
-              f"(all zero: {s['all_residuals_zero']}); unload errors: {s['unload_errors']}",
-              f"- reclaim seconds (kill -> memory back): {p('reclaim_s', 3)}",
-              f"- spawn seconds: {p('spawn_s')}; load seconds: {p('load_s')}; process start: {p('process_start_s')}",
-              f"- caption throughput images/s: {p('images_per_s', 1)}"]
+    lines += [
+        "",
+        f"- residual over baseline after unload: max {_cell(s['residual_mib_max'])} MiB over {s['cycles']} cycles "
+        f"(all zero: {s['all_residuals_zero']}); unload errors: {s['unload_errors']}",
+        f"- reclaim seconds (kill -> memory back): {p('reclaim_s', 3)}",
+        f"- spawn seconds: {p('spawn_s')}; load seconds: {p('load_s')}; process start: {p('process_start_s')}",
+        f"- caption throughput images/s: {p('images_per_s', 1)}",
+    ]
     if inproc is not None:
         if inproc.get("residual_bytes") is not None:
-            lines.append(f"- contrast, in-process release (close + del + gc.collect + empty_cache): "
-                         f"{_mib(inproc['residual_bytes'])} MiB still held by the live process "
-                         f"(torch reserved {_mib(inproc['torch_reserved_bytes'])} MiB)")
+            lines.append(
+                f"- contrast, in-process release (close + del + gc.collect + empty_cache): "
+                f"{_mib(inproc['residual_bytes'])} MiB still held by the live process "
+                f"(torch reserved {_mib(inproc['torch_reserved_bytes'])} MiB)"
+            )
         else:
             lines.append(f"- contrast, in-process release: n/a ({inproc.get('reason')})")
     return "\n".join(lines) + "\n"
@@ -234,20 +295,33 @@ def main(argv=None) -> int:
     ckpt = ensure_checkpoint(args, out)
     from modelyard.actors import ensure_ray
     from modelyard.testing import make_images
+
     images = [str(p) for p in make_images(out / "images", args.images, seed=0)]
     ray_info = ensure_ray(log_to_driver=False)
     import ray
+
     n_gpu = ray.cluster_resources().get("GPU", 0)
     rows = run_cycles(args, ckpt, images)
     inproc = None if args.no_inprocess else run_inprocess(args, ckpt)
     summary = summarize(rows, inproc)
-    meta = {"arch": args.arch, "size": args.size, "backend": args.backend, "via": args.via, "images": args.images,
-            "max_new_tokens": args.max_new_tokens, "cycles": args.cycles, "ray_gpus": n_gpu,
-            "device": (rows[0]["device"] or {}).get("uuid", "cpu") if rows and rows[0]["device"] else "cpu",
-            "host": platform.node(), "ray_address": ray_info["address"], "auth": ray_info["auth"]}
+    meta = {
+        "arch": args.arch,
+        "size": args.size,
+        "backend": args.backend,
+        "via": args.via,
+        "images": args.images,
+        "max_new_tokens": args.max_new_tokens,
+        "cycles": args.cycles,
+        "ray_gpus": n_gpu,
+        "device": (rows[0]["device"] or {}).get("uuid", "cpu") if rows and rows[0]["device"] else "cpu",
+        "host": platform.node(),
+        "ray_address": ray_info["address"],
+        "auth": ray_info["auth"],
+    }
     md = markdown(meta, rows, summary, inproc)
-    (out / "actor_cycles.json").write_text(json.dumps(
-        {"meta": meta, "summary": summary, "rows": rows, "inprocess": inproc}, indent=1, default=str))
+    (out / "actor_cycles.json").write_text(
+        json.dumps({"meta": meta, "summary": summary, "rows": rows, "inprocess": inproc}, indent=1, default=str)
+    )
     (out / "actor_cycles.md").write_text(md)
     print(md)
     return 0 if summary["unload_errors"] == 0 and summary["caption_errors"] == 0 else 1

@@ -11,6 +11,7 @@ rewritten after every phase, so a run cut short still leaves what it measured.
 
   python benchmarks/throughput.py --arch llava --size llava-1.5-7b --images 512 --out /tmp/bench
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,9 +34,23 @@ def log(msg: str) -> None:
     print(f"[{time.perf_counter() - _T0:7.1f}s] {msg}", flush=True)
 
 
+def environment() -> dict:
+    """The device and the software versions every results table names."""
+    import transformers
+
+    return {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
 def bench_checkpoint(ckpt_dir, arch: str, size: str) -> Path:
     """The random-weight checkpoint the benchmarks share, <ckpt_dir>/<arch>-<size>, made on first use."""
     from modelyard import testing
+
     path = Path(ckpt_dir) / f"{arch}-{size}"
     if not (path / "config.json").exists():
         log(f"making checkpoint {path}")
@@ -62,7 +77,7 @@ def measure_ceilings() -> dict:
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     tflops = 2 * 8192**3 / (gpu_ms(torch.matmul, a, b, reps=10) / 1e3) / 1e12
-    x = torch.randn(2 * 1024**3 // 2, device="cuda", dtype=torch.bfloat16)   # 2 GiB
+    x = torch.randn(2 * 1024**3 // 2, device="cuda", dtype=torch.bfloat16)  # 2 GiB
     y = torch.empty_like(x)
     gbps = 2 * x.numel() * 2 / (gpu_ms(y.copy_, x, reps=5, warmup=1) / 1e3) / 1e9
     del a, b, x, y
@@ -89,18 +104,24 @@ def flops_per_image(cfg, n_prompt_tokens: int, n_new: int) -> float:
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> float:
     """Mean over sequences of the fraction of tokens identical up to the first divergence."""
-    fr = [next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y))) / max(1, len(x))
-          for x, y in zip(a, b)]
+    fr = [
+        next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y))) / max(1, len(x))
+        for x, y in zip(a, b)
+    ]
     return sum(fr) / max(1, len(fr))
 
 
 def run_transformers(path, images, prompt, n_new, batch):
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
+
     proc = AutoProcessor.from_pretrained(path)
     proc.tokenizer.padding_side = "left"
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.bfloat16,
-                                                        attn_implementation="sdpa").cuda().eval()
+    model = (
+        AutoModelForImageTextToText.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="sdpa")
+        .cuda()
+        .eval()
+    )
     conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
     text = proc.apply_chat_template(conv, add_generation_prompt=True)
 
@@ -109,17 +130,22 @@ def run_transformers(path, images, prompt, n_new, batch):
         inp = proc(images=pil, text=[text] * len(chunk), return_tensors="pt", padding=True).to("cuda")
         inp["pixel_values"] = inp["pixel_values"].to(torch.bfloat16)
         with torch.inference_mode():
-            out = model.generate(**inp, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
-                                 pad_token_id=proc.tokenizer.pad_token_id)
-        return out[:, inp["input_ids"].shape[1]:].tolist(), int(inp["input_ids"].shape[1])
+            out = model.generate(
+                **inp,
+                max_new_tokens=n_new,
+                min_new_tokens=n_new,
+                do_sample=False,
+                pad_token_id=proc.tokenizer.pad_token_id,
+            )
+        return out[:, inp["input_ids"].shape[1] :].tolist(), int(inp["input_ids"].shape[1])
 
-    gen(images[:batch])   # warm-up
+    gen(images[:batch])  # warm-up
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     toks, plen = [], 0
     for i in range(0, len(images), batch):
-        t, plen = gen(images[i:i + batch])
+        t, plen = gen(images[i : i + batch])
         toks += t
     torch.cuda.synchronize()
     dt = time.perf_counter() - t0
@@ -128,14 +154,20 @@ def run_transformers(path, images, prompt, n_new, batch):
     # on the first 64 images (different batch shapes round differently).
     small = []
     for i in range(0, min(64, len(images)), 16):
-        small += gen(images[i:i + 16])[0]
-    self_agreement = agreement(toks[:len(small)], small)
-    del model
+        small += gen(images[i : i + 16])[0]
+    self_agreement = agreement(toks[: len(small)], small)
+    model = None  # freed before the engine loads; `del` would confuse the closure above for linters
     gc.collect()
     torch.cuda.empty_cache()
-    return {"seconds": dt, "images_per_s": len(images) / dt, "tokens_per_s": len(images) * n_new / dt,
-            "peak_vram_gib": peak / 2**30, "prompt_tokens": plen,
-            "self_agreement_batch16_vs_64": self_agreement, "self_agreement_images": len(small)}, toks
+    return {
+        "seconds": dt,
+        "images_per_s": len(images) / dt,
+        "tokens_per_s": len(images) * n_new / dt,
+        "peak_vram_gib": peak / 2**30,
+        "prompt_tokens": plen,
+        "self_agreement_batch16_vs_64": self_agreement,
+        "self_agreement_images": len(small),
+    }, toks
 
 
 def decode_weight_bytes(model) -> int:
@@ -153,12 +185,21 @@ def decode_step_input(eng, batch: int, context: int):
     """A decode step of `batch` made-up sequences at `context` tokens over the first blocks of the
     (idle) pool, or None when the pool is too small or the engine is busy (its blocks are in use)."""
     from modelyard.engine.scheduler import ScheduledSeq, SchedulerOutput
+
     nblk = -(-context // eng.kv_cache.spec.block_size)
     if batch * nblk > eng.kv_cache.num_blocks or eng.scheduler.has_unfinished():
         return None
-    spans = tuple(ScheduledSeq(seq_id=10**9 + i, token_ids=(1 + i,), start_pos=context - 1, num_prompt_tokens=1,
-                               block_table=tuple(range(i * nblk, (i + 1) * nblk)), sample=True)
-                  for i in range(batch))
+    spans = tuple(
+        ScheduledSeq(
+            seq_id=10**9 + i,
+            token_ids=(1 + i,),
+            start_pos=context - 1,
+            num_prompt_tokens=1,
+            block_table=tuple(range(i * nblk, (i + 1) * nblk)),
+            sample=True,
+        )
+        for i in range(batch)
+    )
     return SchedulerOutput(is_prefill=False, seqs=spans)
 
 
@@ -167,6 +208,7 @@ def decode_step_bench(eng, batch: int, context: int, copy_gbps: float, iters: in
     events) and the runner's whole step (host packing, copies, replay, sampling sync; wall clock),
     against the bytes-read floors."""
     from modelyard.engine.cuda_graphs import pick_bucket
+
     spec = eng.kv_cache.spec
     out = decode_step_input(eng, batch, context)
     if out is None:
@@ -188,8 +230,14 @@ def decode_step_bench(eng, batch: int, context: int, copy_gbps: float, iters: in
     w = decode_weight_bytes(eng.model)
     w_ms, wkv_ms = w / copy_gbps / 1e6, (w + kv) / copy_gbps / 1e6
     t = res.get("graph_replay_ms", step_ms)
-    res.update(weight_bytes=w, kv_bytes=kv, weights_floor_ms=w_ms, weights_kv_floor_ms=wkv_ms,
-               vs_weights_floor=t / w_ms, vs_weights_kv_floor=t / wkv_ms)
+    res.update(
+        weight_bytes=w,
+        kv_bytes=kv,
+        weights_floor_ms=w_ms,
+        weights_kv_floor_ms=wkv_ms,
+        vs_weights_floor=t / w_ms,
+        vs_weights_kv_floor=t / wkv_ms,
+    )
     return res
 
 
@@ -197,6 +245,7 @@ def profile_table(fn, path: Path, title: str) -> None:
     """Append the CUDA kernel table of fn() (torch profiler, sorted by total time) to `path`, after
     one unprofiled call (lazy initialisation, allocator growth)."""
     from torch.profiler import ProfilerActivity, profile
+
     fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -215,25 +264,32 @@ def profile_decode_step(eng, batch: int, context: int, path: Path) -> None:
     runner, graphs = eng.runner, eng.runner.graphs
     runner.graphs = None
     try:
-        profile_table(lambda: [runner.execute(out) for _ in range(3)], path,
-                      f"eager decode step, batch {batch}, context {context}, 3 steps")
+        profile_table(
+            lambda: [runner.execute(out) for _ in range(3)],
+            path,
+            f"eager decode step, batch {batch}, context {context}, 3 steps",
+        )
     finally:
         runner.graphs = graphs
 
 
 def run_modelyard(path, images, prompt, n_new, engine_kw, copy_gbps, profile_dir=None):
     from modelyard.engine import Engine, EngineConfig, Request, SamplingParams
+
     t0 = time.perf_counter()
     eng = Engine.from_pretrained(path, EngineConfig(**engine_kw))
     try:
         load_s = time.perf_counter() - t0
-        log(f"engine loaded in {load_s:.1f}s: " + json.dumps({k: v for k, v in eng.stats().items() if isinstance(v, str)}))
+        log(
+            f"engine loaded in {load_s:.1f}s: "
+            + json.dumps({k: v for k, v in eng.stats().items() if isinstance(v, str)})
+        )
 
         def requests(paths, new_tokens=n_new):
             sp = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
             return [Request(image=str(p), prompt=prompt, sampling=sp) for p in paths]
 
-        eng.generate(requests(images[:64]))   # warm-up
+        eng.generate(requests(images[:64]))  # warm-up
         torch.cuda.synchronize()
         warm = eng.stats()
         torch.cuda.reset_peak_memory_stats()
@@ -244,15 +300,28 @@ def run_modelyard(path, images, prompt, n_new, engine_kw, copy_gbps, profile_dir
         dt = time.perf_counter() - t0
         errors = [o.error for o in outs if o.finish_reason == "error"]
         stats = eng.stats()
-        for k in ("prefill_steps", "prefill_seconds", "prefill_tokens", "decode_steps", "decode_seconds",
-                  "decode_tokens", "preemptions"):
-            stats[k] -= warm[k]     # the timed run alone
-        res = {"config": engine_kw, "seconds": dt, "images_per_s": len(images) / dt,
-               "tokens_per_s": len(images) * n_new / dt,
-               "peak_vram_gib": torch.cuda.max_memory_allocated() / 2**30, "load_seconds": load_s,
-               "errors": len(errors), "first_error": errors[0] if errors else None,
-               "prompt_tokens": outs[0].num_prompt_tokens,
-               "stats": {k: v for k, v in stats.items() if isinstance(v, (int, float, str))}}
+        for k in (
+            "prefill_steps",
+            "prefill_seconds",
+            "prefill_tokens",
+            "decode_steps",
+            "decode_seconds",
+            "decode_tokens",
+            "preemptions",
+        ):
+            stats[k] -= warm[k]  # the timed run alone
+        res = {
+            "config": engine_kw,
+            "seconds": dt,
+            "images_per_s": len(images) / dt,
+            "tokens_per_s": len(images) * n_new / dt,
+            "peak_vram_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "load_seconds": load_s,
+            "errors": len(errors),
+            "first_error": errors[0] if errors else None,
+            "prompt_tokens": outs[0].num_prompt_tokens,
+            "stats": {k: v for k, v in stats.items() if isinstance(v, (int, float, str))},
+        }
         log("modelyard " + json.dumps(res))
         res["decode_step"] = []
         for batch, ctx in ((64, 32), (64, res["prompt_tokens"] + n_new // 2), (256, res["prompt_tokens"] + n_new // 2)):
@@ -261,12 +330,22 @@ def run_modelyard(path, images, prompt, n_new, engine_kw, copy_gbps, profile_dir
             except Exception as e:  # a broken microbenchmark must not lose the throughput numbers
                 res["decode_step"].append({"batch": batch, "context": ctx, "error": f"{type(e).__name__}: {e}"})
             log("decode step " + json.dumps(res["decode_step"][-1]))
-        profiles = [] if profile_dir is None else [
-            # 64 prompts (~2.5 16k-token prefill steps) + 1 token each, through generate() and its threads
-            lambda: profile_table(lambda: eng.generate(requests(images[:64], 1)),
-                                  Path(profile_dir, "profile-prefill.txt"), "prefill of 64 images + 1 token"),
-            *(lambda c=c: profile_decode_step(eng, 64, c, Path(profile_dir, "profile-decode.txt"))
-              for c in (32, res["prompt_tokens"] + n_new // 2))]
+        profiles = (
+            []
+            if profile_dir is None
+            else [
+                # 64 prompts (~2.5 16k-token prefill steps) + 1 token each, through generate() and its threads
+                lambda: profile_table(
+                    lambda: eng.generate(requests(images[:64], 1)),
+                    Path(profile_dir, "profile-prefill.txt"),
+                    "prefill of 64 images + 1 token",
+                ),
+                *(
+                    lambda c=c: profile_decode_step(eng, 64, c, Path(profile_dir, "profile-decode.txt"))
+                    for c in (32, res["prompt_tokens"] + n_new // 2)
+                ),
+            ]
+        )
         for profile_one in profiles:
             try:
                 profile_one()
@@ -313,27 +392,37 @@ def main(argv=None):
     ap.add_argument("--ckpt-dir", default="/tmp/modelyard-bench")
     ap.add_argument("--out", default=None)
     ap.add_argument("--skip-hf", action="store_true")
-    ap.add_argument("--engine", default="{}",
-                    help="EngineConfig options as JSON, over BENCH_ENGINE; a JSON list runs each in turn "
-                         "(the first is the headline, e.g. '[{}, {\"kv_cache_dtype\": \"fp8\"}]')")
-    ap.add_argument("--profile", action="store_true",
-                    help="write kernel tables of a prefill and of eager decode steps to --out")
+    ap.add_argument(
+        "--engine",
+        default="{}",
+        help="EngineConfig options as JSON, over BENCH_ENGINE; a JSON list runs each in turn "
+        '(the first is the headline, e.g. \'[{}, {"kv_cache_dtype": "fp8"}]\')',
+    )
+    ap.add_argument(
+        "--profile", action="store_true", help="write kernel tables of a prefill and of eager decode steps to --out"
+    )
     args = ap.parse_args(argv)
 
     import transformers
 
     from modelyard import testing
+
     root = Path(args.ckpt_dir)
     t0 = time.perf_counter()
     path = bench_checkpoint(root, args.arch, args.size)
     make_s = time.perf_counter() - t0
     log(f"checkpoint ready ({make_s:.1f}s); images")
-    images = testing.make_images(root / f"images-{args.image_size}", args.images, seed=0,
-                                 size=(args.image_size, args.image_size))
-    info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
-            "transformers": transformers.__version__, "python": platform.python_version(),
-            "arch": args.arch, "size": args.size, "images": args.images, "new_tokens": args.new_tokens,
-            "checkpoint_make_seconds": make_s}
+    images = testing.make_images(
+        root / f"images-{args.image_size}", args.images, seed=0, size=(args.image_size, args.image_size)
+    )
+    info = {
+        **environment(),
+        "arch": args.arch,
+        "size": args.size,
+        "images": args.images,
+        "new_tokens": args.new_tokens,
+        "checkpoint_make_seconds": make_s,
+    }
     info.update(measure_ceilings())
     log(json.dumps(info))
 
@@ -349,8 +438,9 @@ def main(argv=None):
     runs = []
     for override in overrides if isinstance(overrides, list) else [overrides]:
         engine_kw = {**BENCH_ENGINE, **override}
-        res, toks = run_modelyard_with_fallbacks(path, images, args.prompt, args.new_tokens, engine_kw,
-                                                 info["copy_gbps"], args.out if args.profile else None)
+        res, toks = run_modelyard_with_fallbacks(
+            path, images, args.prompt, args.new_tokens, engine_kw, info["copy_gbps"], args.out if args.profile else None
+        )
         runs.append((res, toks))
         results.setdefault("modelyard_runs", []).append(res)
         save()
@@ -368,8 +458,9 @@ def main(argv=None):
         log("transformers " + json.dumps(hf))
         save()
     cfg = transformers.AutoConfig.from_pretrained(path)
-    fpi = flops_per_image(cfg, ours.get("prompt_tokens") or results.get("transformers", {}).get("prompt_tokens", 600),
-                          args.new_tokens)
+    fpi = flops_per_image(
+        cfg, ours.get("prompt_tokens") or results.get("transformers", {}).get("prompt_tokens", 600), args.new_tokens
+    )
     results["flops_per_image"] = fpi
     results["compute_floor_images_per_s"] = info["bf16_matmul_tflops"] * 1e12 / fpi
     print("\n| engine | images/s | out tok/s | peak VRAM GiB |")
@@ -377,20 +468,31 @@ def main(argv=None):
     for k, r in ((k, results.get(k, {})) for k in ("transformers", "modelyard")):
         if "seconds" in r:
             print(f"| {k} | {r['images_per_s']:.1f} | {r['tokens_per_s']:.0f} | {r['peak_vram_gib']:.1f} |")
-    print(f"ratio {results.get('ratio', float('nan')):.2f}x; agreement {results.get('greedy_agreement', float('nan')):.3f}; "
-          f"compute floor {results['compute_floor_images_per_s']:.1f} images/s "
-          f"({fpi / 1e12:.2f} TFLOP/image at {info['bf16_matmul_tflops']:.0f} TFLOP/s)")
+    print(
+        f"ratio {results.get('ratio', float('nan')):.2f}x; "
+        f"agreement {results.get('greedy_agreement', float('nan')):.3f}; "
+        f"compute floor {results['compute_floor_images_per_s']:.1f} images/s "
+        f"({fpi / 1e12:.2f} TFLOP/image at {info['bf16_matmul_tflops']:.0f} TFLOP/s)"
+    )
     if "transformers" in results:
-        print(f"transformers self-agreement (batch 16 vs 64, {results['transformers']['self_agreement_images']} images): "
-              f"{results['transformers']['self_agreement_batch16_vs_64']:.3f}")
+        print(
+            f"transformers self-agreement (batch 16 vs 64, {results['transformers']['self_agreement_images']} images): "
+            f"{results['transformers']['self_agreement_batch16_vs_64']:.3f}"
+        )
     for r in results["modelyard_runs"]:
-        print(f"config {json.dumps(r.get('config'))}: {r['images_per_s']:.1f} images/s, ratio "
-              f"{r.get('ratio', float('nan')):.2f}x, agreement {r.get('greedy_agreement', float('nan')):.3f}")
+        print(
+            f"config {json.dumps(r.get('config'))}: {r['images_per_s']:.1f} images/s, ratio "
+            f"{r.get('ratio', float('nan')):.2f}x, agreement {r.get('greedy_agreement', float('nan')):.3f}"
+        )
         for d in r.get("decode_step", []):
             if "graph_replay_ms" in d or "full_step_ms" in d:
-                print(f"  decode step batch {d['batch']} ctx {d['context']}: graph {d.get('graph_replay_ms', float('nan')):.2f} ms, "
-                      f"full {d['full_step_ms']:.2f} ms; floors weights {d['weights_floor_ms']:.2f} ms "
-                      f"(x{d['vs_weights_floor']:.2f}), weights+KV {d['weights_kv_floor_ms']:.2f} ms (x{d['vs_weights_kv_floor']:.2f})")
+                print(
+                    f"  decode step batch {d['batch']} ctx {d['context']}: "
+                    f"graph {d.get('graph_replay_ms', float('nan')):.2f} ms, "
+                    f"full {d['full_step_ms']:.2f} ms; floors weights {d['weights_floor_ms']:.2f} ms "
+                    f"(x{d['vs_weights_floor']:.2f}), "
+                    f"weights+KV {d['weights_kv_floor_ms']:.2f} ms (x{d['vs_weights_kv_floor']:.2f})"
+                )
     save()
     return results
 
