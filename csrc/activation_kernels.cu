@@ -44,13 +44,13 @@ __global__ void silu_and_mul_kernel(const T* __restrict__ x, T* __restrict__ out
   store_vec<T, VEC>(out + row * inter + i, o);
 }
 
-
 // The row stays in registers: one CTA per row, each thread holding kPer vectors of products
 // (rounded to T); the launch guarantees blockDim.x * kPer * VEC >= inter. The launch bound makes
 // ptxas fit 1024-thread CTAs (the widest rows).
 template <typename T, int VEC, int kPer>
-__global__ void __launch_bounds__(1024) silu_and_mul_quant_fp8_kernel(
-    const T* __restrict__ x, fp8_e4m3* __restrict__ q, float* __restrict__ scales, int64_t x_stride, int inter) {
+__global__ void __launch_bounds__(1024)
+    silu_and_mul_quant_fp8_kernel(const T* __restrict__ x, fp8_e4m3* __restrict__ q, float* __restrict__ scales,
+                                  int64_t x_stride, int inter) {
   __shared__ float scratch[32];
   const int64_t row = blockIdx.x;
   const T* gate = x + row * x_stride;
@@ -174,11 +174,11 @@ std::tuple<at::Tensor, at::Tensor> silu_and_mul_quant_fp8(const at::Tensor& x) {
       silu_and_mul_quant_fp8_kernel<scalar_t, V, kPer><<<blocks, static_cast<unsigned>(held_threads), 0, stream>>>(
           xp, qp, sp, x2.stride(0), static_cast<int>(inter));
     } else if (vectorized) {
-      silu_and_mul_quant_fp8_twopass_kernel<scalar_t, V><<<blocks, kTwoPassThreads, 0, stream>>>(
-          xp, qp, sp, x2.stride(0), static_cast<int>(inter));
+      silu_and_mul_quant_fp8_twopass_kernel<scalar_t, V>
+          <<<blocks, kTwoPassThreads, 0, stream>>>(xp, qp, sp, x2.stride(0), static_cast<int>(inter));
     } else {
-      silu_and_mul_quant_fp8_twopass_kernel<scalar_t, 1><<<blocks, kTwoPassThreads, 0, stream>>>(
-          xp, qp, sp, x2.stride(0), static_cast<int>(inter));
+      silu_and_mul_quant_fp8_twopass_kernel<scalar_t, 1>
+          <<<blocks, kTwoPassThreads, 0, stream>>>(xp, qp, sp, x2.stride(0), static_cast<int>(inter));
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -18,8 +18,8 @@ template <typename T, typename C, int VEC>
 __global__ void reshape_and_cache_kernel(const T* __restrict__ key, const T* __restrict__ value,
                                          C* __restrict__ k_cache, C* __restrict__ v_cache,
                                          const int64_t* __restrict__ slot_mapping, int64_t k_stride_t,
-                                         int64_t k_stride_h, int64_t v_stride_t, int64_t v_stride_h,
-                                         int num_kv_heads, int head_dim, float k_inv_scale, float v_inv_scale) {
+                                         int64_t k_stride_h, int64_t v_stride_t, int64_t v_stride_h, int num_kv_heads,
+                                         int head_dim, float k_inv_scale, float v_inv_scale) {
   const int64_t t = blockIdx.x;
   const int64_t slot = slot_mapping[t];
   if (slot < 0) return;  // padding token (e.g. a CUDA graph's unused rows)
@@ -49,13 +49,13 @@ void launch_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_
   const auto* kp = reinterpret_cast<const T*>(key.data_ptr());
   const auto* vp = reinterpret_cast<const T*>(value.data_ptr());
   if (vectorized) {
-    reshape_and_cache_kernel<T, C, V><<<T_, threads, 0, stream>>>(
-        kp, vp, kc, vc, slot_mapping.data_ptr<int64_t>(), key.stride(0), key.stride(1), value.stride(0),
-        value.stride(1), Hk, D, k_inv_scale, v_inv_scale);
+    reshape_and_cache_kernel<T, C, V><<<T_, threads, 0, stream>>>(kp, vp, kc, vc, slot_mapping.data_ptr<int64_t>(),
+                                                                  key.stride(0), key.stride(1), value.stride(0),
+                                                                  value.stride(1), Hk, D, k_inv_scale, v_inv_scale);
   } else {
-    reshape_and_cache_kernel<T, C, 1><<<T_, threads, 0, stream>>>(
-        kp, vp, kc, vc, slot_mapping.data_ptr<int64_t>(), key.stride(0), key.stride(1), value.stride(0),
-        value.stride(1), Hk, D, k_inv_scale, v_inv_scale);
+    reshape_and_cache_kernel<T, C, 1><<<T_, threads, 0, stream>>>(kp, vp, kc, vc, slot_mapping.data_ptr<int64_t>(),
+                                                                  key.stride(0), key.stride(1), value.stride(0),
+                                                                  value.stride(1), Hk, D, k_inv_scale, v_inv_scale);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -65,20 +65,20 @@ void launch_cache(const at::Tensor& key, const at::Tensor& value, at::Tensor& k_
 // Shared by reshape_and_cache and rotary_embedding_and_cache (kv_write.h); true for an fp8 cache.
 bool check_kv_write(const char* op, const at::Tensor& key, const at::Tensor& value, const at::Tensor& k_cache,
                     const at::Tensor& v_cache, const at::Tensor& slot_mapping, double k_scale, double v_scale) {
-  TORCH_CHECK(key.is_cuda() && value.is_cuda() && k_cache.is_cuda() && v_cache.is_cuda() && slot_mapping.is_cuda(),
-              op, ": all tensors must be on CUDA");
+  TORCH_CHECK(key.is_cuda() && value.is_cuda() && k_cache.is_cuda() && v_cache.is_cuda() && slot_mapping.is_cuda(), op,
+              ": all tensors must be on CUDA");
   TORCH_CHECK(key.dim() == 3 && value.sizes() == key.sizes(), op, ": key and value must be [T, Hk, D]");
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.is_contiguous() &&
-                  v_cache.is_contiguous(),
-              op, ": caches must be contiguous [num_blocks, block_size, Hk, D]");
-  TORCH_CHECK(k_cache.size(2) == key.size(1) && k_cache.size(3) == key.size(2),
-              op, ": key rows ", shape(key.sizes()), " do not match the cache ", shape(k_cache.sizes()));
-  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type() && key.scalar_type() == value.scalar_type(),
-              op, ": k_cache/v_cache (or key/value) dtypes differ");
+  TORCH_CHECK(
+      k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.is_contiguous() && v_cache.is_contiguous(),
+      op, ": caches must be contiguous [num_blocks, block_size, Hk, D]");
+  TORCH_CHECK(k_cache.size(2) == key.size(1) && k_cache.size(3) == key.size(2), op, ": key rows ", shape(key.sizes()),
+              " do not match the cache ", shape(k_cache.sizes()));
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type() && key.scalar_type() == value.scalar_type(), op,
+              ": k_cache/v_cache (or key/value) dtypes differ");
   const bool fp8 = k_cache.scalar_type() == at::kFloat8_e4m3fn;
-  TORCH_CHECK(fp8 ? key.scalar_type() != at::kFloat : key.scalar_type() == k_cache.scalar_type(),
-              op, ": key/value dtype ", key.scalar_type(), " cannot be stored in a ",
-              k_cache.scalar_type(), " cache (same dtype, or float16/bfloat16 into float8_e4m3fn)");
+  TORCH_CHECK(fp8 ? key.scalar_type() != at::kFloat : key.scalar_type() == k_cache.scalar_type(), op,
+              ": key/value dtype ", key.scalar_type(), " cannot be stored in a ", k_cache.scalar_type(),
+              " cache (same dtype, or float16/bfloat16 into float8_e4m3fn)");
   TORCH_CHECK(k_scale > 0 && v_scale > 0, op, ": k_scale and v_scale must be positive");
   TORCH_CHECK(fp8 || (k_scale == 1.0 && v_scale == 1.0), op, ": k_scale / v_scale apply to an fp8 cache only");
   TORCH_CHECK(key.stride(2) == 1 && value.stride(2) == 1, op, ": head dim must be contiguous");

@@ -206,23 +206,22 @@ inline std::string shape(at::IntArrayRef s) {
 }  // namespace modelyard
 
 // Binds `scalar_t` to the CUDA storage type of a float32 / float16 / bfloat16 tensor.
-#define MODELYARD_DISPATCH_FLOAT_TYPES(DTYPE, NAME, ...)                                \
-  [&] {                                                                                 \
-    switch (DTYPE) {                                                                    \
-      case at::ScalarType::Float: {                                                     \
-        using scalar_t = float;                                                         \
-        return __VA_ARGS__();                                                           \
-      }                                                                                 \
-      case at::ScalarType::Half: {                                                      \
-        using scalar_t = __half;                                                        \
-        return __VA_ARGS__();                                                           \
-      }                                                                                 \
-      case at::ScalarType::BFloat16: {                                                  \
-        using scalar_t = __nv_bfloat16;                                                 \
-        return __VA_ARGS__();                                                           \
-      }                                                                                 \
-      default:                                                                          \
-        TORCH_CHECK(false, NAME, ": unsupported dtype ", DTYPE,                        \
-                    " (float32, float16 and bfloat16 are)");                            \
-    }                                                                                   \
+#define MODELYARD_DISPATCH_FLOAT_TYPES(DTYPE, NAME, ...)                                                 \
+  [&] {                                                                                                  \
+    switch (DTYPE) {                                                                                     \
+      case at::ScalarType::Float: {                                                                      \
+        using scalar_t = float;                                                                          \
+        return __VA_ARGS__();                                                                            \
+      }                                                                                                  \
+      case at::ScalarType::Half: {                                                                       \
+        using scalar_t = __half;                                                                         \
+        return __VA_ARGS__();                                                                            \
+      }                                                                                                  \
+      case at::ScalarType::BFloat16: {                                                                   \
+        using scalar_t = __nv_bfloat16;                                                                  \
+        return __VA_ARGS__();                                                                            \
+      }                                                                                                  \
+      default:                                                                                           \
+        TORCH_CHECK(false, NAME, ": unsupported dtype ", DTYPE, " (float32, float16 and bfloat16 are)"); \
+    }                                                                                                    \
   }()

@@ -23,9 +23,9 @@ constexpr int kPerThread = 4;  // vectors of the row each thread holds
 // `out` is the normed row in T and `scales` is unused.
 template <typename T, int VEC, bool kAdd, bool kQuant>
 __global__ void rms_norm_kernel(const T* __restrict__ x, const T* __restrict__ residual, const T* __restrict__ weight,
-                                std::conditional_t<kQuant, fp8_e4m3, T>* __restrict__ out,
-                                float* __restrict__ scales, T* __restrict__ residual_out, int64_t x_stride,
-                                int64_t r_stride, int hidden, float eps) {
+                                std::conditional_t<kQuant, fp8_e4m3, T>* __restrict__ out, float* __restrict__ scales,
+                                T* __restrict__ residual_out, int64_t x_stride, int64_t r_stride, int hidden,
+                                float eps) {
   __shared__ float scratch[32];
   const int64_t row = blockIdx.x;
   const int nvec = hidden / VEC;
@@ -124,17 +124,19 @@ void launch_norm(const at::Tensor& x, const at::Tensor* residual, const at::Tens
     auto* rop = kAdd ? reinterpret_cast<scalar_t*>(residual_out->data_ptr()) : nullptr;
     const int64_t r_stride = kAdd ? residual->stride(0) : 0;
     if (vectorized) {
-      rms_norm_kernel<scalar_t, V, kAdd, kQuant><<<T, threads, 0, stream>>>(xp, rp, wp, op, sp, rop, x.stride(0),
-                                                                             r_stride, H, static_cast<float>(eps));
+      rms_norm_kernel<scalar_t, V, kAdd, kQuant>
+          <<<T, threads, 0, stream>>>(xp, rp, wp, op, sp, rop, x.stride(0), r_stride, H, static_cast<float>(eps));
     } else {
-      rms_norm_kernel<scalar_t, 1, kAdd, kQuant><<<T, threads, 0, stream>>>(xp, rp, wp, op, sp, rop, x.stride(0),
-                                                                             r_stride, H, static_cast<float>(eps));
+      rms_norm_kernel<scalar_t, 1, kAdd, kQuant>
+          <<<T, threads, 0, stream>>>(xp, rp, wp, op, sp, rop, x.stride(0), r_stride, H, static_cast<float>(eps));
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
-at::Tensor new_fp8(const at::Tensor& x) { return at::empty({x.size(0), x.size(1)}, x.options().dtype(at::kFloat8_e4m3fn)); }
+at::Tensor new_fp8(const at::Tensor& x) {
+  return at::empty({x.size(0), x.size(1)}, x.options().dtype(at::kFloat8_e4m3fn));
+}
 at::Tensor new_scales(const at::Tensor& x) { return at::empty({x.size(0), 1}, x.options().dtype(at::kFloat)); }
 
 }  // namespace

@@ -18,7 +18,7 @@ extern template void run<__nv_bfloat16, __nv_bfloat16>(const Params<__nv_bfloat1
 extern template void run<__half, fp8_e4m3>(const Params<__half, fp8_e4m3>&, int, int, cudaStream_t);
 extern template void run<__nv_bfloat16, fp8_e4m3>(const Params<__nv_bfloat16, fp8_e4m3>&, int, int, cudaStream_t);
 
-// Default variant, measured on an H200 (NOTES-kernels.md, session 4): the plain slot kernel, except
+// Default variant, measured on an H200: the plain slot kernel, except
 // for 16-bit GQA caches, where the prefetching one is ~6% faster (for MHA it is 5-10% slower, and for
 // fp8 caches up to 1.6x slower: its registers cost occupancy).
 int default_variant(bool fp8, int group) { return !fp8 && group > 1 ? 3 : 2; }
@@ -31,7 +31,7 @@ int heads_per_cta(int group) {
 }
 
 // Split only when (sequence, head group) pairs alone leave SMs idle, then aim at 4 CTAs per SM;
-// never splits shorter than kMinSplitTokens. Measured on an H200 (NOTES-kernels.md): a grid
+// never splits shorter than kMinSplitTokens. Measured on an H200: a grid
 // that already covers the SMs loses 10-20% to splitting (partials + the reduce launch), a small
 // batch with long contexts gains 3-4x.
 int choose_splits(int64_t base_ctas, int64_t max_len, int num_sms) {
@@ -80,11 +80,14 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
                                   double v_scale) {
   TORCH_CHECK(q.is_cuda() && k_cache.is_cuda() && v_cache.is_cuda() && block_tables.is_cuda() && seq_lens.is_cuda(),
               "paged_decode_attention: all tensors must be on CUDA");
-  TORCH_CHECK(q.dim() == 3, "paged_decode_attention: q must be [num_seqs, num_heads, head_dim], got ", shape(q.sizes()));
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
-              "paged_decode_attention: k_cache and v_cache must both be [num_blocks, block_size, num_kv_heads, head_dim]");
+  TORCH_CHECK(q.dim() == 3, "paged_decode_attention: q must be [num_seqs, num_heads, head_dim], got ",
+              shape(q.sizes()));
+  TORCH_CHECK(
+      k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
+      "paged_decode_attention: k_cache and v_cache must both be [num_blocks, block_size, num_kv_heads, head_dim]");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "paged_decode_attention: caches must be contiguous");
-  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "paged_decode_attention: k_cache and v_cache dtypes differ");
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(),
+              "paged_decode_attention: k_cache and v_cache dtypes differ");
   const bool fp8 = k_cache.scalar_type() == at::kFloat8_e4m3fn;
   TORCH_CHECK(fp8 ? (q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16)
                   : k_cache.scalar_type() == q.scalar_type(),
@@ -99,9 +102,12 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
 
   const int64_t S = q.size(0), Hq = q.size(1), D = q.size(2);
   const int64_t BS = k_cache.size(1), Hk = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(3) == D, "paged_decode_attention: head_dim of q (", num(D), ") and cache (", num(k_cache.size(3)), ") differ");
-  TORCH_CHECK(Hk > 0 && Hq % Hk == 0, "paged_decode_attention: num_heads ", num(Hq), " is not a multiple of num_kv_heads ", num(Hk));
-  TORCH_CHECK(BS > 0 && (BS & (BS - 1)) == 0, "paged_decode_attention: block_size must be a power of two, got ", num(BS));
+  TORCH_CHECK(k_cache.size(3) == D, "paged_decode_attention: head_dim of q (", num(D), ") and cache (",
+              num(k_cache.size(3)), ") differ");
+  TORCH_CHECK(Hk > 0 && Hq % Hk == 0, "paged_decode_attention: num_heads ", num(Hq),
+              " is not a multiple of num_kv_heads ", num(Hk));
+  TORCH_CHECK(BS > 0 && (BS & (BS - 1)) == 0, "paged_decode_attention: block_size must be a power of two, got ",
+              num(BS));
   TORCH_CHECK(block_tables.size(1) >= 1, "paged_decode_attention: block_tables needs at least one column");
   TORCH_CHECK(seq_lens.size(0) == S && block_tables.size(0) >= S,
               "paged_decode_attention: seq_lens / block_tables do not cover ", num(S), " sequences");
@@ -115,7 +121,8 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   TORCH_CHECK(variant == 0 || variant == 2 || variant == 3,
               "paged_decode_attention: variant must be 0 (auto), 2 or 3, got ", num(variant));
   TORCH_CHECK(D == 64 || D == 80 || D == 96 || D == 128 || (D == 256 && q.element_size() == 2),
-              "paged_decode_attention: head_dim ", num(D), " is not compiled (64, 80, 96, 128 and, for 16-bit types, 256 are)");
+              "paged_decode_attention: head_dim ", num(D),
+              " is not compiled (64, 80, 96, 128 and, for 16-bit types, 256 are)");
 
   const c10::cuda::OptionalCUDAGuard guard(q.device());
   at::Tensor out = at::empty({S, Hq, D}, q.options());
@@ -146,12 +153,13 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   MODELYARD_DISPATCH_FLOAT_TYPES(q.scalar_type(), "paged_decode_attention", [&] {
     if (fp8) {
       if constexpr (!std::is_same_v<scalar_t, float>) {
-        paged::launch<scalar_t, fp8_e4m3>(q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_max, part_sum,
-                                   scale * k_scale, v_scale, head_groups, block_shift, splits, variant, ng, stream);
+        paged::launch<scalar_t, fp8_e4m3>(q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_max,
+                                          part_sum, scale * k_scale, v_scale, head_groups, block_shift, splits, variant,
+                                          ng, stream);
       }
     } else {
       paged::launch<scalar_t, scalar_t>(q, k_cache, v_cache, block_tables, seq_lens, out, part_out, part_max, part_sum,
-                                 scale, 1.0, head_groups, block_shift, splits, variant, ng, stream);
+                                        scale, 1.0, head_groups, block_shift, splits, variant, ng, stream);
     }
   });
   return out;

@@ -24,11 +24,16 @@ void launch_main(const Params<T, C>& p, int num_seqs, cudaStream_t stream) {
 template <typename T, typename C, int D>
 void dispatch_ng(const Params<T, C>& p, int ng, int num_seqs, cudaStream_t stream) {
   switch (ng) {
-    case 1: return launch_main<T, C, D, 1>(p, num_seqs, stream);
-    case 2: return launch_main<T, C, D, 2>(p, num_seqs, stream);
-    case 4: return launch_main<T, C, D, 4>(p, num_seqs, stream);
-    case 8: return launch_main<T, C, D, 8>(p, num_seqs, stream);
-    default: TORCH_CHECK(false, "paged_decode_attention: internal error, heads per CTA ", num(ng));
+    case 1:
+      return launch_main<T, C, D, 1>(p, num_seqs, stream);
+    case 2:
+      return launch_main<T, C, D, 2>(p, num_seqs, stream);
+    case 4:
+      return launch_main<T, C, D, 4>(p, num_seqs, stream);
+    case 8:
+      return launch_main<T, C, D, 8>(p, num_seqs, stream);
+    default:
+      TORCH_CHECK(false, "paged_decode_attention: internal error, heads per CTA ", num(ng));
   }
 }
 
@@ -38,10 +43,18 @@ template <typename T, typename C>
 void run(const Params<T, C>& p, int ng, int num_seqs, cudaStream_t stream) {
   constexpr int VEC = 16 / sizeof(C);
   switch (p.head_dim) {
-    case 64: dispatch_ng<T, C, 64>(p, ng, num_seqs, stream); break;
-    case 80: dispatch_ng<T, C, 80>(p, ng, num_seqs, stream); break;
-    case 96: dispatch_ng<T, C, 96>(p, ng, num_seqs, stream); break;
-    case 128: dispatch_ng<T, C, 128>(p, ng, num_seqs, stream); break;
+    case 64:
+      dispatch_ng<T, C, 64>(p, ng, num_seqs, stream);
+      break;
+    case 80:
+      dispatch_ng<T, C, 80>(p, ng, num_seqs, stream);
+      break;
+    case 96:
+      dispatch_ng<T, C, 96>(p, ng, num_seqs, stream);
+      break;
+    case 128:
+      dispatch_ng<T, C, 128>(p, ng, num_seqs, stream);
+      break;
     case 256:
       if constexpr (256 / VEC <= 32) {
         dispatch_ng<T, C, 256>(p, ng, num_seqs, stream);

@@ -16,7 +16,7 @@ namespace paged {
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
 constexpr int kMaxSplits = 64;
-constexpr int kChunkAlign = 32;     // a split's token range is a multiple of this (except the last)
+constexpr int kChunkAlign = 32;       // a split's token range is a multiple of this (except the last)
 constexpr int kMinSplitTokens = 128;  // host heuristic: no more splits than max_len / this
 
 __device__ __forceinline__ int split_len(int seq_len, int num_splits) {
@@ -35,20 +35,20 @@ __device__ __forceinline__ int splits_used(int seq_len, int num_splits) {
 // T: the query/output type. C: the cache's element type (T, or fp8_e4m3 for the fp8 cache).
 template <typename T, typename C = T>
 struct Params {
-  const T* __restrict__ q;                 // [S, Hq, D], strides q_stride_s, q_stride_h, 1
-  const C* __restrict__ k_cache;           // [NB, BS, Hk, D] contiguous
-  const C* __restrict__ v_cache;           // [NB, BS, Hk, D] contiguous
-  const int* __restrict__ block_tables;    // [>=S, MB], row stride bt_stride
-  const int* __restrict__ seq_lens;        // [S]
-  T* __restrict__ out;                     // [S, Hq, D] contiguous
-  float* __restrict__ part_out;            // [S, Hq, splits, D]: each split's normalized output
-  float* __restrict__ part_max;            // [S, Hq, splits]: its running max (log2 domain)
-  float* __restrict__ part_sum;            // [S, Hq, splits]: its softmax denominator
+  const T* __restrict__ q;               // [S, Hq, D], strides q_stride_s, q_stride_h, 1
+  const C* __restrict__ k_cache;         // [NB, BS, Hk, D] contiguous
+  const C* __restrict__ v_cache;         // [NB, BS, Hk, D] contiguous
+  const int* __restrict__ block_tables;  // [>=S, MB], row stride bt_stride
+  const int* __restrict__ seq_lens;      // [S]
+  T* __restrict__ out;                   // [S, Hq, D] contiguous
+  float* __restrict__ part_out;          // [S, Hq, splits, D]: each split's normalized output
+  float* __restrict__ part_max;          // [S, Hq, splits]: its running max (log2 domain)
+  float* __restrict__ part_sum;          // [S, Hq, splits]: its softmax denominator
   int64_t q_stride_s, q_stride_h, bt_stride;
   int num_heads, num_kv_heads, head_dim, head_groups, block_shift, num_splits;
-  int variant;                             // 2: slot kernel, 3: slot kernel with the next tile prefetched
-  float scale_log2;                        // softmax scale * k_scale * log2(e): the kernel uses exp2
-  float v_scale;                           // the fp8 cache's value scale (1 otherwise), applied to the output
+  int variant;       // 2: slot kernel, 3: slot kernel with the next tile prefetched
+  float scale_log2;  // softmax scale * k_scale * log2(e): the kernel uses exp2
+  float v_scale;     // the fp8 cache's value scale (1 otherwise), applied to the output
 };
 
 template <int N>

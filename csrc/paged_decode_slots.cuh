@@ -27,8 +27,8 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel_v2(const Params<
   constexpr int TPW = 32 / TPT;
   // consecutive tokens per slot per step
   constexpr int U = PF ? (NG >= 4 ? 2 : 4) : (TPW >= 4 ? 2 : 4);
-  constexpr int NS = kWarps * TPW;           // slots per CTA
-  constexpr int QV = 16 / sizeof(T);         // query elements per 16-byte load
+  constexpr int NS = kWarps * TPW;    // slots per CTA
+  constexpr int QV = 16 / sizeof(T);  // query elements per 16-byte load
   static_assert(VEC % QV == 0, "a lane's query slice is a whole number of 16-byte loads");
 
   __shared__ float s_m[kWarps][NG], s_l[kWarps][NG];
@@ -91,7 +91,7 @@ __global__ void __launch_bounds__(kThreads) paged_decode_kernel_v2(const Params<
   // the warp converged at the shuffles (a divergent load branch made it wrap every shuffle in a
   // WARPSYNC.COLLECTIVE sequence, SASS on an H200): tokens past the end re-read the last token,
   // a real cache row with finite values, whose score is masked to -inf (weight exactly 0).
-  auto load_tile = [&](int tb, Vec<C, VEC> (&kv)[U], Vec<C, VEC> (&vv)[U]) {
+  auto load_tile = [&](int tb, Vec<C, VEC>(&kv)[U], Vec<C, VEC>(&vv)[U]) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int t = max(min(tb + u, end - 1), 0);  // 0: an empty sequence reads its (padding) block 0

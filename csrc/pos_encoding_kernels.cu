@@ -61,8 +61,8 @@ __global__ void rotary_kernel(const P* __restrict__ positions, T* __restrict__ q
   const int total = (num_heads + num_kv_heads) * nvec;
   for (int i = threadIdx.x; i < total; i += blockDim.x) {
     const int head = i / nvec, j = (i % nvec) * VEC;
-    T* x = head < num_heads ? query + t * q_stride + head * head_dim
-                            : key + t * k_stride + (head - num_heads) * head_dim;
+    T* x =
+        head < num_heads ? query + t * q_stride + head * head_dim : key + t * k_stride + (head - num_heads) * head_dim;
     rotate_item<T, kNeox, VEC>(x, cs, j, half);
   }
 }
@@ -112,11 +112,11 @@ int64_t packed_row_stride(const at::Tensor& x, int64_t head_dim, const char* op,
   TORCH_CHECK(x.dim() == 2 || x.dim() == 3, op, ": ", what, " must be [T, H*D] or [T, H, D]");
   TORCH_CHECK(x.stride(-1) == 1, op, ": ", what, " must have a contiguous last dim");
   if (x.dim() == 3) {
-    TORCH_CHECK(x.size(2) == head_dim && x.stride(1) == head_dim, op, ": ", what,
-                " heads must be packed [T, H, ", num(head_dim), "]");
+    TORCH_CHECK(x.size(2) == head_dim && x.stride(1) == head_dim, op, ": ", what, " heads must be packed [T, H, ",
+                num(head_dim), "]");
   } else {
-    TORCH_CHECK(x.size(1) % head_dim == 0, op, ": ", what, " width ", num(x.size(1)),
-                " is not a multiple of head_dim ", num(head_dim));
+    TORCH_CHECK(x.size(1) % head_dim == 0, op, ": ", what, " width ", num(x.size(1)), " is not a multiple of head_dim ",
+                num(head_dim));
   }
   return x.stride(0);
 }
@@ -129,8 +129,8 @@ struct RotaryShape {
 
 RotaryShape check_rotary(const char* op, const at::Tensor& positions, const at::Tensor& query, const at::Tensor& key,
                          int64_t head_dim, const at::Tensor& cos_sin_cache) {
-  TORCH_CHECK(positions.is_cuda() && query.is_cuda() && key.is_cuda() && cos_sin_cache.is_cuda(),
-              op, ": all tensors must be on CUDA");
+  TORCH_CHECK(positions.is_cuda() && query.is_cuda() && key.is_cuda() && cos_sin_cache.is_cuda(), op,
+              ": all tensors must be on CUDA");
   TORCH_CHECK(head_dim > 0 && head_dim % 2 == 0, op, ": head_dim must be even, got ", num(head_dim));
   TORCH_CHECK(cos_sin_cache.scalar_type() == at::kFloat && cos_sin_cache.dim() == 2 &&
                   cos_sin_cache.size(1) == head_dim && cos_sin_cache.is_contiguous(),
@@ -159,7 +159,9 @@ void with_positions(const at::Tensor& positions, F&& f) {
   }
 }
 
-int threads_for(int64_t items, int64_t most) { return static_cast<int>(std::min<int64_t>(most, std::max<int64_t>(32, items))); }
+int threads_for(int64_t items, int64_t most) {
+  return static_cast<int>(std::min<int64_t>(most, std::max<int64_t>(32, items)));
+}
 
 }  // namespace
 
@@ -183,11 +185,14 @@ void rotary_embedding(const at::Tensor& positions, at::Tensor& query, at::Tensor
     with_positions(positions, [&](auto* pos) {
       using P = std::remove_pointer_t<decltype(pos)>;
       if (vec) {
-        rotary_kernel<scalar_t, P, true, VEC><<<r.T, threads, 0, stream>>>(pos, q, k, cs, r.q_stride, r.k_stride, r.Hq, r.Hk, D);
+        rotary_kernel<scalar_t, P, true, VEC>
+            <<<r.T, threads, 0, stream>>>(pos, q, k, cs, r.q_stride, r.k_stride, r.Hq, r.Hk, D);
       } else if (is_neox) {
-        rotary_kernel<scalar_t, P, true, 1><<<r.T, threads, 0, stream>>>(pos, q, k, cs, r.q_stride, r.k_stride, r.Hq, r.Hk, D);
+        rotary_kernel<scalar_t, P, true, 1>
+            <<<r.T, threads, 0, stream>>>(pos, q, k, cs, r.q_stride, r.k_stride, r.Hq, r.Hk, D);
       } else {
-        rotary_kernel<scalar_t, P, false, 1><<<r.T, threads, 0, stream>>>(pos, q, k, cs, r.q_stride, r.k_stride, r.Hq, r.Hk, D);
+        rotary_kernel<scalar_t, P, false, 1>
+            <<<r.T, threads, 0, stream>>>(pos, q, k, cs, r.q_stride, r.k_stride, r.Hq, r.Hk, D);
       }
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -223,7 +228,8 @@ void rotary_embedding_and_cache(const at::Tensor& positions, at::Tensor& query, 
                      reinterpret_cast<uintptr_t>(v_cache.data_ptr()) % cache_align == 0;
     // Up to one item per thread: at decode sizes the kernel is a chain of dependent loads and
     // stores, and a second pass per thread would double it (64 x 32 heads of 128: 1024 items).
-    const int threads = threads_for((r.Hq + r.Hk) * head_dim / 2 / (vec ? VEC : 1) + r.Hk * head_dim / (vec ? VEC : 1), 1024);
+    const int threads =
+        threads_for((r.Hq + r.Hk) * head_dim / 2 / (vec ? VEC : 1) + r.Hk * head_dim / (vec ? VEC : 1), 1024);
     const int D = static_cast<int>(head_dim);
     const int64_t* slots = slot_mapping.data_ptr<int64_t>();
     auto launch = [&](auto* pos, auto* kc, auto* vc) {

@@ -35,8 +35,9 @@ __global__ void per_token_quant_fp8_kernel(const T* __restrict__ x, fp8_e4m3* __
 
 std::tuple<at::Tensor, at::Tensor> per_token_quant_fp8(const at::Tensor& x) {
   TORCH_CHECK(x.is_cuda(), "per_token_quant_fp8: x must be on CUDA");
-  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "per_token_quant_fp8: x must be [M, K] with a contiguous last dim, got ",
-              shape(x.sizes()), " strides ", shape(x.strides()));
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1,
+              "per_token_quant_fp8: x must be [M, K] with a contiguous last dim, got ", shape(x.sizes()), " strides ",
+              shape(x.strides()));
   const int64_t M = x.size(0), K = x.size(1);
   at::Tensor q = at::empty({M, K}, x.options().dtype(at::kFloat8_e4m3fn));
   at::Tensor scales = at::empty({M, 1}, x.options().dtype(at::kFloat));
@@ -57,9 +58,11 @@ std::tuple<at::Tensor, at::Tensor> per_token_quant_fp8(const at::Tensor& x) {
     auto* qp = reinterpret_cast<fp8_e4m3*>(q.data_ptr());
     auto* sp = scales.data_ptr<float>();
     if (vectorized) {
-      per_token_quant_fp8_kernel<scalar_t, V><<<static_cast<unsigned>(M), threads, 0, stream>>>(xp, qp, sp, x.stride(0), static_cast<int>(K));
+      per_token_quant_fp8_kernel<scalar_t, V>
+          <<<static_cast<unsigned>(M), threads, 0, stream>>>(xp, qp, sp, x.stride(0), static_cast<int>(K));
     } else {
-      per_token_quant_fp8_kernel<scalar_t, 1><<<static_cast<unsigned>(M), threads, 0, stream>>>(xp, qp, sp, x.stride(0), static_cast<int>(K));
+      per_token_quant_fp8_kernel<scalar_t, 1>
+          <<<static_cast<unsigned>(M), threads, 0, stream>>>(xp, qp, sp, x.stride(0), static_cast<int>(K));
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -7,7 +7,8 @@
 TORCH_LIBRARY(modelyard, m) {
   m.def(
       "paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
-      "float scale, int max_seq_len=-1, int num_splits=0, int variant=0, float k_scale=1.0, float v_scale=1.0) -> Tensor");
+      "float scale, int max_seq_len=-1, int num_splits=0, int variant=0, float k_scale=1.0, float v_scale=1.0) -> "
+      "Tensor");
   m.def(
       "reshape_and_cache(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, "
       "Tensor slot_mapping, float k_scale=1.0, float v_scale=1.0) -> ()");
@@ -23,7 +24,8 @@ TORCH_LIBRARY(modelyard, m) {
   m.def("silu_and_mul(Tensor x) -> Tensor");
   m.def("per_token_quant_fp8(Tensor x) -> (Tensor, Tensor)");
   m.def("rms_norm_quant_fp8(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)");
-  m.def("fused_add_rms_norm_quant_fp8(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "fused_add_rms_norm_quant_fp8(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor, Tensor)");
   m.def("silu_and_mul_quant_fp8(Tensor x) -> (Tensor, Tensor)");
 }
 

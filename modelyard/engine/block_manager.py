@@ -5,6 +5,7 @@ maps its token at position p to slot block_table[p // block_size] * block_size +
 No prefix sharing yet, so every allocated block has exactly one owner; ownership is tracked so a
 double free or a foreign block table is caught at once instead of silently corrupting the pool.
 """
+
 from __future__ import annotations
 
 from .sequence import Sequence
@@ -22,7 +23,7 @@ class BlockManager:
         self.block_size = block_size
         # A stack: recently freed blocks are reused first (warm in cache, and easy to reason about).
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
-        self._owner: dict[int, int] = {}     # block id -> seq_id
+        self._owner: dict[int, int] = {}  # block id -> seq_id
 
     @property
     def num_free_blocks(self) -> int:
@@ -46,15 +47,14 @@ class BlockManager:
         """Grow `seq.block_table` so it covers `num_tokens` token slots."""
         missing = self.num_missing_blocks(seq, num_tokens)
         if missing > len(self._free):
-            raise NoFreeBlocksError(
-                f"seq {seq.seq_id} needs {missing} more blocks, only {len(self._free)} free")
+            raise NoFreeBlocksError(f"seq {seq.seq_id} needs {missing} more blocks, only {len(self._free)} free")
         for _ in range(missing):
             block = self._free.pop()
             self._owner[block] = seq.seq_id
             seq.block_table.append(block)
 
     def free(self, seq: Sequence) -> None:
-        for block in seq.block_table:       # validate everything before changing anything
+        for block in seq.block_table:  # validate everything before changing anything
             owner = self._owner.get(block)
             if owner != seq.seq_id:
                 raise RuntimeError(f"block {block} freed by seq {seq.seq_id} but owned by {owner}")

@@ -1,4 +1,5 @@
 """EngineConfig: the one object passed down through the engine. Frozen, validated, picklable."""
+
 from __future__ import annotations
 
 import math
@@ -9,30 +10,30 @@ _ATTN = ("auto", "sdpa", "flash", "csrc")
 # "auto": the model dtype. The fp8 names both mean float8_e4m3fn (ops.FP8_KV_DTYPE), as in vLLM.
 FP8_KV_CACHE_DTYPES = ("fp8", "fp8_e4m3")
 KV_CACHE_DTYPES = ("auto", *FP8_KV_CACHE_DTYPES)
-QUANTIZATION_METHODS = (None, "fp8")   # the methods themselves live in quant.py
+QUANTIZATION_METHODS = (None, "fp8")  # the methods themselves live in quant.py
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    device: str | None = None              # None: cuda if available, else cpu
-    dtype: str | None = None               # None: bfloat16 on cuda, float32 on cpu
-    max_batch_size: int = 64               # running sequences at once
-    max_prefill_tokens: int = 8192         # tokens per prefill step; longer prompts are chunked
-    cache_max_entry_count: float = 0.8     # fraction of free memory after weights load for the KV pool
+    device: str | None = None  # None: cuda if available, else cpu
+    dtype: str | None = None  # None: bfloat16 on cuda, float32 on cpu
+    max_batch_size: int = 64  # running sequences at once
+    max_prefill_tokens: int = 8192  # tokens per prefill step; longer prompts are chunked
+    cache_max_entry_count: float = 0.8  # fraction of free memory after weights load for the KV pool
     gpu_memory_budget_gib: float | None = None  # absolute budget (weights + KV + activations)
     block_size: int = 16
-    max_model_len: int | None = None       # None: the checkpoint's max_position_embeddings
-    backend: str = "native"                # "native" engine or the "transformers" fallback
-    attention_backend: str = "auto"        # auto | sdpa | flash | csrc
-    num_kv_blocks: int | None = None       # explicit pool size (tests, packing); overrides the fractions
-    enforce_eager: bool = False            # True: no CUDA graphs
+    max_model_len: int | None = None  # None: the checkpoint's max_position_embeddings
+    backend: str = "native"  # "native" engine or the "transformers" fallback
+    attention_backend: str = "auto"  # auto | sdpa | flash | csrc
+    num_kv_blocks: int | None = None  # explicit pool size (tests, packing); overrides the fractions
+    enforce_eager: bool = False  # True: no CUDA graphs
     # Admit a sequence only while the pool can also hold the decode growth expected of everything
     # admitted (engine/scheduler.py): a pool too small for the batch at full length then runs fewer
     # sequences at once instead of preempting and recomputing. False admits on current length only.
     reserve_decode_blocks: bool = True
-    seed: int = 0                          # default seed for requests without one
-    max_image_batch: int = 64              # images per vision-encoder batch
-    kv_cache_dtype: str = "auto"           # auto (the model dtype) | fp8 | fp8_e4m3 (both float8_e4m3fn)
+    seed: int = 0  # default seed for requests without one
+    max_image_batch: int = 64  # images per vision-encoder batch
+    kv_cache_dtype: str = "auto"  # auto (the model dtype) | fp8 | fp8_e4m3 (both float8_e4m3fn)
     # Per-tensor scales of an fp8 cache, fixed for the engine's life: it stores x / scale, readers
     # multiply back. 1.0 is vLLM's default without calibration (K/V of typical models fit +-448).
     kv_cache_k_scale: float = 1.0
@@ -65,22 +66,28 @@ class EngineConfig:
             raise ValueError(f"quantization must be one of {QUANTIZATION_METHODS}, got {self.quantization!r}")
         for name in ("kv_cache_k_scale", "kv_cache_v_scale"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                    math.isfinite(value) and value > 0):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not (math.isfinite(value) and value > 0)
+            ):
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
             if value != 1.0 and not self.kv_cache_is_fp8:
                 # Scales only mean something for the fp8 cache; ignoring one quietly would hide a typo.
-                raise ValueError(f"{name}={value} only applies to an fp8 KV cache; set kv_cache_dtype=\"fp8\" "
-                                 f"or leave {name} at 1.0")
+                raise ValueError(
+                    f'{name}={value} only applies to an fp8 KV cache; set kv_cache_dtype="fp8" or leave {name} at 1.0'
+                )
 
     def resolved_device(self) -> str:
         if self.device is not None:
             return self.device
         import torch
+
         return "cuda" if torch.cuda.is_available() else "cpu"
 
     def resolved_dtype(self):
         import torch
+
         if self.dtype is not None:
             return getattr(torch, self.dtype)
         return torch.bfloat16 if self.resolved_device().startswith("cuda") else torch.float32
@@ -92,21 +99,25 @@ class EngineConfig:
     def resolved_kv_cache_dtype(self):
         """The torch dtype the KV pool is allocated in."""
         import torch
+
         model_dtype = self.resolved_dtype()
         if not self.kv_cache_is_fp8:
             return model_dtype
         if self.resolved_device().startswith("cuda") and model_dtype not in (torch.float16, torch.bfloat16):
             # csrc/cache_kernels.cu and paged_attention.cu convert to and from e4m3 for 16-bit K/V/q only
-            raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} on CUDA needs a float16 or bfloat16 model "
-                             f"(the CUDA kernels read and write fp8 K/V for 16-bit models only), got {model_dtype}")
+            raise ValueError(
+                f"kv_cache_dtype={self.kv_cache_dtype!r} on CUDA needs a float16 or bfloat16 model "
+                f"(the CUDA kernels read and write fp8 K/V for 16-bit models only), got {model_dtype}"
+            )
         from .ops import FP8_KV_DTYPE
+
         return FP8_KV_DTYPE
 
-    def replace(self, **changes) -> "EngineConfig":
+    def replace(self, **changes) -> EngineConfig:
         return replace(self, **changes)
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> "EngineConfig":
+    def from_dict(cls, d: dict | None) -> EngineConfig:
         d = dict(d or {})
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:

@@ -15,10 +15,11 @@ launch shape is fixed by tensor shapes (the csrc paged kernel picks its split co
 block-table width under capture). The block tables are [bucket, max_blocks] with max_blocks
 covering max_model_len, so one graph serves every context length.
 """
+
 from __future__ import annotations
 
 import bisect
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -27,9 +28,9 @@ from .config import EngineConfig
 from .kv_cache import KVCache
 from .scheduler import ScheduledSeq
 
-PAD_SLOT = -1          # reshape_and_cache (kernel and reference) skips negative slots
+PAD_SLOT = -1  # reshape_and_cache (kernel and reference) skips negative slots
 _SMALL_SIZES = (1, 2, 4, 8)
-_STEP = 16             # buckets above 8 are multiples of this: at most 15 padded rows
+_STEP = 16  # buckets above 8 are multiples of this: at most 15 padded rows
 
 
 def graph_batch_sizes(max_batch_size: int) -> tuple[int, ...]:
@@ -60,15 +61,15 @@ class DecodeStaging:
         def buf(*shape, dtype):
             return torch.zeros(shape, dtype=dtype, pin_memory=pin)
 
-        self.input_ids = buf(max_batch, dtype=torch.int64)                  # [B]
-        self.positions = buf(max_batch, dtype=torch.int64)                  # [B]
-        self.slot_mapping = buf(max_batch, dtype=torch.int64)               # [B]
-        self.seq_lens = buf(max_batch, dtype=torch.int32)                   # [B]
-        self.block_tables = buf(max_batch, max_blocks, dtype=torch.int32)   # [B, MB]
+        self.input_ids = buf(max_batch, dtype=torch.int64)  # [B]
+        self.positions = buf(max_batch, dtype=torch.int64)  # [B]
+        self.slot_mapping = buf(max_batch, dtype=torch.int64)  # [B]
+        self.seq_lens = buf(max_batch, dtype=torch.int32)  # [B]
+        self.block_tables = buf(max_batch, max_blocks, dtype=torch.int32)  # [B, MB]
         # numpy views share the memory: element writes through them cost no torch dispatch.
         self._ids, self._pos, self._slots, self._lens, self._tables = (
-            t.numpy() for t in (self.input_ids, self.positions, self.slot_mapping, self.seq_lens,
-                                self.block_tables))
+            t.numpy() for t in (self.input_ids, self.positions, self.slot_mapping, self.seq_lens, self.block_tables)
+        )
         self.fill_padding(max_batch)
 
     def fill_padding(self, bucket: int, start: int = 0) -> None:
@@ -86,15 +87,16 @@ class DecodeStaging:
             raise ValueError(f"{n} sequences do not fit bucket {bucket} (max {self.max_batch})")
         bs = self.block_size
         ids, pos, slots, lens, tables = self._ids, self._pos, self._slots, self._lens, self._tables
-        tables[:bucket] = 0    # no stale block ids from an earlier step's occupant of a row
+        tables[:bucket] = 0  # no stale block ids from an earlier step's occupant of a row
         for i, s in enumerate(seqs):
             if s.num_tokens != 1:
                 raise ValueError(f"seq {s.seq_id}: a decode span has one token, got {s.num_tokens}")
             p = s.start_pos
             nblk = p // bs + 1
             if nblk > self.max_blocks:
-                raise ValueError(f"seq {s.seq_id}: {p + 1} tokens exceed the graphs' "
-                                 f"{self.max_blocks * bs}-token block tables")
+                raise ValueError(
+                    f"seq {s.seq_id}: {p + 1} tokens exceed the graphs' {self.max_blocks * bs}-token block tables"
+                )
             bt = s.block_table
             ids[i] = s.token_ids[0]
             pos[i] = p
@@ -107,8 +109,15 @@ class DecodeStaging:
 class DecodeGraphs:
     """One captured decode step per bucket, sharing one memory pool and one set of static inputs."""
 
-    def __init__(self, model, kv_cache: KVCache, attn: AttentionBackend, device: torch.device,
-                 max_batch_size: int, max_model_len: int):
+    def __init__(
+        self,
+        model,
+        kv_cache: KVCache,
+        attn: AttentionBackend,
+        device: torch.device,
+        max_batch_size: int,
+        max_model_len: int,
+    ):
         if torch.device(device).type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device")
         if not getattr(attn, "cuda_graph_safe", False):
@@ -128,8 +137,8 @@ class DecodeGraphs:
         self.block_tables = torch.zeros(B, self.max_blocks, dtype=torch.int32, device=dev)
         self.query_start_loc = torch.arange(B + 1, dtype=torch.int32, device=dev)
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._logits: dict[int, torch.Tensor] = {}        # bucket -> [bucket, vocab] float32 (graph output)
-        self._copied = torch.cuda.Event()                 # the last step's staging -> device copies
+        self._logits: dict[int, torch.Tensor] = {}  # bucket -> [bucket, vocab] float32 (graph output)
+        self._copied = torch.cuda.Event()  # the last step's staging -> device copies
         self.capture_seconds = 0.0
 
     def covers(self, n: int) -> bool:
@@ -139,14 +148,21 @@ class DecodeGraphs:
         full = self.max_blocks * self.block_size
         # The host lists only feed reference paths, which graph-safe backends never take.
         return AttentionMetadata(
-            slot_mapping=self.slot_mapping[:b], block_tables=self.block_tables[:b], seq_lens=self.seq_lens[:b],
-            query_start_loc=self.query_start_loc[:b + 1], max_query_len=1, max_seq_len=full,
-            seq_lens_cpu=[full] * b, query_lens_cpu=[1] * b, is_decode=True)
+            slot_mapping=self.slot_mapping[:b],
+            block_tables=self.block_tables[:b],
+            seq_lens=self.seq_lens[:b],
+            query_start_loc=self.query_start_loc[: b + 1],
+            max_query_len=1,
+            max_seq_len=full,
+            seq_lens_cpu=[full] * b,
+            query_lens_cpu=[1] * b,
+            is_decode=True,
+        )
 
     def _forward(self, b: int) -> torch.Tensor:
-        embeds = self.model.embed_tokens(self.input_ids[:b])                       # [b, hidden]
+        embeds = self.model.embed_tokens(self.input_ids[:b])  # [b, hidden]
         hidden = self.model(embeds, self.positions[:b], self.kv_cache.layers, self._meta(b), self.attn)
-        return self.model.compute_logits(hidden)                                   # [b, vocab] float32
+        return self.model.compute_logits(hidden)  # [b, vocab] float32
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -155,12 +171,13 @@ class DecodeGraphs:
         The static inputs hold padding only (slot PAD_SLOT, seq_len 0), so the eager warm-up run
         before each capture writes nothing into the KV pool."""
         import time
+
         t0 = time.perf_counter()
         self.staging.fill_padding(self.sizes[-1])
         self._copy_inputs(self.sizes[-1])
         pool = None
         for b in reversed(self.sizes):
-            self._forward(b)               # loads lazily-loaded kernels, lets cuBLAS pick its algorithms
+            self._forward(b)  # loads lazily-loaded kernels, lets cuBLAS pick its algorithms
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
@@ -202,8 +219,9 @@ class DecodeGraphs:
         return f"on: {len(self.sizes)} batch sizes {self.sizes[0]}..{self.sizes[-1]}"
 
 
-def decode_graphs_for(config: EngineConfig, model, kv_cache: KVCache, attn: AttentionBackend, device: torch.device,
-                      max_model_len: int) -> tuple[DecodeGraphs | None, str]:
+def decode_graphs_for(
+    config: EngineConfig, model, kv_cache: KVCache, attn: AttentionBackend, device: torch.device, max_model_len: int
+) -> tuple[DecodeGraphs | None, str]:
     """The engine's captured decode graphs, or None and why not (Engine.stats()["cuda_graphs"]).
     A failed capture raises: a broken fast path is not replaced by a slow one behind the user's back."""
     if device.type != "cuda":
@@ -216,6 +234,8 @@ def decode_graphs_for(config: EngineConfig, model, kv_cache: KVCache, attn: Atte
     try:
         graphs.capture()
     except Exception as e:
-        raise RuntimeError(f"capturing the decode CUDA graphs failed ({type(e).__name__}: {e}); "
-                           f"EngineConfig(enforce_eager=True) runs without them") from e
+        raise RuntimeError(
+            f"capturing the decode CUDA graphs failed ({type(e).__name__}: {e}); "
+            f"EngineConfig(enforce_eager=True) runs without them"
+        ) from e
     return graphs, graphs.describe()

@@ -13,6 +13,7 @@ On CUDA, generate() decodes and preprocesses its requests on a small thread pool
 steps, admitting them in request order as they become ready, so the host work overlaps the GPU's
 (prefetch.py). Construction (weights, KV pool, wiring) is in build.py.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,10 +32,9 @@ from .scheduler import Scheduler, SchedulerOutput
 from .sequence import Sequence
 from .types import Output, Request, SamplingParams
 
-
-_PREP_WORKERS = 2        # PIL decode / resize and torch normalize release the GIL
-_PREP_FIRST_BATCH = 8    # requests an idle engine waits for before its first step
-_PREP_LOOKAHEAD = 128    # requests preprocessed ahead of admission: bounds the pinned pixels held
+_PREP_WORKERS = 2  # PIL decode / resize and torch normalize release the GIL
+_PREP_FIRST_BATCH = 8  # requests an idle engine waits for before its first step
+_PREP_LOOKAHEAD = 128  # requests preprocessed ahead of admission: bounds the pinned pixels held
 
 
 @dataclass
@@ -42,14 +42,26 @@ class _Entry:
     request: Request
     seq: Sequence
     num_image_tokens: int
-    pixel_values: torch.Tensor | None     # host, model dtype (pinned on CUDA); None once encoded or text-only
+    pixel_values: torch.Tensor | None  # host, model dtype (pinned on CUDA); None once encoded or text-only
     has_images: bool
 
 
 class Engine:
-    def __init__(self, *, model, processor: Processor, kv_cache, runner, scheduler: Scheduler,
-                 config: EngineConfig, max_model_len: int, weights_bytes: int, kv_sizing: str,
-                 load_seconds: float, kv_alloc_seconds: float):
+    def __init__(
+        self,
+        *,
+        model,
+        processor: Processor,
+        kv_cache,
+        runner,
+        scheduler: Scheduler,
+        config: EngineConfig,
+        max_model_len: int,
+        weights_bytes: int,
+        kv_sizing: str,
+        load_seconds: float,
+        kv_alloc_seconds: float,
+    ):
         self.model, self.processor, self.kv_cache, self.runner = model, processor, kv_cache, runner
         self.scheduler = scheduler
         self.config = config
@@ -58,8 +70,8 @@ class Engine:
         self.kv_sizing = kv_sizing
         self.load_seconds, self.kv_alloc_seconds = load_seconds, kv_alloc_seconds
         self._entries: dict[int, _Entry] = {}
-        self._in_flight: set[str] = set()       # request ids of self._entries
-        self._ready: list[Output] = []          # finished outside a step (errors at admission)
+        self._in_flight: set[str] = set()  # request ids of self._entries
+        self._ready: list[Output] = []  # finished outside a step (errors at admission)
         self._seq_ids = itertools.count()
         self._num_finished = 0
         self._closed = False
@@ -68,7 +80,7 @@ class Engine:
         self._prep_workers = _PREP_WORKERS if runner.device.type == "cuda" else 0
         self._pixel_dtype = config.resolved_dtype()
         self._pin_pixels = runner.device.type == "cuda"
-        self._max_running = 0    # the most sequences one step ran: did the engine get a full batch?
+        self._max_running = 0  # the most sequences one step ran: did the engine get a full batch?
         self._step_time = {"prefill": 0.0, "decode": 0.0}
         self._step_count = {"prefill": 0, "decode": 0}
         self._step_tokens = {"prefill": 0, "decode": 0}
@@ -78,6 +90,7 @@ class Engine:
         config = config or EngineConfig()
         if config.backend == "transformers":
             from .hf_engine import HFEngine
+
             return HFEngine.from_pretrained(path, config)
         return cls(**build_engine_parts(path, config))
 
@@ -117,8 +130,9 @@ class Engine:
             return self._reject(req, reason, processed)
         seed = req.sampling.seed if req.sampling.seed is not None else self.config.seed + seq_id
         seq = Sequence(seq_id, processed.input_ids, sampling=req.sampling, seed=seed, arrival_time=arrival)
-        self._entries[seq_id] = _Entry(req, seq, processed.num_image_tokens, processed.pixel_values,
-                                       has_images=processed.num_images > 0)
+        self._entries[seq_id] = _Entry(
+            req, seq, processed.num_image_tokens, processed.pixel_values, has_images=processed.num_images > 0
+        )
         self._in_flight.add(req.request_id)
         self.scheduler.add(seq)
         return req.request_id
@@ -139,9 +153,11 @@ class Engine:
         out = self.scheduler.schedule()
         if out.is_empty and not out.preempted:
             # Admission checks make this impossible; fail loudly rather than spin in generate().
-            raise RuntimeError(f"scheduler made no progress: {len(self.scheduler.waiting)} waiting, "
-                               f"{len(self.scheduler.running)} running, "
-                               f"{self.scheduler.block_manager.num_free_blocks} free blocks")
+            raise RuntimeError(
+                f"scheduler made no progress: {len(self.scheduler.waiting)} waiting, "
+                f"{len(self.scheduler.running)} running, "
+                f"{self.scheduler.block_manager.num_free_blocks} free blocks"
+            )
         for seq_id in out.preempted:
             self.runner.release(seq_id)
         self._max_running = max(self._max_running, len(self.scheduler.running))
@@ -183,9 +199,9 @@ class Engine:
             self._add_overlapped(requests, collect)
         while len(done) < len(wanted):
             if not self.has_unfinished():
-                raise RuntimeError("engine idle with requests unfinished")   # a bug, never a hang
+                raise RuntimeError("engine idle with requests unfinished")  # a bug, never a hang
             collect(self.step())
-        self._ready.extend(others)    # requests added by someone else: returned by their next step()
+        self._ready.extend(others)  # requests added by someone else: returned by their next step()
         return [done[i] for i in ids]
 
     def _check_request(self, req: Request) -> None:
@@ -206,31 +222,54 @@ class Engine:
     def _add_overlapped(self, requests: list[Request], collect) -> None:
         """add_request for every (checked) request, preprocessing on threads while the engine steps."""
         arrival = time.monotonic()
-        admit_overlapped(requests, prepare=self._process_or_error,
-                         admit=lambda req, processed, error: self._admit(req, processed, error, arrival),
-                         step=self.step, has_unfinished=self.has_unfinished, collect=collect,
-                         workers=self._prep_workers, first_batch=_PREP_FIRST_BATCH, lookahead=_PREP_LOOKAHEAD)
+        admit_overlapped(
+            requests,
+            prepare=self._process_or_error,
+            admit=lambda req, processed, error: self._admit(req, processed, error, arrival),
+            step=self.step,
+            has_unfinished=self.has_unfinished,
+            collect=collect,
+            workers=self._prep_workers,
+            first_batch=_PREP_FIRST_BATCH,
+            lookahead=_PREP_LOOKAHEAD,
+        )
 
     def stats(self) -> dict:
         bm = self.scheduler.block_manager
         return {
-            "backend": "native", "device": str(self.runner.device), "dtype": str(self.config.resolved_dtype()),
+            "backend": "native",
+            "device": str(self.runner.device),
+            "dtype": str(self.config.resolved_dtype()),
             # the pool's element type ("float8_e4m3fn" for an fp8 cache) and its fixed scales
             "kv_cache_dtype": str(self.kv_cache.spec.dtype).removeprefix("torch."),
             "kv_cache_scales": [self.config.kv_cache_k_scale, self.config.kv_cache_v_scale],
             "quantization": self.config.quantization or "none",
-            "kv_blocks_total": bm.num_blocks, "kv_blocks_used": bm.num_used_blocks,
-            "block_size": bm.block_size, "kv_bytes": self.kv_cache.nbytes, "kv_sizing": self.kv_sizing,
-            "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
-            "max_batch_size": self.config.max_batch_size, "max_running_seen": self._max_running,
-            "preemptions": self.scheduler.num_preemptions, "weights_bytes": self.weights_bytes,
-            "load_seconds": self.load_seconds, "kv_alloc_seconds": self.kv_alloc_seconds,
-            "num_requests_finished": self._num_finished, "max_model_len": self.max_model_len,
+            "kv_blocks_total": bm.num_blocks,
+            "kv_blocks_used": bm.num_used_blocks,
+            "block_size": bm.block_size,
+            "kv_bytes": self.kv_cache.nbytes,
+            "kv_sizing": self.kv_sizing,
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "max_batch_size": self.config.max_batch_size,
+            "max_running_seen": self._max_running,
+            "preemptions": self.scheduler.num_preemptions,
+            "weights_bytes": self.weights_bytes,
+            "load_seconds": self.load_seconds,
+            "kv_alloc_seconds": self.kv_alloc_seconds,
+            "num_requests_finished": self._num_finished,
+            "max_model_len": self.max_model_len,
             "image_features_held": self.runner.num_held_image_features,
             **self.runner.describe(),
-            **{f"{phase}_{what}": table[phase] for phase in ("prefill", "decode")
-               for what, table in (("steps", self._step_count), ("seconds", self._step_time),
-                                   ("tokens", self._step_tokens))},
+            **{
+                f"{phase}_{what}": table[phase]
+                for phase in ("prefill", "decode")
+                for what, table in (
+                    ("steps", self._step_count),
+                    ("seconds", self._step_time),
+                    ("tokens", self._step_tokens),
+                )
+            },
         }
 
     def close(self) -> None:
@@ -242,6 +281,7 @@ class Engine:
         self._in_flight.clear()
         self.model = self.kv_cache = self.runner = None
         import gc
+
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -255,10 +295,16 @@ class Engine:
     def _reject(self, req: Request, error: str, processed: ProcessedInputs | None = None) -> str:
         """Finish a request that never runs; its error Output comes out of the next step()."""
         self._num_finished += 1
-        self._ready.append(Output(
-            req.request_id, finish_reason="error", error=error,
-            num_prompt_tokens=len(processed.input_ids) if processed else 0,
-            num_image_tokens=processed.num_image_tokens if processed else 0, timings=_zero_timings()))
+        self._ready.append(
+            Output(
+                req.request_id,
+                finish_reason="error",
+                error=error,
+                num_prompt_tokens=len(processed.input_ids) if processed else 0,
+                num_image_tokens=processed.num_image_tokens if processed else 0,
+                timings=_zero_timings(),
+            )
+        )
         return req.request_id
 
     def _process(self, req: Request) -> ProcessedInputs:
@@ -266,18 +312,20 @@ class Engine:
         processed = self.processor(req.prompt, images)
         per_image = self.model.num_image_tokens()
         if processed.num_image_tokens != per_image * processed.num_images:
-            raise ValueError(f"the processor expanded {processed.num_images} image(s) into "
-                             f"{processed.num_image_tokens} placeholder tokens but the model produces "
-                             f"{per_image} feature rows per image")
+            raise ValueError(
+                f"the processor expanded {processed.num_images} image(s) into "
+                f"{processed.num_image_tokens} placeholder tokens but the model produces "
+                f"{per_image} feature rows per image"
+            )
         if processed.pixel_values is not None:
             # The vision tower casts its input to the model dtype first, so casting here (same
             # rounding) changes nothing but halves the bytes held and copied; on CUDA the pixels go
             # to pinned memory, here on the preprocessing thread, so the step that encodes them
             # issues asynchronous copies instead of stacking and copying pageable memory while the
-            # GPU waits (timeline.py measured ~15 ms per 16k-token prefill step doing that).
-            src = processed.pixel_values                               # [n, 3, H, W] float32
+            # GPU waits (about 15 ms per 16k-token prefill step, measured on an H200).
+            src = processed.pixel_values  # [n, 3, H, W] float32
             pixels = torch.empty(src.shape, dtype=self._pixel_dtype, pin_memory=self._pin_pixels)
-            pixels.copy_(src)                                          # cast and pin in one copy
+            pixels.copy_(src)  # cast and pin in one copy
             processed = dataclasses.replace(processed, pixel_values=pixels)
         return processed
 
@@ -289,12 +337,13 @@ class Engine:
             if not (span.is_first_chunk and entry.has_images):
                 continue
             pixels, entry.pixel_values = entry.pixel_values, None
-            if pixels is None:      # recompute after preemption: re-derive from the request's source
+            if pixels is None:  # recompute after preemption: re-derive from the request's source
                 try:
                     pixels = self._process(entry.request).pixel_values
                 except Exception as e:
-                    self.scheduler.abort(span.seq_id, error=f"re-reading the image for recompute "
-                                                            f"failed: {type(e).__name__}: {e}")
+                    self.scheduler.abort(
+                        span.seq_id, error=f"re-reading the image for recompute failed: {type(e).__name__}: {e}"
+                    )
                     outputs.append(self._finish(entry.seq))
                     failed.add(span.seq_id)
                     continue
@@ -315,11 +364,20 @@ class Engine:
         first = seq.first_token_time or end
         tokens = list(seq.output_token_ids)
         return Output(
-            request_id=entry.request.request_id, text=self.processor.decode(tokens) if tokens else "",
-            token_ids=tokens, finish_reason=seq.finish_reason, error=seq.error,
-            num_prompt_tokens=seq.num_prompt_tokens, num_image_tokens=entry.num_image_tokens,
-            timings={"queue": sched - seq.arrival_time, "prefill": first - sched, "decode": end - first,
-                     "total": end - seq.arrival_time})
+            request_id=entry.request.request_id,
+            text=self.processor.decode(tokens) if tokens else "",
+            token_ids=tokens,
+            finish_reason=seq.finish_reason,
+            error=seq.error,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_image_tokens=entry.num_image_tokens,
+            timings={
+                "queue": sched - seq.arrival_time,
+                "prefill": first - sched,
+                "decode": end - first,
+                "total": end - seq.arrival_time,
+            },
+        )
 
 
 def _zero_timings() -> dict:

@@ -5,6 +5,7 @@ native code still work everywhere in modelyard (actors, jobs, comparison reports
 It batches waiting requests that share sampling parameters (left padding), one `generate` per step.
 There is no paged KV cache here: memory is whatever transformers uses for the batch.
 """
+
 from __future__ import annotations
 
 import time
@@ -17,17 +18,22 @@ from .types import Output, Request, SamplingParams
 
 def _check_supported(config: EngineConfig) -> None:
     if config.kv_cache_dtype != "auto":
-        raise ValueError(f"kv_cache_dtype={config.kv_cache_dtype!r} needs the native engine's paged KV cache; "
-                         "backend=\"transformers\" keeps its KV cache in the model dtype (use "
-                         "kv_cache_dtype=\"auto\")")
+        raise ValueError(
+            f"kv_cache_dtype={config.kv_cache_dtype!r} needs the native engine's paged KV cache; "
+            'backend="transformers" keeps its KV cache in the model dtype (use '
+            'kv_cache_dtype="auto")'
+        )
     if config.quantization is not None:
-        raise ValueError(f"quantization={config.quantization!r} is the native engine's (its fp8 linear layers); "
-                         "backend=\"transformers\" runs the checkpoint's weights as loaded (use quantization=None)")
+        raise ValueError(
+            f"quantization={config.quantization!r} is the native engine's (its fp8 linear layers); "
+            'backend="transformers" runs the checkpoint\'s weights as loaded (use quantization=None)'
+        )
 
 
 class HFEngine:
     def __init__(self, model, processor, config: EngineConfig, path: str, load_seconds: float = 0.0):
         import torch
+
         _check_supported(config)
         self.model, self.processor, self.config, self.path = model, processor, config, path
         self.load_seconds = load_seconds
@@ -36,24 +42,25 @@ class HFEngine:
         self._finished = 0
         tok = processor.tokenizer
         # The native engine's prompt formatting and stop tokens, so both backends format alike.
-        self._prompts = Processor(processor, int(model.config.image_token_id),
-                                  read_eos_token_ids(path, tok))
+        self._prompts = Processor(processor, int(model.config.image_token_id), read_eos_token_ids(path, tok))
         self._eos = self._prompts.eos_token_ids
         self._pad_id = tok.pad_token_id if tok.pad_token_id is not None else next(iter(self._eos), 0)
         self._weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 
     @classmethod
-    def from_pretrained(cls, path, config: EngineConfig | None = None) -> "HFEngine":
+    def from_pretrained(cls, path, config: EngineConfig | None = None) -> HFEngine:
         from transformers import AutoModelForImageTextToText, AutoProcessor
+
         config = config or EngineConfig(backend="transformers")
-        _check_supported(config)        # before loading any weights
+        _check_supported(config)  # before loading any weights
         path = str(path)
         dtype = config.resolved_dtype()
         t0 = time.perf_counter()
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=False)
         processor.tokenizer.padding_side = "left"
         model = AutoModelForImageTextToText.from_pretrained(
-            path, dtype=dtype, trust_remote_code=False, attn_implementation="sdpa")
+            path, dtype=dtype, trust_remote_code=False, attn_implementation="sdpa"
+        )
         model.to(config.resolved_device()).eval()
         return cls(model, processor, config, path, load_seconds=time.perf_counter() - t0)
 
@@ -89,20 +96,32 @@ class HFEngine:
         return [done[i] for i in ids]
 
     def stats(self) -> dict:
-        return {"backend": "transformers", "kv_blocks_total": 0, "kv_blocks_used": 0, "running": 0,
-                "waiting": len(self._waiting), "preemptions": 0, "weights_bytes": self._weights_bytes,
-                "kv_bytes": 0, "num_requests_finished": self._finished, "device": str(self.device),
-                # no pool to preallocate: transformers grows its cache per generate() call
-                "load_seconds": self.load_seconds, "kv_alloc_seconds": 0.0}
+        return {
+            "backend": "transformers",
+            "kv_blocks_total": 0,
+            "kv_blocks_used": 0,
+            "running": 0,
+            "waiting": len(self._waiting),
+            "preemptions": 0,
+            "weights_bytes": self._weights_bytes,
+            "kv_bytes": 0,
+            "num_requests_finished": self._finished,
+            "device": str(self.device),
+            # no pool to preallocate: transformers grows its cache per generate() call
+            "load_seconds": self.load_seconds,
+            "kv_alloc_seconds": 0.0,
+        }
 
     def close(self) -> None:
         import gc
+
         self.model = None
         gc.collect()
 
     # --- internals -------------------------------------------------------------------------------
     def _run_group(self, group) -> list[Output]:
         import torch
+
         from .images import load_images
 
         outs: list[Output] = []
@@ -132,9 +151,15 @@ class HFEngine:
         too_long = [i for i, n in enumerate(prompt_lens) if max_len and n + sp.max_new_tokens > max_len]
         if too_long:  # rare: rerun without them rather than fail the whole group
             for i in too_long:
-                outs.append(Output(ok[i][0].request_id, finish_reason="error", num_prompt_tokens=prompt_lens[i],
-                                   error=f"prompt ({prompt_lens[i]} tokens) + max_new_tokens "
-                                         f"({sp.max_new_tokens}) exceeds max_model_len {max_len}"))
+                outs.append(
+                    Output(
+                        ok[i][0].request_id,
+                        finish_reason="error",
+                        num_prompt_tokens=prompt_lens[i],
+                        error=f"prompt ({prompt_lens[i]} tokens) + max_new_tokens "
+                        f"({sp.max_new_tokens}) exceeds max_model_len {max_len}",
+                    )
+                )
             keep = [i for i in range(len(ok)) if i not in too_long]
             if not keep:
                 return outs
@@ -151,7 +176,7 @@ class HFEngine:
         with torch.inference_mode():
             seqs = self.model.generate(**batch, **gen_kw)
         t1 = time.perf_counter()
-        new = seqs[:, batch["input_ids"].shape[1]:].tolist()
+        new = seqs[:, batch["input_ids"].shape[1] :].tolist()
         for (req, t_arrive), toks, plen, ni in zip(ok, new, prompt_lens, n_img):
             reason = "length"
             if not sp.ignore_eos:
@@ -161,8 +186,15 @@ class HFEngine:
                         break
             toks = toks[: sp.max_new_tokens]
             text = self.processor.tokenizer.decode(toks, skip_special_tokens=True)
-            outs.append(Output(req.request_id, text=text, token_ids=toks, finish_reason=reason,
-                               num_prompt_tokens=plen, num_image_tokens=ni,
-                               timings={"queue": t0 - t_arrive, "prefill": 0.0, "decode": t1 - t0,
-                                        "total": t1 - t_arrive}))
+            outs.append(
+                Output(
+                    req.request_id,
+                    text=text,
+                    token_ids=toks,
+                    finish_reason=reason,
+                    num_prompt_tokens=plen,
+                    num_image_tokens=ni,
+                    timings={"queue": t0 - t_arrive, "prefill": 0.0, "decode": t1 - t0, "total": t1 - t_arrive},
+                )
+            )
         return outs

@@ -10,6 +10,7 @@ for a 336-pixel model decodes at 1/8 scale, several times faster and in 1/64 of 
 the processor's own resize then starts from more pixels than it keeps. The pixel limit applies to
 the size the file declares, before any reduction.
 """
+
 from __future__ import annotations
 
 import io
@@ -77,7 +78,7 @@ def load_image(src: Any, min_size: tuple[int, int] | None = None) -> Image.Image
         img = _exif_transpose(opened)
         img = to_rgb(img)
         if img is opened and not isinstance(src, Image.Image):
-            img = img.copy()     # detach from the source buffer so it can be freed
+            img = img.copy()  # detach from the source buffer so it can be freed
         return img
     finally:
         if opened is not src:
@@ -109,8 +110,10 @@ def _open(src: Any, what: str) -> Image.Image:
     if size == 0:
         raise ImageError(f"{what}: empty (0 bytes)")
     if size > MAX_FILE_BYTES:
-        raise ImageError(f"{what}: {size / 2**20:.0f} MiB exceeds the image file limit of "
-                         f"{MAX_FILE_BYTES / 2**20:.0f} MiB (modelyard.engine.images.MAX_FILE_BYTES)")
+        raise ImageError(
+            f"{what}: {size / 2**20:.0f} MiB exceeds the image file limit of "
+            f"{MAX_FILE_BYTES / 2**20:.0f} MiB (modelyard.engine.images.MAX_FILE_BYTES)"
+        )
     try:
         return Image.open(source)
     except Image.DecompressionBombError as e:
@@ -118,8 +121,7 @@ def _open(src: Any, what: str) -> Image.Image:
     except OSError as e:
         if isinstance(source, Path) and not isinstance(e, Image.UnidentifiedImageError):
             raise ImageError(f"{what}: cannot read ({_reason(e)})") from e
-        raise ImageError(f"{what}: not a readable image (the file's header is no image format Pillow "
-                         "knows)") from e
+        raise ImageError(f"{what}: not a readable image (the file's header is no image format Pillow knows)") from e
     except Exception as e:  # a header too broken to parse
         raise ImageError(f"{what}: not a readable image ({_reason(e)})") from e
 
@@ -138,8 +140,7 @@ def _check_pixels(img: Image.Image, what: str) -> None:
     limit = Image.MAX_IMAGE_PIXELS
     w, h = img.size
     if limit is not None and w * h > limit:
-        raise ImageError(f"{what}: {w}x{h} = {w * h} pixels exceeds the limit of {limit} "
-                         f"(PIL.Image.MAX_IMAGE_PIXELS)")
+        raise ImageError(f"{what}: {w}x{h} = {w * h} pixels exceeds the limit of {limit} (PIL.Image.MAX_IMAGE_PIXELS)")
     if w < 1 or h < 1:
         raise ImageError(f"{what}: empty image ({w}x{h})")
 

@@ -10,6 +10,7 @@ torch and CUDA versions, the GPU architecture and the compile flags, so a change
 different GPU gets its own build and an unchanged one loads in milliseconds. `build()` prebuilds
 (`modelyard build-kernels`), `status()` reports for `modelyard doctor`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -79,8 +80,14 @@ def build_key(arch: tuple[int, int], src: Path | None = None) -> str:
         h.update(p.read_bytes())
     from torch.utils.cpp_extension import CUDA_HOME
 
-    for part in (torch.__version__, str(torch.version.cuda), str(CUDA_HOME), f"sm_{arch[0]}{arch[1]}",
-                 *_CUDA_FLAGS, *_CXX_FLAGS):
+    for part in (
+        torch.__version__,
+        str(torch.version.cuda),
+        str(CUDA_HOME),
+        f"sm_{arch[0]}{arch[1]}",
+        *_CUDA_FLAGS,
+        *_CXX_FLAGS,
+    ):
         h.update(part.encode())
     return h.hexdigest()[:16]
 
@@ -130,7 +137,8 @@ class _Loader:
             except Exception as e:  # the compiler output is in the message
                 self._error = KernelBuildError(
                     f"building the modelyard CUDA kernels failed (set {ENV_SWITCH}=0 to run on the torch "
-                    f"reference ops instead):\n{e}")
+                    f"reference ops instead):\n{e}"
+                )
                 raise self._error from e
             self._ops = torch.ops.modelyard
             return self._ops
@@ -160,9 +168,15 @@ def _build_and_load(arch: tuple[int, int], verbose: bool) -> Path:
         is_python_module=False,
         verbose=verbose,
     )
-    (out / _OK_MARKER).write_text(json.dumps({
-        "torch": torch.__version__, "cuda": torch.version.cuda, "arch": f"sm_{arch[0]}{arch[1]}",
-    }))
+    (out / _OK_MARKER).write_text(
+        json.dumps(
+            {
+                "torch": torch.__version__,
+                "cuda": torch.version.cuda,
+                "arch": f"sm_{arch[0]}{arch[1]}",
+            }
+        )
+    )
     return lib
 
 

@@ -5,6 +5,7 @@ attention/base.py fixes), all views into one [L, 2, num_blocks, block_size, Hk, 
 float8_e4m3fn for an fp8 cache (EngineConfig.kv_cache_dtype; 1 byte per element, so the same
 memory holds 2x the blocks of a 16-bit cache, 4x those of float32).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,8 +15,8 @@ import torch
 from . import memory, ops
 from .config import EngineConfig
 
-GIB = 1024 ** 3
-_CPU_RAM_FRACTION = 0.25       # default CPU pool: at most this share of the available RAM
+GIB = 1024**3
+_CPU_RAM_FRACTION = 0.25  # default CPU pool: at most this share of the available RAM
 
 
 class KVCacheSizeError(RuntimeError):
@@ -28,7 +29,7 @@ class KVCacheSpec:
     num_kv_heads: int
     head_dim: int
     block_size: int
-    dtype: torch.dtype          # the cache's element type (not necessarily the model's)
+    dtype: torch.dtype  # the cache's element type (not necessarily the model's)
 
     @property
     def bytes_per_block(self) -> int:
@@ -52,7 +53,8 @@ class KVCache:
         else:
             self.storage = torch.zeros(shape, dtype=spec.dtype, device=device)  # [L, 2, NB, BS, Hk, D]
         self.layers: list[tuple[torch.Tensor, torch.Tensor]] = [
-            (self.storage[i, 0], self.storage[i, 1]) for i in range(spec.num_layers)]
+            (self.storage[i, 0], self.storage[i, 1]) for i in range(spec.num_layers)
+        ]
 
     @property
     def nbytes(self) -> int:
@@ -62,13 +64,24 @@ class KVCache:
 def estimate_activation_bytes(hf_config, config: EngineConfig, dtype: torch.dtype) -> int:
     """Peak transient memory of the largest step (engine/memory.py has the arithmetic)."""
     text, vision = memory.text_and_vision(hf_config)
-    return memory.activation_bytes(text, vision, max_prefill_tokens=config.max_prefill_tokens,
-                                   max_batch_size=config.max_batch_size, max_image_batch=config.max_image_batch,
-                                   itemsize=torch.empty((), dtype=dtype).element_size())
+    return memory.activation_bytes(
+        text,
+        vision,
+        max_prefill_tokens=config.max_prefill_tokens,
+        max_batch_size=config.max_batch_size,
+        max_image_batch=config.max_image_batch,
+        itemsize=torch.empty((), dtype=dtype).element_size(),
+    )
 
 
-def plan_num_blocks(config: EngineConfig, spec: KVCacheSpec, device: torch.device, weights_bytes: int,
-                    activation_bytes: int, max_model_len: int) -> tuple[int, str]:
+def plan_num_blocks(
+    config: EngineConfig,
+    spec: KVCacheSpec,
+    device: torch.device,
+    weights_bytes: int,
+    activation_bytes: int,
+    max_model_len: int,
+) -> tuple[int, str]:
     """How many blocks the pool gets, and a sentence saying how that was decided (for logs/stats)."""
     per_block = spec.bytes_per_block
     if config.num_kv_blocks is not None:
@@ -81,13 +94,15 @@ def plan_num_blocks(config: EngineConfig, spec: KVCacheSpec, device: torch.devic
                 f"gpu_memory_budget_gib={config.gpu_memory_budget_gib} does not fit: weights take "
                 f"{weights_bytes / GIB:.2f} GiB and activations ~{activation_bytes / GIB:.2f} GiB "
                 f"(max_prefill_tokens={config.max_prefill_tokens}), leaving nothing for the KV cache "
-                f"(one block is {per_block / 2**20:.2f} MiB); raise the budget or lower max_prefill_tokens")
+                f"(one block is {per_block / 2**20:.2f} MiB); raise the budget or lower max_prefill_tokens"
+            )
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
             if kv_bytes > free:
                 raise KVCacheSizeError(
                     f"gpu_memory_budget_gib={config.gpu_memory_budget_gib} wants {kv_bytes / GIB:.2f} GiB "
-                    f"of KV cache but only {free / GIB:.2f} GiB is free on {device}")
+                    f"of KV cache but only {free / GIB:.2f} GiB is free on {device}"
+                )
         return kv_bytes // per_block, f"budget {config.gpu_memory_budget_gib} GiB"
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -96,11 +111,13 @@ def plan_num_blocks(config: EngineConfig, spec: KVCacheSpec, device: torch.devic
             raise KVCacheSizeError(
                 f"no room for a KV cache on {device}: {free / GIB:.2f} GiB free after loading weights, "
                 f"cache_max_entry_count={config.cache_max_entry_count}, activations need "
-                f"~{activation_bytes / GIB:.2f} GiB; lower max_prefill_tokens or free the device")
+                f"~{activation_bytes / GIB:.2f} GiB; lower max_prefill_tokens or free the device"
+            )
         return kv_bytes // per_block, f"{config.cache_max_entry_count:.2f} of {free / GIB:.2f} GiB free"
     # CPU (or another host-memory device): enough for max_batch_size full-length sequences,
     # capped by a share of the RAM that is available now.
     import psutil
+
     wanted = -(-max_model_len * config.max_batch_size // spec.block_size)
     cap = int(psutil.virtual_memory().available * _CPU_RAM_FRACTION) // per_block
     if cap < 1:

@@ -5,11 +5,12 @@ target device in the target dtype, then filled one checkpoint tensor at a time: 
 most one tensor beyond what safetensors memory-maps, never a second copy of the model.
 Pickle checkpoints (pytorch_model.bin, *.pt) are refused: unpickling runs arbitrary code.
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -17,8 +18,17 @@ from .models.base import NativeVLM
 from .models.registry import SUPPORTED_ARCHITECTURES, UnsupportedArchitecture, get_model_class
 from .models.weights import CheckpointMismatch
 
-__all__ = ["read_config", "load_model", "build_model", "checkpoint_files", "iter_checkpoint_tensors",
-           "UnsupportedArchitecture", "CheckpointFormatError", "CheckpointMismatch", "SUPPORTED_ARCHITECTURES"]
+__all__ = [
+    "read_config",
+    "load_model",
+    "build_model",
+    "checkpoint_files",
+    "iter_checkpoint_tensors",
+    "UnsupportedArchitecture",
+    "CheckpointFormatError",
+    "CheckpointMismatch",
+    "SUPPORTED_ARCHITECTURES",
+]
 
 _INDEX = "model.safetensors.index.json"
 _PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
@@ -31,6 +41,7 @@ class CheckpointFormatError(ValueError):
 def read_config(path):
     """The checkpoint's HF config, read offline; remote code is never trusted."""
     from transformers import AutoConfig
+
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json)")
@@ -62,13 +73,15 @@ def checkpoint_files(path) -> list[Path]:
             f"{path} holds only pickle weights ({', '.join(pickles[:5])}); the native engine loads safetensors "
             "only, because unpickling can run arbitrary code. Convert the checkpoint to safetensors first "
             "(e.g. load it once with transformers and save_pretrained() it: recent versions write safetensors), "
-            "or use EngineConfig(backend=\"transformers\").")
+            'or use EngineConfig(backend="transformers").'
+        )
     raise CheckpointFormatError(f"no weights found in {path} (expected model.safetensors or {_INDEX})")
 
 
 def iter_checkpoint_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, CPU tensor) pairs, one tensor materialised at a time."""
     from safetensors import safe_open
+
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():
@@ -92,7 +105,7 @@ def build_model(hf_config, dtype, device, max_model_len: int | None = None) -> N
         model = cls(hf_config)
     if max_model_len is not None:
         model.check_max_model_len(max_model_len)
-    model = model.to(dtype=dtype).to_empty(device=device)   # meta tensors: the cast costs nothing
+    model = model.to(dtype=dtype).to_empty(device=device)  # meta tensors: the cast costs nothing
     model.init_buffers(max_model_len)
     return model.eval().requires_grad_(False)
 
@@ -107,7 +120,7 @@ def load_model(path, dtype, device, max_model_len: int | None = None) -> NativeV
     """
     path = Path(path)
     hf_config = read_config(path)
-    get_model_class(hf_config)                  # refuse unsupported checkpoints before touching weights
+    get_model_class(hf_config)  # refuse unsupported checkpoints before touching weights
     files = checkpoint_files(path)
     if max_model_len is None:
         max_model_len = int(hf_config.text_config.max_position_embeddings)

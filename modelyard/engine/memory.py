@@ -4,11 +4,12 @@ the planner (placing actors before anything loads), so the two cannot drift apar
 Plain Python over config values: it takes an HF config object or the dicts of a config.json, and
 imports neither torch nor transformers (the driver plans without them).
 """
+
 from __future__ import annotations
 
 from typing import Any
 
-ACTIVATION_SAFETY = 2.0   # the estimate counts the big tensors only; allocator slack on top
+ACTIVATION_SAFETY = 2.0  # the estimate counts the big tensors only; allocator slack on top
 
 
 def get(cfg: Any, key: str, default: Any = None) -> Any:
@@ -32,8 +33,9 @@ def kv_bytes_per_token(text_cfg: Any, itemsize: int) -> int:
     return 2 * get(text_cfg, "num_hidden_layers") * kv_heads * head_dim * itemsize
 
 
-def activation_bytes(text_cfg: Any, vision_cfg: Any, *, max_prefill_tokens: int, max_batch_size: int,
-                     max_image_batch: int, itemsize: int) -> int:
+def activation_bytes(
+    text_cfg: Any, vision_cfg: Any, *, max_prefill_tokens: int, max_batch_size: int, max_image_batch: int, itemsize: int
+) -> int:
     """Peak transient memory of the largest step: a full prefill chunk, its logits, an image batch.
 
     An upper-bound style estimate (no profiling run): per token of a max_prefill_tokens chunk, one
@@ -48,10 +50,12 @@ def activation_bytes(text_cfg: Any, vision_cfg: Any, *, max_prefill_tokens: int,
     tokens = max_prefill_tokens
     per_token = 4 * hidden + (heads + 2 * kv_heads) * head_dim + heads * head_dim + 3 * inter
     decoder = tokens * per_token * itemsize
-    logits = max(max_batch_size, 1) * vocab * 4 + tokens * 8 * 3    # + ids, positions, slots
+    logits = max(max_batch_size, 1) * vocab * 4 + tokens * 8 * 3  # + ids, positions, slots
     vision = 0
-    sizes = [get(vision_cfg, k) for k in ("image_size", "patch_size", "hidden_size", "intermediate_size",
-                                          "num_attention_heads")]
+    sizes = [
+        get(vision_cfg, k)
+        for k in ("image_size", "patch_size", "hidden_size", "intermediate_size", "num_attention_heads")
+    ]
     if all(sizes):
         image, patch, embed, v_inter, v_heads = sizes
         positions = (image // patch) ** 2 + 1

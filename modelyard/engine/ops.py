@@ -23,6 +23,7 @@ default 1.0); readers multiply by the scale. `dequantize_kv` is that read for th
 The CUDA ops (csrc/, torch.ops.modelyard.*) compute the same functions with the same rounding
 points; none of them syncs with the host, so all are usable inside CUDA graph capture.
 """
+
 from __future__ import annotations
 
 import torch
@@ -37,6 +38,7 @@ def _kernels(t: torch.Tensor):
     if t.device.type != "cuda":
         return None
     from . import kernels
+
     return kernels.get()
 
 
@@ -68,8 +70,9 @@ def fused_add_rms_norm(x, residual, weight, eps):
     return fused_add_rms_norm_ref(x, residual, weight, eps)
 
 
-def build_cos_sin_cache(head_dim: int, max_pos: int, base: float, inv_freq: torch.Tensor | None = None,
-                        device=None) -> torch.Tensor:
+def build_cos_sin_cache(
+    head_dim: int, max_pos: int, base: float, inv_freq: torch.Tensor | None = None, device=None
+) -> torch.Tensor:
     """[max_pos, head_dim] float32: cos in the first half, sin in the second."""
     if inv_freq is None:
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
@@ -79,15 +82,15 @@ def build_cos_sin_cache(head_dim: int, max_pos: int, base: float, inv_freq: torc
 
 
 def rotary_embedding_ref(positions, q, k, head_dim, cos_sin_cache, is_neox=True):
-    cs = cos_sin_cache[positions]                       # [T, D]
-    cos, sin = cs.chunk(2, dim=-1)                      # [T, D/2] each
+    cs = cos_sin_cache[positions]  # [T, D]
+    cos, sin = cs.chunk(2, dim=-1)  # [T, D/2] each
     for x in (q, k):
         T = x.shape[0]
         xv = x.view(T, -1, head_dim)
         xf = xv.float()
         c, s = cos[:, None, :], sin[:, None, :]
         if is_neox:
-            x1, x2 = xf[..., : head_dim // 2], xf[..., head_dim // 2:]
+            x1, x2 = xf[..., : head_dim // 2], xf[..., head_dim // 2 :]
             out = torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
         else:
             x1, x2 = xf[..., 0::2], xf[..., 1::2]
@@ -104,23 +107,60 @@ def rotary_embedding(positions, q, k, head_dim, cos_sin_cache, is_neox=True):
     return rotary_embedding_ref(positions, q, k, head_dim, cos_sin_cache, is_neox)
 
 
-def rotary_embedding_and_cache_ref(positions, q, k, v, k_cache, v_cache, slot_mapping, head_dim, cos_sin_cache,
-                                   is_neox=True, k_scale: float = 1.0, v_scale: float = 1.0):
+def rotary_embedding_and_cache_ref(
+    positions,
+    q,
+    k,
+    v,
+    k_cache,
+    v_cache,
+    slot_mapping,
+    head_dim,
+    cos_sin_cache,
+    is_neox=True,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+):
     """rotary_embedding_ref on q and k [T, Hk, D] in place, then reshape_and_cache_ref of k and v."""
     rotary_embedding_ref(positions, q, k, head_dim, cos_sin_cache, is_neox)
     reshape_and_cache_ref(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
-def rotary_embedding_and_cache(positions, q, k, v, k_cache, v_cache, slot_mapping, head_dim, cos_sin_cache,
-                               is_neox=True, k_scale: float = 1.0, v_scale: float = 1.0):
+def rotary_embedding_and_cache(
+    positions,
+    q,
+    k,
+    v,
+    k_cache,
+    v_cache,
+    slot_mapping,
+    head_dim,
+    cos_sin_cache,
+    is_neox=True,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+):
     """The rotary embedding and the cache write in one kernel on CUDA (the same results as the two ops)."""
     kern = _kernels(q)
     if kern is not None:
-        kern.rotary_embedding_and_cache(positions, q, k, v, k_cache, v_cache, slot_mapping, head_dim,
-                                        cos_sin_cache, is_neox, float(k_scale), float(v_scale))
+        kern.rotary_embedding_and_cache(
+            positions,
+            q,
+            k,
+            v,
+            k_cache,
+            v_cache,
+            slot_mapping,
+            head_dim,
+            cos_sin_cache,
+            is_neox,
+            float(k_scale),
+            float(v_scale),
+        )
         return
-    rotary_embedding_and_cache_ref(positions, q, k, v, k_cache, v_cache, slot_mapping, head_dim, cos_sin_cache,
-                                   is_neox, k_scale, v_scale)
+    rotary_embedding_and_cache_ref(
+        positions, q, k, v, k_cache, v_cache, slot_mapping, head_dim, cos_sin_cache, is_neox, k_scale, v_scale
+    )
 
 
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
@@ -136,7 +176,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 FP8_KV_DTYPE = torch.float8_e4m3fn
-_FP8_MAX = 448.0   # largest finite e4m3fn value; the CUDA conversion saturates there too
+_FP8_MAX = 448.0  # largest finite e4m3fn value; the CUDA conversion saturates there too
 
 
 def is_fp8(t_or_dtype) -> bool:
@@ -181,8 +221,9 @@ def reshape_and_cache(k, v, k_cache, v_cache, slot_mapping, k_scale: float = 1.0
     return reshape_and_cache_ref(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
-def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale,
-                               k_scale: float = 1.0, v_scale: float = 1.0):
+def paged_decode_attention_ref(
+    q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale: float = 1.0, v_scale: float = 1.0
+):
     """Gather each sequence's blocks and attend with plain softmax; float32 math."""
     S, Hq, D = q.shape
     Hk = k_cache.shape[2]
@@ -203,17 +244,36 @@ def paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scal
     return out
 
 
-def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale,
-                           max_seq_len: int | None = None, num_splits: int = 0,
-                           k_scale: float = 1.0, v_scale: float = 1.0):
+def paged_decode_attention(
+    q,
+    k_cache,
+    v_cache,
+    block_tables,
+    seq_lens,
+    scale,
+    max_seq_len: int | None = None,
+    num_splits: int = 0,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+):
     """max_seq_len (a hint: the longest seq_len, or None for block_tables' width) and num_splits
     (0: automatic) only choose the CUDA kernel's split-KV parallelism; results do not depend on them.
     Pass max_seq_len=None under CUDA graph capture so the launch shape is fixed by tensor shapes."""
     kern = _kernels(q)
     if kern is not None:
-        return kern.paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale,
-                                           -1 if max_seq_len is None else int(max_seq_len), int(num_splits),
-                                           0, float(k_scale), float(v_scale))
+        return kern.paged_decode_attention(
+            q,
+            k_cache,
+            v_cache,
+            block_tables,
+            seq_lens,
+            scale,
+            -1 if max_seq_len is None else int(max_seq_len),
+            int(num_splits),
+            0,
+            float(k_scale),
+            float(v_scale),
+        )
     return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, scale, k_scale, v_scale)
 
 
@@ -224,7 +284,7 @@ def per_token_quant_fp8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     """x [M, K] -> (q [M, K] e4m3, scales [M, 1] float32), x ~= q * scales per row.
     scale = max|x_row| / 448, so every row uses e4m3's full range; q rounds to nearest, saturated."""
     xf = x.float()
-    amax = xf.abs().amax(dim=-1, keepdim=True).clamp_min(_MIN_AMAX)                  # [M, 1]
+    amax = xf.abs().amax(dim=-1, keepdim=True).clamp_min(_MIN_AMAX)  # [M, 1]
     # Divide by a device tensor, not a Python float: CUDA turns division by a host scalar into a
     # multiplication by its reciprocal, which is not the correctly rounded quotient the kernel computes.
     scales = amax / amax.new_full((), _FP8_MAX)
@@ -242,6 +302,7 @@ def per_token_quant_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # per-token scales instead of a 16-bit tensor that per_token_quant_fp8 then reads back. The CUDA ops
 # are bit-identical to the CUDA composition (same rounding of the 16-bit values, then the same
 # quantization); the references are literally the composition of the references.
+
 
 def rms_norm_quant_fp8_ref(x, weight, eps):
     return per_token_quant_fp8_ref(rms_norm_ref(x, weight, eps))
@@ -266,8 +327,7 @@ def fused_add_rms_norm_quant_fp8(x, residual, weight, eps):
     k = _kernels(x)
     if k is not None:
         h = x.shape[-1]
-        q, scales, new_residual = k.fused_add_rms_norm_quant_fp8(x.reshape(-1, h), residual.reshape(-1, h),
-                                                                 weight, eps)
+        q, scales, new_residual = k.fused_add_rms_norm_quant_fp8(x.reshape(-1, h), residual.reshape(-1, h), weight, eps)
         return q.view(x.shape), scales.view(*x.shape[:-1], 1), new_residual.view(x.shape)
     return fused_add_rms_norm_quant_fp8_ref(x, residual, weight, eps)
 

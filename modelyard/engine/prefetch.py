@@ -5,18 +5,28 @@ Decoding, resizing and normalizing an image costs a few ms of host time; done se
 requests (PIL and torch release the GIL) while the engine steps, and they are admitted strictly
 in request order, so sequence ids and derived seeds are the same as with serial add_request().
 """
+
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable
 
 _DONE = object()
 
 
-def admit_overlapped(requests: list, *, prepare: Callable, admit: Callable, step: Callable,
-                     has_unfinished: Callable[[], bool], collect: Callable, workers: int,
-                     first_batch: int, lookahead: int) -> None:
+def admit_overlapped(
+    requests: list,
+    *,
+    prepare: Callable,
+    admit: Callable,
+    step: Callable,
+    has_unfinished: Callable[[], bool],
+    collect: Callable,
+    workers: int,
+    first_batch: int,
+    lookahead: int,
+) -> None:
     """Run `prepare(req)` for every request on `workers` threads and `admit(req, *prepared)` them
     in order. While the next one is not ready the engine steps (`collect(step())`), unless it is
     idle: then it waits for the first `first_batch` requests, so its first prefill is not one image.
@@ -51,6 +61,6 @@ def admit_overlapped(requests: list, *, prepare: Callable, admit: Callable, step
                     admit(req, *fut.result())
                 refill()
         except BaseException:
-            for _, fut in pending:     # don't preprocess the rest before the error surfaces
+            for _, fut in pending:  # don't preprocess the rest before the error surfaces
                 fut.cancel()
             raise

@@ -4,6 +4,7 @@ The user's text and images become a one-turn conversation formatted by the check
 template, then the processor expands each image placeholder into its feature tokens. So the
 token ids are exactly those upstream transformers would build for the same checkpoint.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,10 +18,10 @@ from PIL import Image
 @dataclass
 class ProcessedInputs:
     input_ids: list[int]
-    pixel_values: torch.Tensor | None     # [num_images, 3, H, W] host memory: float32 from the
-                                          # processor; Engine._process casts to the model dtype (pinned on CUDA)
+    pixel_values: torch.Tensor | None  # [num_images, 3, H, W] host memory: float32 from the
+    # processor; Engine._process casts to the model dtype (pinned on CUDA)
     num_images: int
-    num_image_tokens: int                 # placeholder positions in input_ids
+    num_image_tokens: int  # placeholder positions in input_ids
 
 
 class ProcessorError(ValueError):
@@ -43,16 +44,19 @@ def read_eos_token_ids(path, tokenizer) -> frozenset[int]:
 class Processor:
     def __init__(self, hf_processor, image_token_id: int, eos_token_ids: frozenset[int]):
         if getattr(hf_processor, "chat_template", None) is None:
-            raise ProcessorError("the checkpoint's processor has no chat template; cannot format prompts "
-                                 "the way upstream does (add chat_template.jinja to the checkpoint)")
+            raise ProcessorError(
+                "the checkpoint's processor has no chat template; cannot format prompts "
+                "the way upstream does (add chat_template.jinja to the checkpoint)"
+            )
         self.hf_processor = hf_processor
         self.tokenizer = hf_processor.tokenizer
         self.image_token_id = image_token_id
         self.eos_token_ids = eos_token_ids
 
     @classmethod
-    def from_pretrained(cls, path, image_token_id: int | None = None) -> "Processor":
+    def from_pretrained(cls, path, image_token_id: int | None = None) -> Processor:
         from transformers import AutoProcessor
+
         hf = AutoProcessor.from_pretrained(str(path))
         if image_token_id is None:
             image_token_id = getattr(hf, "image_token_id", None)
@@ -76,8 +80,7 @@ class Processor:
 
     def format_prompt(self, prompt: str, num_images: int) -> str:
         content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": prompt}]
-        return self.hf_processor.apply_chat_template([{"role": "user", "content": content}],
-                                                     add_generation_prompt=True)
+        return self.hf_processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
     def __call__(self, prompt: str, images: list[Image.Image]) -> ProcessedInputs:
         if not isinstance(prompt, str):
@@ -89,13 +92,16 @@ class Processor:
         pixel_values = batch.get("pixel_values") if images else None
         num_image_tokens = sum(1 for t in input_ids if t == self.image_token_id)
         if images and num_image_tokens == 0:
-            raise ProcessorError("the formatted prompt has no image placeholder tokens "
-                                 f"(image_token_id {self.image_token_id})")
+            raise ProcessorError(
+                f"the formatted prompt has no image placeholder tokens (image_token_id {self.image_token_id})"
+            )
         if not images and num_image_tokens:
-            raise ProcessorError(f"the prompt contains {num_image_tokens} image placeholder tokens "
-                                 "but the request has no image")
-        return ProcessedInputs(input_ids=input_ids, pixel_values=pixel_values,
-                               num_images=len(images), num_image_tokens=num_image_tokens)
+            raise ProcessorError(
+                f"the prompt contains {num_image_tokens} image placeholder tokens but the request has no image"
+            )
+        return ProcessedInputs(
+            input_ids=input_ids, pixel_values=pixel_values, num_images=len(images), num_image_tokens=num_image_tokens
+        )
 
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)

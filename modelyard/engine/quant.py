@@ -19,6 +19,7 @@ for the prefill GEMMs. What it costs: quantization error, so outputs differ from
 measure agreement on your model before relying on it. The vision tower, projector, embeddings, norms
 and LM head stay in the model dtype.
 """
+
 from __future__ import annotations
 
 import torch
@@ -29,9 +30,9 @@ from .config import QUANTIZATION_METHODS as _CONFIG_METHODS
 from .models.decoder import DecoderAttention, DecoderLayer, DecoderMLP
 from .models.layers import QuantizedInput
 
-QUANTIZATION_METHODS = tuple(m for m in _CONFIG_METHODS if m is not None)   # ("fp8",)
-_MIN_CAPABILITY = (8, 9)     # e4m3 tensor cores: Ada and Hopper onwards
-_ALIGN = 16                  # torch._scaled_mm: K and N multiples of 16
+QUANTIZATION_METHODS = tuple(m for m in _CONFIG_METHODS if m is not None)  # ("fp8",)
+_MIN_CAPABILITY = (8, 9)  # e4m3 tensor cores: Ada and Hopper onwards
+_ALIGN = 16  # torch._scaled_mm: K and N multiples of 16
 
 
 def check_quantization(method: str | None, device: torch.device, dtype: torch.dtype) -> None:
@@ -44,22 +45,31 @@ def check_quantization(method: str | None, device: torch.device, dtype: torch.dt
         return  # the float32 emulation runs any dtype
     cap = torch.cuda.get_device_capability(device)
     if cap < _MIN_CAPABILITY:
-        raise ValueError(f"quantization='fp8' needs fp8 tensor cores (compute capability >= 8.9); "
-                         f"{torch.cuda.get_device_name(device)} is {cap[0]}.{cap[1]}")
+        raise ValueError(
+            f"quantization='fp8' needs fp8 tensor cores (compute capability >= 8.9); "
+            f"{torch.cuda.get_device_name(device)} is {cap[0]}.{cap[1]}"
+        )
     if dtype != torch.bfloat16:
         # torch._scaled_mm produces row-wise scaled results in bfloat16 only
         raise ValueError(f"quantization='fp8' on CUDA needs dtype='bfloat16', got {dtype}")
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
-               out_dtype: torch.dtype) -> torch.Tensor:
+def fp8_linear(
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype
+) -> torch.Tensor:
     """x [M, K] 16/32-bit, weight [N, K] e4m3, weight_scale [1, N] float32 -> [M, N] out_dtype."""
-    xq, xs = ops.per_token_quant_fp8(x)                                       # [M, K] e4m3, [M, 1]
+    xq, xs = ops.per_token_quant_fp8(x)  # [M, K] e4m3, [M, 1]
     return fp8_scaled_mm(xq, xs, weight, weight_scale, bias, out_dtype)
 
 
-def fp8_scaled_mm(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                  bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+def fp8_scaled_mm(
+    xq: torch.Tensor,
+    xs: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
     """xq [M, K] e4m3 with per-row scales xs [M, 1] float32, weight [N, K] e4m3 with weight_scale
     [1, N] float32 -> (xq * xs) (weight * weight_scale)^T (+ bias) [M, N] out_dtype."""
     if xq.device.type == "cuda":
@@ -75,22 +85,25 @@ def fp8_scaled_mm(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, weig
 class Fp8Linear(nn.Module):
     """y = x W^T (+ b) with W stored as e4m3 rows and per-row float32 scales."""
 
-    def __init__(self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
-                 out_dtype: torch.dtype):
+    def __init__(
+        self, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype
+    ):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.register_buffer("weight", weight)              # [N, K] float8_e4m3fn
+        self.register_buffer("weight", weight)  # [N, K] float8_e4m3fn
         self.register_buffer("weight_scale", weight_scale)  # [1, N] float32
-        self.register_buffer("bias", bias)                  # [N] out_dtype, or None
+        self.register_buffer("bias", bias)  # [N] out_dtype, or None
         self.out_dtype = out_dtype
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "Fp8Linear":
-        w = linear.weight.detach()                                            # [N, K]
+    def from_linear(cls, linear: nn.Linear) -> Fp8Linear:
+        w = linear.weight.detach()  # [N, K]
         if w.device.type == "cuda" and (w.shape[0] % _ALIGN or w.shape[1] % _ALIGN):
-            raise ValueError(f"quantization='fp8' needs linear layer sizes that are multiples of {_ALIGN} "
-                             f"on CUDA, got {tuple(w.shape)}")
-        q, scales = ops.per_token_quant_fp8(w)            # per output row: the activation kernel's math
+            raise ValueError(
+                f"quantization='fp8' needs linear layer sizes that are multiples of {_ALIGN} "
+                f"on CUDA, got {tuple(w.shape)}"
+            )
+        q, scales = ops.per_token_quant_fp8(w)  # per output row: the activation kernel's math
         bias = linear.bias.detach() if linear.bias is not None else None
         return cls(q, scales.reshape(1, -1).contiguous(), bias, w.dtype)
 
@@ -98,7 +111,7 @@ class Fp8Linear(nn.Module):
         """x [..., K] in any float dtype, or already quantized by the kernel that produced it."""
         if isinstance(x, QuantizedInput):
             lead = x.q.shape[:-1]
-            xq, xs = x.q.reshape(-1, self.in_features), x.scale.reshape(-1, 1)    # [M, K] e4m3, [M, 1]
+            xq, xs = x.q.reshape(-1, self.in_features), x.scale.reshape(-1, 1)  # [M, K] e4m3, [M, 1]
         else:
             lead = x.shape[:-1]
             xq, xs = ops.per_token_quant_fp8(x.reshape(-1, self.in_features))

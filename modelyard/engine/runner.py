@@ -9,6 +9,7 @@ Decode steps replay a captured CUDA graph (cuda_graphs.DecodeGraphs) when the en
 Image features live here, on the device, from the step a sequence's images are encoded until its
 prefill has consumed every row (or it is preempted or finished); the pixels are not kept at all.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,18 +25,26 @@ from .models.base import NativeVLM
 from .sampler import Sampler
 from .scheduler import ScheduledSeq, SchedulerOutput
 
-_NOT_AN_ID = -1      # placeholder-mask value for positions that must not take image rows
+_NOT_AN_ID = -1  # placeholder-mask value for positions that must not take image rows
 
 
 @dataclass
 class _ImageRows:
-    rows: torch.Tensor          # [num_image_tokens, hidden], device, model dtype
+    rows: torch.Tensor  # [num_image_tokens, hidden], device, model dtype
     consumed: int = 0
 
 
 class ModelRunner:
-    def __init__(self, model: NativeVLM, kv_cache: KVCache, attn: AttentionBackend, device: torch.device,
-                 max_image_batch: int, graphs: DecodeGraphs | None = None, graphs_note: str = "off: eager"):
+    def __init__(
+        self,
+        model: NativeVLM,
+        kv_cache: KVCache,
+        attn: AttentionBackend,
+        device: torch.device,
+        max_image_batch: int,
+        graphs: DecodeGraphs | None = None,
+        graphs_note: str = "off: eager",
+    ):
         self.model = model
         self.kv_cache = kv_cache
         self.attn = attn
@@ -67,19 +76,20 @@ class ModelRunner:
         per_seq: dict[int, list[tuple[int, torch.Tensor]]] = {}
         for items in by_shape.values():
             for i in range(0, len(items), self.max_image_batch):
-                chunk = items[i:i + self.max_image_batch]
+                chunk = items[i : i + self.max_image_batch]
                 # One asynchronous copy per image straight into the batch (pinned sources on
                 # CUDA): no host-side stack, and the host never waits on a pageable transfer.
-                pixels = torch.empty((len(chunk), *chunk[0][2].shape), dtype=chunk[0][2].dtype,
-                                     device=self.device)                  # [n, 3, H, W]
+                pixels = torch.empty(
+                    (len(chunk), *chunk[0][2].shape), dtype=chunk[0][2].dtype, device=self.device
+                )  # [n, 3, H, W]
                 for k, (_, _, p) in enumerate(chunk):
                     pixels[k].copy_(p, non_blocking=True)
-                feats = self.model.encode_images(pixels)                 # [n, tokens, hidden]
+                feats = self.model.encode_images(pixels)  # [n, tokens, hidden]
                 for (seq_id, j, _), f in zip(chunk, feats):
                     per_seq.setdefault(seq_id, []).append((j, f))
         for seq_id, parts in per_seq.items():
             parts.sort(key=lambda x: x[0])
-            self._images[seq_id] = _ImageRows(torch.cat([f for _, f in parts]))   # [n_i * tokens, hidden]
+            self._images[seq_id] = _ImageRows(torch.cat([f for _, f in parts]))  # [n_i * tokens, hidden]
 
     def release(self, seq_id: int) -> None:
         self._images.pop(seq_id, None)
@@ -95,19 +105,24 @@ class ModelRunner:
         """Run the step; returns seq_id -> sampled token for every span with `sample` set."""
         if out.is_empty:
             return {}
-        if (self.graphs is not None and not out.is_prefill and self.graphs.covers(len(out.seqs))
-                and all(s.sample for s in out.seqs)):
+        if (
+            self.graphs is not None
+            and not out.is_prefill
+            and self.graphs.covers(len(out.seqs))
+            and all(s.sample for s in out.seqs)
+        ):
             return self._sample(out.seqs, self.graphs.run(out.seqs))
         ids, positions, slots, image_pos = self._pack(out.seqs)
-        input_ids = self._to_device(ids, torch.int64)                    # [T]
+        input_ids = self._to_device(ids, torch.int64)  # [T]
         meta = self._metadata(out.seqs, slots)
-        embeds = self.model.embed_tokens(input_ids)                      # [T, hidden]
+        embeds = self.model.embed_tokens(input_ids)  # [T, hidden]
         if len(image_pos):
             # Placeholder positions were found on the host, so this needs no device sync.
-            rows = self._take_image_rows(out.seqs, image_pos)            # [K, hidden]
+            rows = self._take_image_rows(out.seqs, image_pos)  # [K, hidden]
             embeds.index_copy_(0, self._to_device(image_pos, torch.int64), rows.to(embeds.dtype))
-        hidden = self.model(embeds, self._to_device(positions, torch.int64), self.kv_cache.layers,
-                            meta, self.attn)                             # [T, hidden]
+        hidden = self.model(
+            embeds, self._to_device(positions, torch.int64), self.kv_cache.layers, meta, self.attn
+        )  # [T, hidden]
         sampling = [s for s in out.seqs if s.sample]
         if not sampling:
             return {}
@@ -117,22 +132,26 @@ class ModelRunner:
             end += s.num_tokens
             if s.sample:
                 ends.append(end - 1)
-        last = hidden.index_select(0, self._to_device(ends, torch.int64))    # [S', hidden]
-        return self._sample(sampling, self.model.compute_logits(last))      # logits [S', vocab] float32
+        last = hidden.index_select(0, self._to_device(ends, torch.int64))  # [S', hidden]
+        return self._sample(sampling, self.model.compute_logits(last))  # logits [S', vocab] float32
 
     def _sample(self, seqs, logits: torch.Tensor) -> dict[int, int]:
         """logits [len(seqs), vocab] float32 -> seq_id -> token."""
         if self._step_done is not None:
             self._step_done.record()
             self._step_done.synchronize()
-        tokens = self.sampler(logits, [s.sampling for s in seqs], [s.seed for s in seqs],
-                              [s.output_index for s in seqs])
+        tokens = self.sampler(
+            logits, [s.sampling for s in seqs], [s.seed for s in seqs], [s.output_index for s in seqs]
+        )
         return {s.seq_id: t for s, t in zip(seqs, tokens)}
 
     def describe(self) -> dict:
         """Attention paths and CUDA-graph state, for Engine.stats()."""
-        return {**describe_backend(self.attn), "cuda_graphs": self.graphs_note,
-                "cuda_graph_capture_seconds": self.graphs.capture_seconds if self.graphs else 0.0}
+        return {
+            **describe_backend(self.attn),
+            "cuda_graphs": self.graphs_note,
+            "cuda_graph_capture_seconds": self.graphs.capture_seconds if self.graphs else 0.0,
+        }
 
     def _pack(self, seqs: tuple[ScheduledSeq, ...]):
         """Host arrays for the packed step: token ids, positions and KV slots [T] int64, and the
@@ -148,12 +167,12 @@ class ModelRunner:
         for s in seqs:
             k = s.num_tokens
             pos = np.arange(s.start_pos, s.start_pos + k, dtype=np.int64)
-            positions[off:off + k] = pos
+            positions[off : off + k] = pos
             table = np.asarray(s.block_table[: (s.start_pos + k - 1) // bs + 1], dtype=np.int64)
-            slots[off:off + k] = table[pos // bs] * bs + pos % bs
+            slots[off : off + k] = table[pos // bs] * bs + pos % bs
             # Only prompt positions hold image placeholders; a generated token that happens to be
             # the image token id is an ordinary token (as in transformers' decode steps).
-            is_prompt[off:off + max(0, min(k, s.num_prompt_tokens - s.start_pos))] = True
+            is_prompt[off : off + max(0, min(k, s.num_prompt_tokens - s.start_pos))] = True
             off += k
         image_pos = np.flatnonzero(is_prompt & (ids == self.model.image_token_id))
         return ids, positions, slots, image_pos
@@ -170,22 +189,22 @@ class ModelRunner:
             held = self._images.get(s.seq_id)
             if held is None:
                 raise RuntimeError(f"seq {s.seq_id} reached image placeholders without encoded images")
-            parts.append(held.rows[held.consumed:held.consumed + n])
+            parts.append(held.rows[held.consumed : held.consumed + n])
             held.consumed += n
             if held.consumed > held.rows.shape[0]:
                 raise RuntimeError(f"seq {s.seq_id} has more image placeholders than feature rows")
             if held.consumed == held.rows.shape[0]:
                 del self._images[s.seq_id]
-        return torch.cat(parts)                                          # [K, hidden]
+        return torch.cat(parts)  # [K, hidden]
 
     def _metadata(self, seqs, slots: np.ndarray) -> AttentionMetadata:
         q_lens = [s.num_tokens for s in seqs]
         seq_lens = [s.seq_len for s in seqs]
         max_blocks = max(-(-n // self.block_size) for n in seq_lens)
-        tables = np.zeros((len(seqs), max_blocks), dtype=np.int32)      # [S, max_blocks], 0-padded
+        tables = np.zeros((len(seqs), max_blocks), dtype=np.int32)  # [S, max_blocks], 0-padded
         for i, s in enumerate(seqs):
             row = s.block_table[:max_blocks]
-            tables[i, :len(row)] = row
+            tables[i, : len(row)] = row
         qsl = np.zeros(len(seqs) + 1, dtype=np.int32)
         np.cumsum(q_lens, out=qsl[1:])
         return AttentionMetadata(
@@ -193,13 +212,19 @@ class ModelRunner:
             block_tables=self._to_device(tables, torch.int32),
             seq_lens=self._to_device(seq_lens, torch.int32),
             query_start_loc=self._to_device(qsl, torch.int32),
-            max_query_len=max(q_lens), max_seq_len=max(seq_lens),
-            seq_lens_cpu=seq_lens, query_lens_cpu=q_lens,
-            is_decode=all(q == 1 for q in q_lens))
+            max_query_len=max(q_lens),
+            max_seq_len=max(seq_lens),
+            seq_lens_cpu=seq_lens,
+            query_lens_cpu=q_lens,
+            is_decode=all(q == 1 for q in q_lens),
+        )
 
     def _to_device(self, data, dtype: torch.dtype) -> torch.Tensor:
-        t = torch.from_numpy(np.ascontiguousarray(data)).to(dtype) if isinstance(data, np.ndarray) \
+        t = (
+            torch.from_numpy(np.ascontiguousarray(data)).to(dtype)
+            if isinstance(data, np.ndarray)
             else torch.tensor(data, dtype=dtype)
+        )
         if self.device.type == "cpu":
             return t
         if self._pin:

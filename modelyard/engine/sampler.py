@@ -5,6 +5,7 @@ from a generator seeded with mix(seed, i). So a request's tokens depend only on 
 logits, never on which other requests share the batch, and a sequence that was preempted and
 recomputed draws exactly what it would have drawn. No generator state outlives a step.
 """
+
 from __future__ import annotations
 
 import torch
@@ -29,12 +30,12 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     The most likely token always survives.
     """
     R, V = logits.shape
-    sorted_logits, order = logits.sort(dim=-1, descending=True)          # [R, V]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [R, V]
     ranks = torch.arange(V, device=logits.device).expand(R, V)
     k = torch.where(top_k > 0, top_k, torch.full_like(top_k, V))
     sorted_logits = sorted_logits.masked_fill(ranks >= k[:, None], float("-inf"))
     probs = sorted_logits.softmax(dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs                            # [R, V]
+    mass_before = probs.cumsum(dim=-1) - probs  # [R, V]
     outside = (mass_before >= top_p[:, None]) & (top_p[:, None] < 1.0)  # 1.0 is off, despite rounding
     sorted_logits = sorted_logits.masked_fill(outside, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
@@ -43,26 +44,26 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
 class Sampler:
     def __call__(
         self,
-        logits: torch.Tensor,             # [S, V] float32
+        logits: torch.Tensor,  # [S, V] float32
         params: list[SamplingParams],
         seeds: list[int],
-        output_index: list[int],          # which new token of its request each row samples (0-based)
+        output_index: list[int],  # which new token of its request each row samples (0-based)
     ) -> list[int]:
         S = logits.shape[0]
         if not (len(params) == len(seeds) == len(output_index) == S):
             raise ValueError("one SamplingParams, seed and output index per logits row")
-        tokens = logits.argmax(dim=-1)                                    # [S]
+        tokens = logits.argmax(dim=-1)  # [S]
         rows = [i for i, p in enumerate(params) if p.temperature > 0]
         if rows:
             dev = logits.device
             idx = torch.tensor(rows, device=dev)
             temps = torch.tensor([params[i].temperature for i in rows], dtype=torch.float32, device=dev)
-            x = logits.index_select(0, idx).float() / temps[:, None]      # [R, V]
+            x = logits.index_select(0, idx).float() / temps[:, None]  # [R, V]
             if any(params[i].top_k > 0 or params[i].top_p < 1.0 for i in rows):
                 top_k = torch.tensor([params[i].top_k for i in rows], dtype=torch.int64, device=dev)
                 top_p = torch.tensor([params[i].top_p for i in rows], dtype=torch.float32, device=dev)
                 x = apply_top_k_top_p(x, top_k, top_p)
-            probs = x.softmax(dim=-1)                                     # [R, V]
+            probs = x.softmax(dim=-1)  # [R, V]
             # Exponential race: argmax(p / E), E ~ Exp(1), picks token i with probability p_i,
             # and lets each row draw from its own generator.
             noise = torch.empty_like(probs)

@@ -23,6 +23,7 @@ less than a round of decode steps for the few sequences left over.
 The runner receives a `SchedulerOutput` of plain values (copies of token spans and block tables),
 so nothing the scheduler mutates afterwards can change a step that is already running.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,11 +38,11 @@ from .types import SamplingParams
 @dataclass(frozen=True)
 class ScheduledSeq:
     seq_id: int
-    token_ids: tuple[int, ...]      # tokens at positions [start_pos, start_pos + len)
-    start_pos: int                  # KV entries already cached for this sequence
-    num_prompt_tokens: int          # only prompt positions may hold image placeholders
-    block_table: tuple[int, ...]    # covers at least start_pos + len(token_ids) slots
-    sample: bool                    # the span reaches the sequence's last token: sample the next
+    token_ids: tuple[int, ...]  # tokens at positions [start_pos, start_pos + len)
+    start_pos: int  # KV entries already cached for this sequence
+    num_prompt_tokens: int  # only prompt positions may hold image placeholders
+    block_table: tuple[int, ...]  # covers at least start_pos + len(token_ids) slots
+    sample: bool  # the span reaches the sequence's last token: sample the next
     sampling: SamplingParams = SamplingParams()
     seed: int = 0
 
@@ -85,7 +86,7 @@ class SchedulerConfig:
     max_prefill_tokens: int
     max_model_len: int
     eos_token_ids: frozenset[int] = field(default_factory=frozenset)
-    reserve_decode_blocks: bool = True   # admit only what the pool can also grow to its expected lengths
+    reserve_decode_blocks: bool = True  # admit only what the pool can also grow to its expected lengths
 
     def __post_init__(self):
         for name in ("max_batch_size", "max_prefill_tokens", "max_model_len"):
@@ -98,7 +99,7 @@ class Scheduler:
         self.config = config
         self.block_manager = block_manager
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []          # admission order: the last one is preempted first
+        self.running: list[Sequence] = []  # admission order: the last one is preempted first
         self._seqs: dict[int, Sequence] = {}
         self.num_preemptions = 0
         # Expected final output length of a sequence that can stop at EOS, as a share of its
@@ -113,14 +114,18 @@ class Scheduler:
         """Why a request of this size can never run, or None if it can."""
         total = num_prompt_tokens + max_new_tokens
         if total > self.config.max_model_len:
-            return (f"prompt ({num_prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) = {total} "
-                    f"exceeds max_model_len ({self.config.max_model_len})")
+            return (
+                f"prompt ({num_prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) = {total} "
+                f"exceeds max_model_len ({self.config.max_model_len})"
+            )
         # The last sampled token is never fed back, so a sequence holds at most total - 1 KV entries.
         needed = self.block_manager.blocks_for(total - 1)
         if needed > self.block_manager.num_blocks:
-            return (f"prompt ({num_prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) needs "
-                    f"{needed} KV blocks but the whole pool has {self.block_manager.num_blocks} "
-                    f"(block_size {self.block_manager.block_size})")
+            return (
+                f"prompt ({num_prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) needs "
+                f"{needed} KV blocks but the whole pool has {self.block_manager.num_blocks} "
+                f"(block_size {self.block_manager.block_size})"
+            )
         return None
 
     def add(self, seq: Sequence) -> None:
@@ -156,9 +161,13 @@ class Scheduler:
                 budget -= n
         bm = self.block_manager
         reserve = self.config.reserve_decode_blocks
-        growth = None   # blocks the running sequences are still expected to take; summed on first need
-        while (self.waiting and budget > 0 and len(self.running) < self.config.max_batch_size
-               and bm.can_allocate(self.waiting[0], self.waiting[0].num_tokens)):
+        growth = None  # blocks the running sequences are still expected to take; summed on first need
+        while (
+            self.waiting
+            and budget > 0
+            and len(self.running) < self.config.max_batch_size
+            and bm.can_allocate(self.waiting[0], self.waiting[0].num_tokens)
+        ):
             # With nothing running the sequence fits the pool alone (rejection_reason): admit it.
             if reserve and self.running:
                 if growth is None:
@@ -201,7 +210,7 @@ class Scheduler:
 
     def _record_finish(self, seq: Sequence) -> None:
         if seq.ignore_eos:
-            return      # its length was never in doubt, and says nothing about the others'
+            return  # its length was never in doubt, and says nothing about the others'
         self._num_shares += 1
         weight = 1.0 / min(self._num_shares + 1, 64)
         share = seq.num_output_tokens / seq.max_new_tokens
@@ -229,9 +238,15 @@ class Scheduler:
     def _span(self, seq: Sequence, n: int) -> ScheduledSeq:
         start = seq.num_computed_tokens
         return ScheduledSeq(
-            seq_id=seq.seq_id, token_ids=tuple(seq.token_span(start, start + n)), start_pos=start,
-            num_prompt_tokens=seq.num_prompt_tokens, block_table=tuple(seq.block_table),
-            sample=start + n == seq.num_tokens, sampling=seq.sampling, seed=seq.seed)
+            seq_id=seq.seq_id,
+            token_ids=tuple(seq.token_span(start, start + n)),
+            start_pos=start,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            block_table=tuple(seq.block_table),
+            sample=start + n == seq.num_tokens,
+            sampling=seq.sampling,
+            seed=seq.seed,
+        )
 
     def _preempt(self, seq: Sequence) -> int:
         # Sequences outgrew the estimate the admissions were made on: lean back towards full length.
@@ -242,7 +257,7 @@ class Scheduler:
         seq.prefill_done = False
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)   # victims are popped newest first, so the oldest ends up first
+        self.waiting.appendleft(seq)  # victims are popped newest first, so the oldest ends up first
         return seq.seq_id
 
     # ---- results -----------------------------------------------------------------------------
@@ -257,7 +272,7 @@ class Scheduler:
         for span in out.seqs:
             seq = self._seqs.get(span.seq_id)
             if seq is None or seq.status is not SequenceStatus.RUNNING:
-                continue    # aborted while the step ran
+                continue  # aborted while the step ran
             seq.num_computed_tokens = span.seq_len
             if not span.sample:
                 continue

@@ -6,6 +6,7 @@ uncomputed tokens; a step whose span reaches the last token samples the next one
 the span from 0 (or from where a chunk left off) and decode is the one-token span after a sample,
 so recompute after preemption is just prefill over prompt + generated tokens.
 """
+
 from __future__ import annotations
 
 import enum
@@ -15,8 +16,8 @@ from .types import SamplingParams
 
 
 class SequenceStatus(enum.Enum):
-    WAITING = "waiting"      # not admitted, or preempted and waiting to be recomputed
-    RUNNING = "running"      # holds blocks; prefilling or decoding
+    WAITING = "waiting"  # not admitted, or preempted and waiting to be recomputed
+    RUNNING = "running"  # holds blocks; prefilling or decoding
     FINISHED = "finished"
 
 
@@ -25,16 +26,16 @@ class Sequence:
     seq_id: int
     prompt_token_ids: list[int]
     sampling: SamplingParams = field(default_factory=SamplingParams)
-    seed: int = 0                         # resolved per-request seed (SamplingParams.seed or derived)
+    seed: int = 0  # resolved per-request seed (SamplingParams.seed or derived)
     arrival_time: float = 0.0
 
     status: SequenceStatus = SequenceStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
-    num_computed_tokens: int = 0          # KV entries written for this sequence
+    num_computed_tokens: int = 0  # KV entries written for this sequence
     block_table: list[int] = field(default_factory=list)
-    prefill_done: bool = False            # True once the current admission has sampled a token
+    prefill_done: bool = False  # True once the current admission has sampled a token
     num_preemptions: int = 0
-    finish_reason: str | None = None      # "stop" | "length" | "error"
+    finish_reason: str | None = None  # "stop" | "length" | "error"
     error: str | None = None
 
     # Timestamps set by the engine (seconds, monotonic clock); None until they happen.
@@ -86,8 +87,8 @@ class Sequence:
         if end <= p:
             return self.prompt_token_ids[start:end]
         if start >= p:
-            return self.output_token_ids[start - p:end - p]
-        return self.prompt_token_ids[start:] + self.output_token_ids[:end - p]
+            return self.output_token_ids[start - p : end - p]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - p]
 
     def last_token(self) -> int:
         return self.output_token_ids[-1] if self.output_token_ids else self.prompt_token_ids[-1]

@@ -1,4 +1,5 @@
 """Request / SamplingParams / Output: the engine's public data types (plain, picklable)."""
+
 from __future__ import annotations
 
 import itertools
@@ -11,10 +12,10 @@ _ids = itertools.count()
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 64
-    temperature: float = 0.0      # 0: greedy
+    temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
-    top_k: int = 0                # 0: off
-    seed: int | None = None       # per-request generator: same tokens whatever else is in the batch
+    top_k: int = 0  # 0: off
+    seed: int | None = None  # per-request generator: same tokens whatever else is in the batch
     ignore_eos: bool = False
 
     def __post_init__(self):
@@ -28,7 +29,7 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> "SamplingParams":
+    def from_dict(cls, d: dict | None) -> SamplingParams:
         d = dict(d or {})
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
@@ -43,6 +44,7 @@ class Request:
     `image`: a PIL image, bytes, a filesystem path (str or Path), or a list of those.
     `prompt`: the user text; the checkpoint's own chat template and image placeholder format it.
     """
+
     image: Any
     prompt: str = "Describe the image."
     sampling: SamplingParams = field(default_factory=SamplingParams)
@@ -58,7 +60,7 @@ class Output:
     request_id: str
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
-    finish_reason: str = "stop"           # "stop" | "length" | "error"
+    finish_reason: str = "stop"  # "stop" | "length" | "error"
     error: str | None = None
     num_prompt_tokens: int = 0
     num_image_tokens: int = 0
@@ -70,8 +72,12 @@ class Output:
 
     def to_dict(self) -> dict:
         return {
-            "request_id": self.request_id, "text": self.text, "token_ids": list(self.token_ids),
-            "finish_reason": self.finish_reason, "error": self.error,
-            "num_prompt_tokens": self.num_prompt_tokens, "num_image_tokens": self.num_image_tokens,
+            "request_id": self.request_id,
+            "text": self.text,
+            "token_ids": list(self.token_ids),
+            "finish_reason": self.finish_reason,
+            "error": self.error,
+            "num_prompt_tokens": self.num_prompt_tokens,
+            "num_image_tokens": self.num_image_tokens,
             "timings": dict(self.timings),
         }

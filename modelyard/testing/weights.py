@@ -10,7 +10,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-# Why the weights look the way they do (measurements and reasoning: benchmarks/NOTES-init.md).
+# Why the weights look the way they do (docs/design.md, random-weight checkpoints, has the measurements).
 # Plain random weights make greedy decoding ill-conditioned: the logits are ~iid Gaussian over the
 # vocabulary, so the top two of 32k lie ~0.2 sigma apart, while bf16 perturbs the final hidden state by
 # ~1% (every residual add and matmul output is rounded, and any difference between two implementations

@@ -1,12 +1,24 @@
 """NVML accounting logic on synthetic snapshots, and plain reporting where there is no NVML."""
-import pytest
 
-from modelyard.actors.gpu import CONTEXT_UNATTRIBUTED_MAX, MIB, DeviceSnapshot, NvmlSession, identify_process, reclaim_state
+from modelyard.actors.gpu import (
+    CONTEXT_UNATTRIBUTED_MAX,
+    MIB,
+    DeviceSnapshot,
+    NvmlSession,
+    identify_process,
+    reclaim_state,
+)
 
 
 def snap(used_mib, procs):
-    return DeviceSnapshot("GPU-x", 0, 80_000 * MIB, used_mib * MIB, (80_000 - used_mib) * MIB,
-                          {p: (None if b is None else b * MIB) for p, b in procs.items()})
+    return DeviceSnapshot(
+        "GPU-x",
+        0,
+        80_000 * MIB,
+        used_mib * MIB,
+        (80_000 - used_mib) * MIB,
+        {p: (None if b is None else b * MIB) for p, b in procs.items()},
+    )
 
 
 def test_identify_process_by_pid_new_process_or_memory_only():

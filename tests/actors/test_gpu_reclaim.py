@@ -3,6 +3,7 @@ wait_for_reclaim confirms the device is back to its baseline (the unload path wi
 For contrast, an in-process release (del + gc + empty_cache) leaves memory held by the process.
 
 The test process itself never creates a CUDA context: children do the CUDA work."""
+
 import subprocess
 import sys
 import time
@@ -41,8 +42,9 @@ def nvml():
 
 
 def _start_child(*argv):
-    child = subprocess.Popen([sys.executable, "-c", _CHILD, *argv], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     raw = child.stdout.readline().strip()
     if not raw:
         child.kill()
@@ -57,8 +59,10 @@ def test_sigkill_reclaim_is_verified_to_baseline(nvml):
         base = base_all[uuid]
         loaded = nvml.snapshot(uuid)
         pids, method = identify_process(base, loaded, child.pid)
-        print(f"\nmethod={method} our pid={child.pid} nvml pids={sorted(loaded.processes)} "
-              f"device +{(loaded.used_bytes - base.used_bytes) / MIB:.0f} MiB")
+        print(
+            f"\nmethod={method} our pid={child.pid} nvml pids={sorted(loaded.processes)} "
+            f"device +{(loaded.used_bytes - base.used_bytes) / MIB:.0f} MiB"
+        )
         assert loaded.used_bytes - base.used_bytes >= 1024 * MIB
         assert method in ("nvml-pid", "nvml-new-process"), (method, loaded.processes)
         t0 = time.monotonic()
@@ -82,7 +86,7 @@ def test_in_process_release_leaves_memory_held(nvml):
         time.sleep(0.5)
         held = nvml.snapshot(uuid).used_bytes - base_all[uuid].used_bytes
         print(f"\nin-process release still holds {held / MIB:.0f} MiB")
-        assert held > 0     # the CUDA context, cuBLAS workspace and allocator state stay with the process
+        assert held > 0  # the CUDA context, cuBLAS workspace and allocator state stay with the process
     finally:
         child.kill()
         child.wait()

@@ -1,6 +1,7 @@
 """ModelHandle against a real local Ray (CPU actors, num_gpus=0) and the transformers backend on
 a tiny random checkpoint: results equal the in-process engine's, the admission limit holds under
 4x as many callers, and the actor's death names the requests that did not finish."""
+
 import asyncio
 import os
 import signal
@@ -8,8 +9,8 @@ import threading
 import time
 
 import pytest
-
 from actor_testlib import ENGINE, modelyard_actor_names, process_gone
+
 from modelyard.actors import ActorDied, ModelHandle
 from modelyard.engine import EngineConfig, Request, SamplingParams
 
@@ -38,6 +39,7 @@ def test_spawn_reports_process_timings_and_memory(handle):
 
 def test_captions_equal_the_in_process_engine(handle, tiny_ckpt, images):
     from modelyard.engine import Engine
+
     eng = Engine.from_pretrained(tiny_ckpt, EngineConfig(**ENGINE))
     try:
         ref = eng.generate([Request(image=p, sampling=SamplingParams(**GREEDY)) for p in images])
@@ -67,24 +69,28 @@ def test_four_times_the_limit_of_concurrent_callers(handle, images):
     st = handle.stats()
     assert not errors and len(results) == n_callers and all(o.ok for r in results.values() for o in r)
     assert st["completed"] - before["completed"] == 2 * n_callers
-    assert st["max_in_flight_seen"] == LIMIT          # reached, never exceeded
-    assert st["max_queued_seen"] > 0                  # the excess really waited in the FIFO
+    assert st["max_in_flight_seen"] == LIMIT  # reached, never exceeded
+    assert st["max_queued_seen"] > 0  # the excess really waited in the FIFO
     assert st["in_flight"] == 0 and st["queued"] == 0
 
 
 def test_streaming_forms_and_submit(handle, images):
     import ray
+
     seen = sorted(i for i, o in handle.caption_iter(images, sampling=GREEDY, max_in_flight=3) if o.ok)
     assert seen == list(range(len(images)))
 
     async def collect():
         return [i async for i, o in handle.caption_stream(images[:4], sampling=GREEDY)]
+
     assert sorted(asyncio.run(collect())) == [0, 1, 2, 3]
 
     img_bytes = open(images[0], "rb").read()
-    refs = [handle.submit(images[0], sampling=GREEDY, request_id="by-path"),
-            handle.submit(img_bytes, sampling=GREEDY, request_id="by-bytes"),
-            handle.submit(ray.put(img_bytes), sampling=SamplingParams(**GREEDY), request_id="by-ref")]
+    refs = [
+        handle.submit(images[0], sampling=GREEDY, request_id="by-path"),
+        handle.submit(img_bytes, sampling=GREEDY, request_id="by-bytes"),
+        handle.submit(ray.put(img_bytes), sampling=SamplingParams(**GREEDY), request_id="by-ref"),
+    ]
     assert [handle.request_id(r) for r in refs] == ["by-path", "by-bytes", "by-ref"]
     outs = handle.get(refs)
     assert [o.request_id for o in outs] == ["by-path", "by-bytes", "by-ref"]
@@ -110,14 +116,14 @@ def test_sigkill_mid_batch_raises_actor_died_naming_unfinished(ray_session, tiny
     assert len(received) >= LIMIT and set(received) <= set(died.completed)
     assert died.request_ids and set(died.request_ids) | set(died.completed) == set(ids)
     assert not set(died.request_ids) & set(died.completed)
-    assert died.request_ids == [i for i in ids if i in died.request_ids]     # in submission order
+    assert died.request_ids == [i for i in ids if i in died.request_ids]  # in submission order
     assert len(died.completed) >= LIMIT and all(o.ok for o in died.completed.values())
     assert not h.alive and process_gone(pid)
 
-    info = h.respawn()                         # verified unload of the dead actor, then a new one
+    info = h.respawn()  # verified unload of the dead actor, then a new one
     assert info["pid"] != pid and h.caption(images[:1], sampling=GREEDY)[0].ok
     new_pid = h.pid
-    h._info["local"] = False        # take the path used for actors on other nodes: a pinned watcher task
+    h._info["local"] = False  # take the path used for actors on other nodes: a pinned watcher task
     res = h.unload()
     assert res["verified_by"] == "process-exit" and res["seconds"] < 30 and res["residual_bytes"] is None
     assert "task on the actor's node" in res["note"] and process_gone(new_pid)
@@ -134,12 +140,14 @@ def test_more_cpu_actors_than_ray_cpus_all_spawn(ray_session, tiny_ckpt):
         return ray.available_resources().get("CPU", 0.0)
 
     before = free_cpus()
-    handles = [ModelHandle(tiny_ckpt, name=f"cpu-{i}", engine_config=ENGINE, num_gpus=0,
-                           num_cpus=1 if i == 2 else None) for i in range(3)]
+    handles = [
+        ModelHandle(tiny_ckpt, name=f"cpu-{i}", engine_config=ENGINE, num_gpus=0, num_cpus=1 if i == 2 else None)
+        for i in range(3)
+    ]
     try:
         infos = [h.spawn(timeout=120) for h in handles]
         assert [i["num_cpus"] for i in infos] == [0.01, 0.01, 1] and all(h.alive for h in handles)
-        deadline = time.monotonic() + 15            # the resource view lags the spawns a little
+        deadline = time.monotonic() + 15  # the resource view lags the spawns a little
         while abs(before - free_cpus() - 1.02) > 1e-6 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert before - free_cpus() == pytest.approx(1.02), (before, free_cpus())
@@ -162,9 +170,10 @@ def test_failed_load_names_the_engines_exception_not_rays_header(ray_session, ti
     import shutil
 
     from safetensors.torch import load_file, save_file
+
     bad = shutil.copytree(tiny_ckpt, tmp_path / "bad-lm-head")
     tensors = load_file(bad / "model.safetensors")
-    tensors["lm_head.weight"] = tensors["lm_head.weight"][:-24].clone()     # [vocab - 24, hidden]
+    tensors["lm_head.weight"] = tensors["lm_head.weight"][:-24].clone()  # [vocab - 24, hidden]
     save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
     h = ModelHandle(bad, name="mismatch", engine_config=ENGINE, num_gpus=0)
     with pytest.raises(RuntimeError) as err:

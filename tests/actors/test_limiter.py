@@ -1,4 +1,5 @@
 """FifoLimiter: the actor's admission limit (no Ray, no engine)."""
+
 import asyncio
 
 import pytest
@@ -24,7 +25,7 @@ def test_limit_fifo_order_and_high_water_mark():
         return lim, order
 
     lim, order = asyncio.run(main())
-    assert order == list(range(10))            # admitted in arrival order
+    assert order == list(range(10))  # admitted in arrival order
     assert lim.max_in_flight_seen == 2 and lim.in_flight == 0 and lim.queued == 0
 
 
@@ -41,7 +42,7 @@ def test_cancelled_waiter_leaves_the_queue_and_keeps_counts():
         assert lim.queued == 0
         lim.release()
         assert lim.in_flight == 0
-        await lim.acquire()                    # the slot is usable again
+        await lim.acquire()  # the slot is usable again
         assert lim.in_flight == 1
 
     asyncio.run(main())

@@ -1,5 +1,6 @@
 """ModelActor's machinery in-process (no Ray): a fake engine stands in for the model, so these
 check the stepping thread, the admission limit and failure handling quickly and exactly."""
+
 import asyncio
 import threading
 import time
@@ -48,8 +49,14 @@ class FakeEngine:
         return done
 
     def stats(self):
-        return {"running": len(self.running), "waiting": 0, "weights_bytes": 123, "kv_bytes": 456,
-                "load_seconds": 1.5, "kv_alloc_seconds": 0.25}
+        return {
+            "running": len(self.running),
+            "waiting": 0,
+            "weights_bytes": 123,
+            "kv_bytes": 456,
+            "load_seconds": 1.5,
+            "kv_alloc_seconds": 0.25,
+        }
 
     def close(self):
         self.closed = True
@@ -73,10 +80,11 @@ def test_many_callers_share_the_batch_within_the_limit(monkeypatch):
 
     outs, stats = asyncio.run(main())
     import ray
-    assert not ray.is_initialized()        # in-process use must not start a Ray cluster on the side
+
+    assert not ray.is_initialized()  # in-process use must not start a Ray cluster on the side
     assert [o.request_id for o in outs] == [f"r{i}" for i in range(16)]
     assert all(o.ok and o.text == f"caption of r{i}" for i, o in enumerate(outs))
-    assert eng.max_running == 4 and stats["max_in_flight_seen"] == 4      # the limit was reached, never passed
+    assert eng.max_running == 4 and stats["max_in_flight_seen"] == 4  # the limit was reached, never passed
     assert stats["in_flight"] == 0 and stats["queued"] == 0 and stats["completed"] == 16
     assert len(eng.thread_ids) == 1 and threading.get_ident() not in eng.thread_ids  # one stepping thread
     assert all("actor_queue" in o.timings for o in outs)
@@ -87,8 +95,9 @@ def test_admission_error_is_that_requests_output(monkeypatch):
 
     async def main():
         await actor.load()
-        return await asyncio.gather(actor.generate("a.png", request_id="good"),
-                                    actor.generate("b.png", prompt="reject", request_id="bad"))
+        return await asyncio.gather(
+            actor.generate("a.png", request_id="good"), actor.generate("b.png", prompt="reject", request_id="bad")
+        )
 
     good, bad = asyncio.run(main())
     assert good.ok and not bad.ok and "rejected at admission" in bad.error

@@ -1,14 +1,16 @@
 """modelyard.pipeline(): a context manager over one actor; leaving it unloads with verification."""
+
 import gc
 
 import pytest
+from actor_testlib import ENGINE, HF_ENGINE, modelyard_actor_names, process_gone
 
 import modelyard
-from actor_testlib import ENGINE, HF_ENGINE, modelyard_actor_names, process_gone
 
 
 def test_with_block_captions_then_nothing_is_left(ray_session, tiny_ckpt, images):
     from modelyard.engine import Engine, EngineConfig, Request, SamplingParams
+
     eng = Engine.from_pretrained(tiny_ckpt, EngineConfig(**HF_ENGINE))
     try:
         ref = eng.generate([Request(image=p, sampling=SamplingParams(max_new_tokens=4)) for p in images[:3]])
@@ -24,7 +26,7 @@ def test_with_block_captions_then_nothing_is_left(ray_session, tiny_ckpt, images
     assert one.token_ids == outs[0].token_ids and streamed == [0, 1, 2]
     assert pipe.closed and pipe.reclaim["verified_by"] == "process-exit"
     assert modelyard_actor_names() == [] and process_gone(pid)
-    assert pipe.close() is pipe.reclaim                  # idempotent
+    assert pipe.close() is pipe.reclaim  # idempotent
     with pytest.raises(RuntimeError, match="closed"):
         pipe(images[:1])
 

@@ -4,6 +4,7 @@ Each cluster here is private to its test (own temp dir, free ports, own token fi
 stopped by killing exactly its own processes: other Ray clusters may be running on this machine.
 The joining drivers run in subprocesses, since this process already has its own Ray.
 """
+
 import os
 import secrets
 import shutil
@@ -60,23 +61,43 @@ def auth_env(tmp_path):
 
 
 def _join(address: str, env: dict) -> str:
-    out = subprocess.run([sys.executable, "-c", JOIN, address], env=env, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run([sys.executable, "-c", JOIN, address], env=env, capture_output=True, text=True, timeout=120)
     return out.stdout + out.stderr
 
 
 def test_join_ray_start_cluster_with_token_auth(auth_env, kill_ray_cluster):
     """`ray start --head` with token auth; RAY_AUTH_MODE unset in the client: a plain ray.init
     would be refused ("InvalidAuthToken"), ensure_ray turns token auth on for the join."""
-    temp_dir = tempfile.mkdtemp(prefix="myj-", dir="/tmp")   # short: Ray's socket paths must fit 107 bytes
+    temp_dir = tempfile.mkdtemp(prefix="myj-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     port = _free_port()
-    cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--port", str(port),
-           "--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--num-gpus", "0", "--include-dashboard", "false",
-           "--dashboard-port", str(_free_port()), "--dashboard-agent-listen-port", str(_free_port()),
-           "--temp-dir", temp_dir, "--disable-usage-stats"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ray.scripts.scripts",
+        "start",
+        "--head",
+        "--port",
+        str(port),
+        "--node-ip-address",
+        "127.0.0.1",
+        "--num-cpus",
+        "1",
+        "--num-gpus",
+        "0",
+        "--include-dashboard",
+        "false",
+        "--dashboard-port",
+        str(_free_port()),
+        "--dashboard-agent-listen-port",
+        str(_free_port()),
+        "--temp-dir",
+        temp_dir,
+        "--disable-usage-stats",
+    ]
     try:
-        started = subprocess.run(cmd, env={**auth_env, "RAY_AUTH_MODE": "token"}, capture_output=True,
-                                 text=True, timeout=120)
+        started = subprocess.run(
+            cmd, env={**auth_env, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=120
+        )
         assert started.returncode == 0, started.stdout + started.stderr
         t0 = time.monotonic()
         out = _join(f"127.0.0.1:{port}", auth_env)
@@ -91,8 +112,14 @@ def test_join_ray_start_cluster_with_token_auth(auth_env, kill_ray_cluster):
 def test_join_loopback_cluster_started_by_ensure_ray(auth_env):
     """A modelyard-started cluster listens on 127.0.0.1 only; ensure_ray joins it by the address
     it reported (Ray alone would rewrite 127.0.0.1 to the outbound IP and be refused)."""
-    host = subprocess.Popen([sys.executable, "-c", HOST], env=auth_env, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    host = subprocess.Popen(
+        [sys.executable, "-c", HOST],
+        env=auth_env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         line = ""
         deadline = time.monotonic() + 120
@@ -103,7 +130,7 @@ def test_join_loopback_cluster_started_by_ensure_ray(auth_env):
         assert "JOINED token token True" in _join(address, auth_env)
     finally:
         family = psutil.Process(host.pid).children(recursive=True) if host.poll() is None else []
-        host.stdin.close()               # the host shuts its Ray down and exits
+        host.stdin.close()  # the host shuts its Ray down and exits
         try:
             host.wait(timeout=60)
         except subprocess.TimeoutExpired:

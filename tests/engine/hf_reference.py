@@ -1,4 +1,5 @@
 """The oracle the engine tests compare against: greedy tokens from transformers `generate`."""
+
 import torch
 
 from modelyard.engine.images import load_images
@@ -23,7 +24,8 @@ def hf_greedy(path, items, n: int) -> list[list[int]]:
         text = proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
         inputs = proc(text=text, images=imgs or None, return_tensors="pt")
         with torch.inference_mode():
-            seq = model.generate(**inputs, do_sample=False, max_new_tokens=n, min_new_tokens=n,
-                                 pad_token_id=proc.tokenizer.pad_token_id)
-        out.append(seq[0, inputs["input_ids"].shape[1]:].tolist())
+            seq = model.generate(
+                **inputs, do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=proc.tokenizer.pad_token_id
+            )
+        out.append(seq[0, inputs["input_ids"].shape[1] :].tolist())
     return out

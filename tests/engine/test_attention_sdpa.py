@@ -1,4 +1,5 @@
 """SdpaBackend against a dense per-sequence reference on random data (CPU, float32)."""
+
 from __future__ import annotations
 
 import math
@@ -24,12 +25,16 @@ def paged_meta(query_lens, seq_lens, block_tables, block_size):
     for q_len in query_lens:
         starts.append(starts[-1] + q_len)
     return AttentionMetadata(
-        slot_mapping=torch.tensor(slots, dtype=torch.int64), block_tables=tables,
+        slot_mapping=torch.tensor(slots, dtype=torch.int64),
+        block_tables=tables,
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
         query_start_loc=torch.tensor(starts, dtype=torch.int32),
-        max_query_len=max(query_lens), max_seq_len=max(seq_lens),
-        seq_lens_cpu=list(seq_lens), query_lens_cpu=list(query_lens),
-        is_decode=all(q == 1 for q in query_lens))
+        max_query_len=max(query_lens),
+        max_seq_len=max(seq_lens),
+        seq_lens_cpu=list(seq_lens),
+        query_lens_cpu=list(query_lens),
+        is_decode=all(q == 1 for q in query_lens),
+    )
 
 
 def scattered_tables(seq_lens, block_size, num_blocks, rng):
@@ -40,7 +45,7 @@ def scattered_tables(seq_lens, block_size, num_blocks, rng):
     assert sum(need) <= len(ids)
     out, i = [], 0
     for k in need:
-        out.append(ids[i:i + k])
+        out.append(ids[i : i + k])
         i += k
     return out
 
@@ -52,7 +57,7 @@ def dense_reference(q_seq, k_seq, v_seq, scale):
     g = Hq // Hk
     k = k_seq.double().repeat_interleave(g, dim=1)
     v = v_seq.double().repeat_interleave(g, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", q_seq.double(), k) * scale        # [Hq, ql, n]
+    scores = torch.einsum("qhd,khd->hqk", q_seq.double(), k) * scale  # [Hq, ql, n]
     pos_q = torch.arange(n - ql, n)[:, None]
     allowed = torch.arange(n)[None, :] <= pos_q
     scores = scores.masked_fill(~allowed, float("-inf"))
@@ -64,7 +69,7 @@ def run_case(query_lens, seq_lens, Hq, Hk, D, block_size, seed=0):
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     num_blocks = sum(math.ceil(n / block_size) for n in seq_lens) + 3
-    k_cache = torch.randn(num_blocks, block_size, Hk, D, generator=gen)     # garbage outside written slots
+    k_cache = torch.randn(num_blocks, block_size, Hk, D, generator=gen)  # garbage outside written slots
     v_cache = torch.randn(num_blocks, block_size, Hk, D, generator=gen)
     tables = scattered_tables(seq_lens, block_size, num_blocks, rng)
     full_k = [torch.randn(n, Hk, D, generator=gen) for n in seq_lens]
@@ -81,12 +86,12 @@ def run_case(query_lens, seq_lens, Hq, Hk, D, block_size, seed=0):
     k_new = torch.cat([full_k[i][p:] for i, p in enumerate(prefix_lens)])
     v_new = torch.cat([full_v[i][p:] for i, p in enumerate(prefix_lens)])
     meta = paged_meta(query_lens, seq_lens, tables, block_size)
-    scale = D ** -0.5
+    scale = D**-0.5
     out = SdpaBackend().forward(q, k_new, v_new, k_cache, v_cache, meta, scale)
     start = 0
     for i, ql in enumerate(query_lens):
-        ref = dense_reference(q[start:start + ql], full_k[i], full_v[i], scale)
-        torch.testing.assert_close(out[start:start + ql], ref, atol=1e-5, rtol=1e-5)
+        ref = dense_reference(q[start : start + ql], full_k[i], full_v[i], scale)
+        torch.testing.assert_close(out[start : start + ql], ref, atol=1e-5, rtol=1e-5)
         start += ql
     # the new K/V landed in their slots
     assert torch.equal(k_cache.view(-1, Hk, D)[meta.slot_mapping], k_new)
@@ -133,7 +138,7 @@ def test_registry_resolves_and_reports():
     for name in ("flash", "csrc"):
         try:
             backend = get_backend(name, "cpu")
-        except BackendUnavailable as e:   # module or its dependency absent: the error names the backend
+        except BackendUnavailable as e:  # module or its dependency absent: the error names the backend
             assert name in str(e)
         else:
             assert isinstance(backend, AttentionBackend)

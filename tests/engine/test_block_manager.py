@@ -17,7 +17,7 @@ def test_allocate_grows_to_cover_tokens():
     assert bm.blocks_for(0) == 0 and bm.blocks_for(4) == 1 and bm.blocks_for(5) == 2
     bm.allocate(s, 5)
     assert len(s.block_table) == 2 and bm.num_free_blocks == 6
-    bm.allocate(s, 8)                      # still fits in two blocks
+    bm.allocate(s, 8)  # still fits in two blocks
     assert len(s.block_table) == 2
     bm.allocate(s, 9)
     assert len(s.block_table) == 3 and bm.num_used_blocks == 3
@@ -44,7 +44,7 @@ def test_double_free_and_foreign_blocks_are_caught():
     bm = BlockManager(num_blocks=4, block_size=2)
     a, b = _seq(0), _seq(1)
     bm.allocate(a, 2)
-    b.block_table = list(a.block_table)    # b claims a's block
+    b.block_table = list(a.block_table)  # b claims a's block
     with pytest.raises(RuntimeError, match="owned by"):
         bm.free(b)
     bm.free(a)

@@ -6,6 +6,7 @@ KV pool, the `auto` rules, and generate() with preprocessing threads against ser
 CUDA (skipped without a GPU): graph decode token-exact against eager decode in float32, padding
 rows leave the KV pool untouched on replay, and `auto` picks the kernels and captures graphs.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,22 +14,22 @@ import json
 import pytest
 import torch
 
-from modelyard.engine import Engine, EngineConfig, Request, SamplingParams
-from modelyard.engine import attention
-from modelyard.engine import ops
-from modelyard.engine.images import load_images
+from modelyard.engine import Engine, EngineConfig, Request, SamplingParams, attention, ops
 from modelyard.engine.cuda_graphs import PAD_SLOT, DecodeGraphs, DecodeStaging, graph_batch_sizes, pick_bucket
+from modelyard.engine.images import load_images
 from modelyard.engine.scheduler import ScheduledSeq
 from modelyard.testing import make_checkpoint, make_images
 
 requires_cuda = pytest.mark.skipif(
     not torch.cuda.is_available(),
-    reason="needs a CUDA GPU: graphs capture CUDA kernels (the CPU tests above cover the host-side logic)")
+    reason="needs a CUDA GPU: graphs capture CUDA kernels (the CPU tests above cover the host-side logic)",
+)
 
 
 def _span(seq_id, token, pos, table):
-    return ScheduledSeq(seq_id=seq_id, token_ids=(token,), start_pos=pos, num_prompt_tokens=1,
-                        block_table=tuple(table), sample=True)
+    return ScheduledSeq(
+        seq_id=seq_id, token_ids=(token,), start_pos=pos, num_prompt_tokens=1, block_table=tuple(table), sample=True
+    )
 
 
 @pytest.fixture(scope="module")
@@ -49,16 +50,29 @@ def images(tmp_path_factory):
 
 
 def _requests(images, n, max_new=12, bad=None):
-    prompts = ["Describe the image.", "What is here?", "List colors, shapes and anything else in view.",
-               "One word.", "Caption it.", "Count the objects."]
-    reqs = [Request(image=str(images[i % len(images)]), prompt=prompts[i % len(prompts)],
-                    sampling=SamplingParams(max_new_tokens=max_new + i, ignore_eos=True)) for i in range(n)]
+    prompts = [
+        "Describe the image.",
+        "What is here?",
+        "List colors, shapes and anything else in view.",
+        "One word.",
+        "Caption it.",
+        "Count the objects.",
+    ]
+    reqs = [
+        Request(
+            image=str(images[i % len(images)]),
+            prompt=prompts[i % len(prompts)],
+            sampling=SamplingParams(max_new_tokens=max_new + i, ignore_eos=True),
+        )
+        for i in range(n)
+    ]
     if bad is not None:
         reqs[bad] = Request(image=b"not an image", prompt="x", sampling=SamplingParams(max_new_tokens=4))
     return reqs
 
 
 # ---- buckets and staging (CPU) ---------------------------------------------------------------------
+
 
 def test_batch_sizes_and_bucket_choice():
     assert graph_batch_sizes(1) == (1,)
@@ -91,7 +105,7 @@ def test_staging_fills_rows_and_pads_the_rest():
 def test_staging_refuses_what_a_graph_cannot_run():
     st = DecodeStaging(max_batch=4, max_blocks=2, block_size=4, pin=False)
     with pytest.raises(ValueError, match="exceed"):
-        st.fill([_span(0, 1, 8, [1, 2, 3])], bucket=1)            # 9 tokens > 2 blocks of 4
+        st.fill([_span(0, 1, 8, [1, 2, 3])], bucket=1)  # 9 tokens > 2 blocks of 4
     with pytest.raises(ValueError, match="one token"):
         st.fill([ScheduledSeq(0, (1, 2), 0, 2, (1,), True)], bucket=1)
     with pytest.raises(ValueError, match="do not fit"):
@@ -105,27 +119,30 @@ def test_padding_rows_write_nothing_into_the_pool():
     k = torch.ones(4, 1, 8)
     ops.reshape_and_cache_ref(k, k, k_cache, v_cache, st.slot_mapping[:4])
     written = (k_cache != 0).any(-1).any(-1).flatten().nonzero().flatten().tolist()
-    assert written == [1 * 2 + 0]          # position 2 lives in block 1, offset 0; padding nowhere
+    assert written == [1 * 2 + 0]  # position 2 lives in block 1, offset 0; padding nowhere
 
 
 def test_graphs_refuse_cpu_and_unsafe_backends():
     from modelyard.engine.attention.sdpa import SdpaBackend
+
     with pytest.raises(ValueError, match="CUDA"):
         DecodeGraphs(None, None, SdpaBackend(), torch.device("cpu"), 4, 64)
 
 
 # ---- the automatic attention choice ----------------------------------------------------------------
 
+
 def test_auto_rules(monkeypatch):
     from modelyard.engine import kernels
     from modelyard.engine.attention import flash
+
     cuda, bf16 = torch.device("cuda"), torch.bfloat16
     assert attention.resolve_backend_name("auto", "cpu", head_dim=128, dtype=bf16) == "sdpa"
     monkeypatch.setattr(kernels, "enabled", lambda: True)
     monkeypatch.setattr(flash, "probe_varlen", lambda: ((object(),), ()))
     assert attention._auto(cuda, 128, bf16) == "flash"
-    assert attention._auto(cuda, 128, torch.float32) == "csrc"       # FlashAttention is 16-bit only
-    assert attention._auto(cuda, 16, bf16) == "sdpa"                 # no csrc decode instance for 16
+    assert attention._auto(cuda, 128, torch.float32) == "csrc"  # FlashAttention is 16-bit only
+    assert attention._auto(cuda, 16, bf16) == "sdpa"  # no csrc decode instance for 16
     assert attention._auto(cuda, 256, bf16) == "flash" and attention._auto(cuda, 256, torch.float32) == "sdpa"
     monkeypatch.setattr(flash, "probe_varlen", lambda: ((), ()))
     assert attention._auto(cuda, 128, bf16) == "csrc"
@@ -136,7 +153,7 @@ def test_auto_rules(monkeypatch):
 def test_cpu_engine_reports_its_paths(ckpt64, images):
     eng = Engine.from_pretrained(ckpt64, EngineConfig(device="cpu", dtype="float32", num_kv_blocks=64))
     try:
-        outs = eng.generate(_requests(images, 2, max_new=3))      # 3 and 4 new tokens
+        outs = eng.generate(_requests(images, 2, max_new=3))  # 3 and 4 new tokens
         st = eng.stats()
         assert st["attention_backend"] == "sdpa" and st["cuda_graphs"] == "off: not a CUDA device"
         # One prefill samples each first token; decode then runs 2 + 2 + 1 tokens in 3 steps.
@@ -149,10 +166,12 @@ def test_cpu_engine_reports_its_paths(ckpt64, images):
 
 # ---- generate() with preprocessing threads (CPU) ---------------------------------------------------
 
+
 def test_overlapped_generate_matches_serial(ckpt64, images, monkeypatch):
     import time
 
     from modelyard.engine import engine as engine_mod
+
     cfg = EngineConfig(device="cpu", dtype="float32", num_kv_blocks=128, max_batch_size=3, block_size=4)
     serial = Engine.from_pretrained(ckpt64, cfg)
     threaded = Engine.from_pretrained(ckpt64, cfg)
@@ -177,7 +196,7 @@ def test_overlapped_generate_matches_serial(ckpt64, images, monkeypatch):
         assert [o.token_ids for o in got] == [o.token_ids for o in want]
         assert [o.finish_reason for o in got] == [o.finish_reason for o in want]
         assert got[2].finish_reason == "error" and "image" in got[2].error
-        assert steps_at_admit[0] == 0 and steps_at_admit[-1] > 0      # later requests joined a running batch
+        assert steps_at_admit[0] == 0 and steps_at_admit[-1] > 0  # later requests joined a running batch
         dup = _requests(images, 2)
         dup[1].request_id = dup[0].request_id
         with pytest.raises(ValueError, match="duplicate"):
@@ -189,6 +208,7 @@ def test_overlapped_generate_matches_serial(ckpt64, images, monkeypatch):
 
 
 # ---- CUDA ------------------------------------------------------------------------------------------
+
 
 def _eager_then_graphs(ckpt, images, max_new, check=None, **config):
     """The same 5 requests through an eager engine and a CUDA-graph one: ([outputs], [stats]).
@@ -205,11 +225,13 @@ def _eager_then_graphs(ckpt, images, max_new, check=None, **config):
             eng.close()
     return outs, stats
 
+
 @requires_cuda
 def test_graph_decode_matches_eager_float32(ckpt64, images):
     """Same tokens with and without graphs; 5 sequences run in the 8-row graph (3 padding rows)."""
-    outs, stats = _eager_then_graphs(ckpt64, images, 16, dtype="float32", attention_backend="csrc",
-                                     num_kv_blocks=256, max_batch_size=8)
+    outs, stats = _eager_then_graphs(
+        ckpt64, images, 16, dtype="float32", attention_backend="csrc", num_kv_blocks=256, max_batch_size=8
+    )
     assert stats[0]["cuda_graphs"] == "off: enforce_eager=True"
     assert stats[1]["cuda_graphs"].startswith("on") and stats[1]["decode_steps"] > 0
     assert [o.token_ids for o in outs[1]] == [o.token_ids for o in outs[0]]
@@ -225,10 +247,10 @@ def test_graph_replay_touches_only_real_slots(ckpt64):
         bs = eng.kv_cache.spec.block_size
         spans = [_span(0, 5, 3, [10]), _span(1, 6, bs + 1, [20, 21]), _span(2, 7, 0, [30])]
         before = eng.kv_cache.storage.clone()
-        logits = graphs.run(spans)                                      # bucket 4: one padding row
+        logits = graphs.run(spans)  # bucket 4: one padding row
         torch.cuda.synchronize()
         assert logits.shape == (3, eng.model.vocab_size) and torch.isfinite(logits).all()
-        changed = (eng.kv_cache.storage != before).flatten(4).any(-1)   # [L, 2, NB, BS]
+        changed = (eng.kv_cache.storage != before).flatten(4).any(-1)  # [L, 2, NB, BS]
         touched = {(b, o) for b, o in changed.any(0).any(0).nonzero().tolist()}
         assert touched <= {(10, 3), (21, 1), (30, 0)} and (10, 3) in touched
     finally:
@@ -251,18 +273,28 @@ def test_auto_uses_kernels_and_graphs_in_bf16(ckpt64, images):
 @requires_cuda
 def test_fp8_cache_engine_with_graphs(ckpt64, images):
     """bf16 model, e4m3 pool: the kernels write and read fp8 inside the captured graphs."""
+
     def pool_is_fp8_and_written(eng):
         assert eng.kv_cache.storage.dtype == ops.FP8_KV_DTYPE
         assert eng.kv_cache.storage.view(torch.uint8).any()
 
-    outs, stats = _eager_then_graphs(ckpt64, images, 10, check=pool_is_fp8_and_written, dtype="bfloat16",
-                                     num_kv_blocks=256, max_batch_size=8, kv_cache_dtype="fp8",
-                                     kv_cache_k_scale=0.5, kv_cache_v_scale=2.0)
+    outs, stats = _eager_then_graphs(
+        ckpt64,
+        images,
+        10,
+        check=pool_is_fp8_and_written,
+        dtype="bfloat16",
+        num_kv_blocks=256,
+        max_batch_size=8,
+        kv_cache_dtype="fp8",
+        kv_cache_k_scale=0.5,
+        kv_cache_v_scale=2.0,
+    )
     assert all(s["kv_cache_dtype"] == "float8_e4m3fn" for s in stats)
     assert stats[1]["cuda_graphs"].startswith("on") and stats[1]["decode_steps"] > 0
     for eager_outs, graph_outs in zip(*outs):
         assert eager_outs.ok and graph_outs.ok and len(graph_outs.token_ids) == len(eager_outs.token_ids)
-        assert graph_outs.token_ids[0] == eager_outs.token_ids[0]   # from the same prefill
+        assert graph_outs.token_ids[0] == eager_outs.token_ids[0]  # from the same prefill
 
 
 @requires_cuda
@@ -270,8 +302,9 @@ def test_fp8_quantized_engine_with_graphs(ckpt64, images):
     """quantization="fp8": e4m3 GEMMs (torch._scaled_mm) and the csrc activation quantizer inside the
     captured decode graphs run, and agree with eager decode on the prefill's token (later tokens may
     differ: the GEMM's kernel choice depends on the padded batch size, and bf16 sums in another order)."""
-    outs, stats = _eager_then_graphs(ckpt64, images, 10, dtype="bfloat16", num_kv_blocks=256,
-                                     max_batch_size=8, quantization="fp8")
+    outs, stats = _eager_then_graphs(
+        ckpt64, images, 10, dtype="bfloat16", num_kv_blocks=256, max_batch_size=8, quantization="fp8"
+    )
     assert all(s["quantization"] == "fp8" for s in stats)
     assert stats[1]["cuda_graphs"].startswith("on") and stats[1]["decode_steps"] > 0
     for eager_outs, graph_outs in zip(*outs):
@@ -291,6 +324,7 @@ def test_prefetch_bounds_requests_prepared_ahead():
     import threading
 
     from modelyard.engine.prefetch import admit_overlapped
+
     lock = threading.Lock()
     started, admitted, worst = [0], [], [0]
 
@@ -300,14 +334,31 @@ def test_prefetch_bounds_requests_prepared_ahead():
             worst[0] = max(worst[0], started[0] - len(admitted))
         return req * 10, None
 
-    admit_overlapped(list(range(40)), prepare=prepare, admit=lambda req, value, err: admitted.append(value),
-                     step=lambda: [], has_unfinished=lambda: False, collect=lambda outs: None, workers=3,
-                     first_batch=2, lookahead=5)
+    admit_overlapped(
+        list(range(40)),
+        prepare=prepare,
+        admit=lambda req, value, err: admitted.append(value),
+        step=lambda: [],
+        has_unfinished=lambda: False,
+        collect=lambda outs: None,
+        workers=3,
+        first_batch=2,
+        lookahead=5,
+    )
     assert admitted == [i * 10 for i in range(40)]
     assert 1 <= worst[0] <= 5
     with pytest.raises(ValueError, match="lookahead"):
-        admit_overlapped([1], prepare=prepare, admit=lambda *a: None, step=lambda: [], has_unfinished=lambda: False,
-                         collect=lambda outs: None, workers=1, first_batch=4, lookahead=2)
+        admit_overlapped(
+            [1],
+            prepare=prepare,
+            admit=lambda *a: None,
+            step=lambda: [],
+            has_unfinished=lambda: False,
+            collect=lambda outs: None,
+            workers=1,
+            first_batch=4,
+            lookahead=2,
+        )
 
 
 def test_pixels_held_in_the_model_dtype(ckpt64, images):
@@ -330,4 +381,3 @@ def test_pixels_pinned_on_cuda(ckpt64, images):
         assert processed.pixel_values.dtype == torch.bfloat16 and processed.pixel_values.is_pinned()
     finally:
         eng.close()
-

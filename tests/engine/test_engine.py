@@ -1,10 +1,10 @@
 """The native engine against transformers generate: greedy tokens must be identical (float32, CPU)."""
+
 import math
 
 import pytest
-import torch
-
 from hf_reference import hf_greedy
+
 from modelyard import testing
 from modelyard.engine import Engine, EngineConfig, Request, SamplingParams
 from modelyard.engine.images import load_images
@@ -17,7 +17,7 @@ NEW = 32
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("engine")
-    images = testing.make_images(root / "imgs", 8, seed=11)       # varied sizes and aspect ratios
+    images = testing.make_images(root / "imgs", 8, seed=11)  # varied sizes and aspect ratios
     prompts = [p + " Please answer carefully." * (i % 4) for i, p in enumerate(testing.random_prompts(8, seed=2))]
     data = {"root": root, "images": images, "prompts": prompts}
     for arch in ARCHS:
@@ -32,8 +32,9 @@ def _requests(env, idx=range(8), **sp):
 
 
 def _small_pool_config(**kw):
-    return EngineConfig(device="cpu", dtype="float32", block_size=4, max_prefill_tokens=64,
-                        max_batch_size=6, max_image_batch=3, **kw)
+    return EngineConfig(
+        device="cpu", dtype="float32", block_size=4, max_prefill_tokens=64, max_batch_size=6, max_image_batch=3, **kw
+    )
 
 
 def _preempting_pool(env, arch) -> int:
@@ -85,7 +86,7 @@ def test_greedy_tokens_match_transformers(env, arch, monkeypatch):
 def test_preemption_chunking_and_budgets_keep_tokens_exact(env, arch, monkeypatch):
     ref = env[arch]["ref"]
     num_blocks = _preempting_pool(env, arch)
-    cfg = _small_pool_config(num_kv_blocks=num_blocks, reserve_decode_blocks=False)   # so that it preempts
+    cfg = _small_pool_config(num_kv_blocks=num_blocks, reserve_decode_blocks=False)  # so that it preempts
     eng = Engine.from_pretrained(env[arch]["path"], cfg)
     log = _instrument(eng, monkeypatch)
     outs = eng.generate(_requests(env))
@@ -100,7 +101,7 @@ def test_preemption_chunking_and_budgets_keep_tokens_exact(env, arch, monkeypatc
     assert any(s.start_pos > 0 for out in prefill for s in out.seqs if s.start_pos < s.num_prompt_tokens)
     assert max(running for _, _, running, _ in log["steps"]) <= cfg.max_batch_size
     assert max(log["image_batches"]) <= cfg.max_image_batch
-    assert sum(log["image_batches"]) > 8                    # recomputed sequences re-encoded theirs
+    assert sum(log["image_batches"]) > 8  # recomputed sequences re-encoded theirs
     eng.close()
 
 
@@ -117,8 +118,8 @@ def test_reserved_growth_runs_a_small_pool_without_preemption(env, monkeypatch):
     assert [o.token_ids for o in outs] == env[arch]["ref"]
     assert eng.stats()["preemptions"] == 0 and eng.stats()["kv_blocks_used"] == 0
     prompt_tokens = sum(o.num_prompt_tokens for o in outs)
-    assert sum(n for is_prefill, n, _, _ in log["steps"] if is_prefill) == prompt_tokens   # none recomputed
-    assert log["image_batches"] and sum(log["image_batches"]) == 8                        # each image encoded once
+    assert sum(n for is_prefill, n, _, _ in log["steps"] if is_prefill) == prompt_tokens  # none recomputed
+    assert log["image_batches"] and sum(log["image_batches"]) == 8  # each image encoded once
     assert max(running for _, _, running, _ in log["steps"]) >= 2
     eng.close()
 
@@ -131,10 +132,14 @@ def test_errors_fail_only_their_request(env, tmp_path):
     eng = Engine.from_pretrained(env["llava"]["path"], cfg)
     good = _requests(env, idx=[0, 3, 5])
     sp = SamplingParams(max_new_tokens=NEW, ignore_eos=True)
-    bad = [Request(image=broken["zero"], sampling=sp), Request(image=truncated[: len(truncated) // 2], sampling=sp),
-           Request(image=broken["text"], sampling=sp), Request(image=broken["missing"], sampling=sp),
-           Request(image=env["images"][0], sampling=SamplingParams(max_new_tokens=500)),   # > max_model_len
-           Request(image=env["images"][0], sampling=SamplingParams(max_new_tokens=300))]   # > whole pool
+    bad = [
+        Request(image=broken["zero"], sampling=sp),
+        Request(image=truncated[: len(truncated) // 2], sampling=sp),
+        Request(image=broken["text"], sampling=sp),
+        Request(image=broken["missing"], sampling=sp),
+        Request(image=env["images"][0], sampling=SamplingParams(max_new_tokens=500)),  # > max_model_len
+        Request(image=env["images"][0], sampling=SamplingParams(max_new_tokens=300)),
+    ]  # > whole pool
     reqs = [bad[0], good[0], bad[1], bad[2], good[1], bad[3], bad[4], good[2], bad[5]]
     outs = eng.generate(reqs)
     assert [o.request_id for o in outs] == [r.request_id for r in reqs]
@@ -154,8 +159,9 @@ def test_errors_fail_only_their_request(env, tmp_path):
 
 def test_image_gone_before_recompute_fails_that_request_only(env, monkeypatch):
     path = env["llava-qwen2"]["path"]
-    eng = Engine.from_pretrained(path, _small_pool_config(num_kv_blocks=_preempting_pool(env, "llava-qwen2"),
-                                                         reserve_decode_blocks=False))
+    eng = Engine.from_pretrained(
+        path, _small_pool_config(num_kv_blocks=_preempting_pool(env, "llava-qwen2"), reserve_decode_blocks=False)
+    )
     reqs = _requests(env, idx=range(6))
     calls = {}
     process = eng._process

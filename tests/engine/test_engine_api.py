@@ -1,13 +1,13 @@
 """Engine API behaviour: step loop, stats, seeded sampling, multi-image and text-only, host memory."""
+
 import dataclasses
 import gc
 
 import psutil
 import pytest
-import torch
+from hf_reference import hf_greedy
 from PIL import Image
 
-from hf_reference import hf_greedy
 from modelyard import testing
 from modelyard.engine import Engine, EngineConfig, Output, Request, SamplingParams
 
@@ -41,11 +41,19 @@ def test_step_loop_outputs_and_stats(env):
         assert o.num_image_tokens == 16 and o.num_prompt_tokens > 16
         assert set(o.timings) >= {"queue", "prefill", "decode"} and all(v >= 0 for v in o.timings.values())
     st = eng.stats()
-    for key in ("kv_blocks_total", "kv_blocks_used", "running", "waiting", "preemptions", "weights_bytes",
-                "kv_bytes", "num_requests_finished"):
+    for key in (
+        "kv_blocks_total",
+        "kv_blocks_used",
+        "running",
+        "waiting",
+        "preemptions",
+        "weights_bytes",
+        "kv_bytes",
+        "num_requests_finished",
+    ):
         assert key in st
     assert st["kv_blocks_total"] == 256 and st["kv_blocks_used"] == 0
-    assert st["kv_bytes"] == 256 * 8 * 2 * 2 * 4 * 16 * 4      # blocks*bs*(K,V)*layers*heads*dim*fp32
+    assert st["kv_bytes"] == 256 * 8 * 2 * 2 * 4 * 16 * 4  # blocks*bs*(K,V)*layers*heads*dim*fp32
     assert st["weights_bytes"] > 0
     assert 0 < st["load_seconds"] < 60 and 0 <= st["kv_alloc_seconds"] < st["load_seconds"] + 60
     with pytest.raises(ValueError, match="in flight"):
@@ -64,10 +72,15 @@ def test_stop_on_eos_unless_ignored(env, monkeypatch):
     # Random weights rarely say eos on their own: declare the 5th greedy token an eos id instead.
     eos = full.token_ids[4]
     cut = full.token_ids.index(eos) + 1
-    monkeypatch.setattr(eng.scheduler, "config",
-                        dataclasses.replace(eng.scheduler.config, eos_token_ids=frozenset({eos})))
-    stopped, ignored = eng.generate([Request(**req, sampling=SamplingParams(max_new_tokens=12)),
-                                     Request(**req, sampling=SamplingParams(max_new_tokens=12, ignore_eos=True))])
+    monkeypatch.setattr(
+        eng.scheduler, "config", dataclasses.replace(eng.scheduler.config, eos_token_ids=frozenset({eos}))
+    )
+    stopped, ignored = eng.generate(
+        [
+            Request(**req, sampling=SamplingParams(max_new_tokens=12)),
+            Request(**req, sampling=SamplingParams(max_new_tokens=12, ignore_eos=True)),
+        ]
+    )
     assert stopped.finish_reason == "stop" and stopped.token_ids == full.token_ids[:cut]
     assert ignored.finish_reason == "length" and ignored.token_ids == full.token_ids
 
@@ -77,18 +90,36 @@ def test_seeded_sampling_does_not_depend_on_the_batch(env):
     sp = SamplingParams(max_new_tokens=16, temperature=0.9, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
     target = dict(image=env["images"][2], prompt="Write a short caption.", sampling=sp)
     alone = eng.generate([Request(**target)])[0].token_ids
-    others = [Request(image=img, prompt=f"Describe {i}.", sampling=SamplingParams(
-        max_new_tokens=10 + i, temperature=0.5 * i, seed=i, ignore_eos=True)) for i, img in enumerate(env["images"])]
+    others = [
+        Request(
+            image=img,
+            prompt=f"Describe {i}.",
+            sampling=SamplingParams(max_new_tokens=10 + i, temperature=0.5 * i, seed=i, ignore_eos=True),
+        )
+        for i, img in enumerate(env["images"])
+    ]
     batch = eng.generate(others[:3] + [Request(**target)] + others[3:])
     assert batch[3].token_ids == alone
-    small = Engine.from_pretrained(env["path"], EngineConfig(**CPU, num_kv_blocks=24, block_size=4,
-                                                              max_prefill_tokens=32, reserve_decode_blocks=False))
+    small = Engine.from_pretrained(
+        env["path"],
+        EngineConfig(**CPU, num_kv_blocks=24, block_size=4, max_prefill_tokens=32, reserve_decode_blocks=False),
+    )
     outs = small.generate(others[:2] + [Request(**target)] + others[2:])
     assert small.stats()["preemptions"] > 0
     assert outs[2].token_ids == alone
     small.close()
-    reseeded = eng.generate([Request(**dict(target, sampling=SamplingParams(
-        max_new_tokens=16, temperature=0.9, top_p=0.9, top_k=50, seed=4321, ignore_eos=True)))])[0]
+    reseeded = eng.generate(
+        [
+            Request(
+                **dict(
+                    target,
+                    sampling=SamplingParams(
+                        max_new_tokens=16, temperature=0.9, top_p=0.9, top_k=50, seed=4321, ignore_eos=True
+                    ),
+                )
+            )
+        ]
+    )[0]
     assert reseeded.token_ids != alone
 
 
@@ -96,8 +127,12 @@ def test_several_images_and_text_only_match_transformers(env):
     eng = env["eng"]
     sp = SamplingParams(max_new_tokens=12, ignore_eos=True)
     pair = [Image.open(env["images"][0]).convert("RGB"), Image.open(env["images"][1]).convert("RGB")]
-    outs = eng.generate([Request(image=[env["images"][0], env["images"][1]], prompt="Compare.", sampling=sp),
-                         Request(image=None, prompt="Tell me a story.", sampling=sp)])
+    outs = eng.generate(
+        [
+            Request(image=[env["images"][0], env["images"][1]], prompt="Compare.", sampling=sp),
+            Request(image=None, prompt="Tell me a story.", sampling=sp),
+        ]
+    )
     assert outs[0].num_image_tokens == 32 and outs[1].num_image_tokens == 0
     want = hf_greedy(env["path"], [(pair, "Compare."), (None, "Tell me a story.")], 12)
     assert outs[0].token_ids == want[0]
@@ -108,6 +143,7 @@ def test_config_checks_and_backend_dispatch(env):
     with pytest.raises(ValueError, match="max_position_embeddings"):
         Engine.from_pretrained(env["path"], EngineConfig(**CPU, max_model_len=10**6))
     from modelyard.engine.hf_engine import HFEngine
+
     hf = Engine.from_pretrained(env["path"], EngineConfig(**CPU, backend="transformers"))
     assert isinstance(hf, HFEngine)
     hf.close()

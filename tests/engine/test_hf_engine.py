@@ -1,4 +1,5 @@
 """The transformers fallback backend: same API and Output fields, same tokens as transformers generate."""
+
 import pytest
 import torch
 
@@ -17,14 +18,18 @@ def setup(tmp_path_factory):
 def _reference(path, image, prompt, n):
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
+
     proc = AutoProcessor.from_pretrained(path)
     model = AutoModelForImageTextToText.from_pretrained(path).eval()
     conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-    inputs = proc(images=Image.open(image).convert("RGB"), text=proc.apply_chat_template(conv, add_generation_prompt=True),
-                  return_tensors="pt")
+    inputs = proc(
+        images=Image.open(image).convert("RGB"),
+        text=proc.apply_chat_template(conv, add_generation_prompt=True),
+        return_tensors="pt",
+    )
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-    return out[0, inputs["input_ids"].shape[1]:].tolist()
+    return out[0, inputs["input_ids"].shape[1] :].tolist()
 
 
 def test_fallback_matches_transformers_and_isolates_bad_images(setup):

@@ -36,7 +36,7 @@ def test_awkward_but_valid_images_become_rgb(tmp_path):
     assert min(out["png_alpha"].getpixel((60, 0))) >= 250
     # 16-bit gray keeps its gradient instead of saturating at white.
     g = np.asarray(out["png_gray16"])[..., 0]
-    assert g.min() < 30 and g.max() > 220 and len(np.unique(g)) == 48   # one level per row
+    assert g.min() < 30 and g.max() > 220 and len(np.unique(g)) == 48  # one level per row
     assert out["tiny_1x1"].size == (1, 1) and out["panorama"].size == (4000, 300)
 
 
@@ -45,9 +45,15 @@ def broken(tmp_path_factory):
     return broken_images(tmp_path_factory.mktemp("broken"))
 
 
-@pytest.mark.parametrize("name,match", [("zero_bytes", "empty"), ("truncated_jpeg", "cannot decode"),
-                                        ("text_as_jpg", "not a readable image"),
-                                        ("decompression_bomb", "pixels|exceeds")])
+@pytest.mark.parametrize(
+    "name,match",
+    [
+        ("zero_bytes", "empty"),
+        ("truncated_jpeg", "cannot decode"),
+        ("text_as_jpg", "not a readable image"),
+        ("decompression_bomb", "pixels|exceeds"),
+    ],
+)
 def test_broken_files_raise_image_error(broken, name, match):
     files = broken
     with pytest.raises(ImageError, match=match) as e:
@@ -59,7 +65,7 @@ def test_broken_files_raise_image_error(broken, name, match):
 def test_pixel_limit_is_an_error_not_a_warning(tmp_path, monkeypatch):
     p = tmp_path / "big.png"
     Image.new("RGB", (100, 100)).save(p)
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)   # 10,000 px: only a warning for Pillow
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)  # 10,000 px: only a warning for Pillow
     with pytest.raises(ImageError, match="exceeds the limit of 5000"):
         load_image(p)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
@@ -91,14 +97,14 @@ def test_camera_jpegs_decode_at_the_smallest_scale_that_covers_the_model(tmp_pat
     from modelyard.testing import make_camera_jpegs
 
     upright, _, _, sideways = make_camera_jpegs(tmp_path, 4, size=(4032, 3024))
-    assert load_image(upright).size == (4032, 3024)                      # no size given: full decode
-    assert load_image(upright, (336, 336)).size == (504, 378)            # 1/8: still >= 336 both ways
-    assert load_image(upright, (448, 448)).size == (1008, 756)           # 1/8 would be 378 high: 1/4
-    assert load_image(sideways, (336, 336)).size == (378, 504)           # EXIF rotation still applied
-    assert load_image(sideways, (600, 400)).size == (756, 1008)          # the axes as the model sees them
+    assert load_image(upright).size == (4032, 3024)  # no size given: full decode
+    assert load_image(upright, (336, 336)).size == (504, 378)  # 1/8: still >= 336 both ways
+    assert load_image(upright, (448, 448)).size == (1008, 756)  # 1/8 would be 378 high: 1/4
+    assert load_image(sideways, (336, 336)).size == (378, 504)  # EXIF rotation still applied
+    assert load_image(sideways, (600, 400)).size == (756, 1008)  # the axes as the model sees them
     png = tmp_path / "big.png"
     Image.new("RGB", (1600, 1200)).save(png)
-    assert load_image(png, (336, 336)).size == (1600, 1200)              # only JPEGs have cheap scales
+    assert load_image(png, (336, 336)).size == (1600, 1200)  # only JPEGs have cheap scales
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
@@ -106,7 +112,7 @@ def test_reduced_decoding_keeps_the_pixel_limit(tmp_path, monkeypatch):
     from modelyard.testing import make_camera_jpegs
 
     (p,) = make_camera_jpegs(tmp_path, 1, size=(1024, 768))
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500_000)    # the declared 786,432 pixels count
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500_000)  # the declared 786,432 pixels count
     with pytest.raises(ImageError, match="exceeds the limit of 500000"):
         load_image(p, (64, 64))
 
@@ -114,7 +120,7 @@ def test_reduced_decoding_keeps_the_pixel_limit(tmp_path, monkeypatch):
 def test_huge_files_are_refused_before_any_read(tmp_path):
     p = tmp_path / "huge.jpg"
     with open(p, "wb") as f:
-        f.truncate(600 << 20)                 # sparse: reading it whole would take 600 MiB
+        f.truncate(600 << 20)  # sparse: reading it whole would take 600 MiB
     with pytest.raises(ImageError, match="exceeds the image file limit"):
         load_image(p)
     head = tmp_path / "not-an-image.jpg"

@@ -1,5 +1,6 @@
 """The opt-in fp8 (e4m3) KV cache end to end on the CPU: config checks, pool size, and the engine's
 logits against an oracle engine whose float32 cache holds K/V rounded through fp8 by hand."""
+
 from __future__ import annotations
 
 import math
@@ -31,7 +32,7 @@ class HandRoundedSdpa(SdpaBackend):
         self.round_k, self.round_v = k_scale, v_scale
 
     def write_kv(self, k, v, k_cache, v_cache, meta, q=None, rotary=None):
-        if rotary is not None:      # q and k are rotated in place before the write, as the engine's is
+        if rotary is not None:  # q and k are rotated in place before the write, as the engine's is
             ops.rotary_embedding_ref(rotary.positions, q, k, k.shape[-1], rotary.cos_sin_cache, rotary.is_neox)
         super().write_kv(hand_round(k, self.round_k), hand_round(v, self.round_v), k_cache, v_cache, meta)
 
@@ -40,8 +41,11 @@ class HandRoundedSdpa(SdpaBackend):
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("fp8")
     prompts = [p + " Please answer carefully." * (i % 3) for i, p in enumerate(testing.random_prompts(4, seed=1))]
-    return {"path": testing.make_checkpoint("llava", root / "llava"),
-            "images": testing.make_images(root / "imgs", 4, seed=3), "prompts": prompts}
+    return {
+        "path": testing.make_checkpoint("llava", root / "llava"),
+        "images": testing.make_images(root / "imgs", 4, seed=3),
+        "prompts": prompts,
+    }
 
 
 def _requests(env, n=3, new=NEW):
@@ -75,8 +79,9 @@ def _run(env, cfg: EngineConfig, monkeypatch, attn=None, chunks=None, **requests
 
 # ---- config ------------------------------------------------------------------------------------
 
+
 def test_config_accepts_fp8_names_and_rejects_bad_values():
-    assert EngineConfig(**CPU).resolved_kv_cache_dtype() == torch.float32          # auto: the model dtype
+    assert EngineConfig(**CPU).resolved_kv_cache_dtype() == torch.float32  # auto: the model dtype
     assert EngineConfig(device="cpu", dtype="bfloat16").resolved_kv_cache_dtype() == torch.bfloat16
     for name in ("fp8", "fp8_e4m3"):
         cfg = EngineConfig(**CPU, kv_cache_dtype=name, kv_cache_k_scale=0.5, kv_cache_v_scale=2)
@@ -85,13 +90,13 @@ def test_config_accepts_fp8_names_and_rejects_bad_values():
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
         EngineConfig(kv_cache_dtype="fp16")
     with pytest.raises(ValueError, match="kv_cache_dtype"):
-        EngineConfig(kv_cache_dtype="fp8_e5m2")       # e5m2 is not what the kernels store
+        EngineConfig(kv_cache_dtype="fp8_e5m2")  # e5m2 is not what the kernels store
     for bad in (0.0, -1.0, math.inf, math.nan, True, "1.0"):
         for name in ("kv_cache_k_scale", "kv_cache_v_scale"):
             with pytest.raises(ValueError, match=name):
                 EngineConfig(kv_cache_dtype="fp8", **{name: bad})
     with pytest.raises(ValueError, match="kv_cache_v_scale=0.5 only applies to an fp8 KV cache"):
-        EngineConfig(kv_cache_v_scale=0.5)             # silently ignoring it would hide a typo
+        EngineConfig(kv_cache_v_scale=0.5)  # silently ignoring it would hide a typo
     # the CUDA kernels quantize 16-bit K/V only: a float32 model is refused there (no GPU needed to ask)
     on_gpu = EngineConfig(device="cuda", dtype="bfloat16", kv_cache_dtype="fp8")
     assert on_gpu.resolved_kv_cache_dtype() == torch.float8_e4m3fn
@@ -102,6 +107,7 @@ def test_config_accepts_fp8_names_and_rejects_bad_values():
 def test_job_spec_names_a_bad_kv_cache_option():
     from modelyard.orchestration.spec.job import ModelSpec
     from modelyard.orchestration.spec.validation import SpecError
+
     with pytest.raises(SpecError, match="kv_cache_dtype"):
         ModelSpec("m", "/models/m", engine={"kv_cache_dtype": "int8"})
     with pytest.raises(SpecError, match="kv_cache_k_scale"):
@@ -111,22 +117,28 @@ def test_job_spec_names_a_bad_kv_cache_option():
 
 def test_transformers_backend_refuses_an_fp8_cache_before_loading(env, monkeypatch):
     import transformers
-    monkeypatch.setattr(transformers.AutoModelForImageTextToText, "from_pretrained",
-                        lambda *a, **k: pytest.fail("weights loaded before the config was checked"))
+
+    monkeypatch.setattr(
+        transformers.AutoModelForImageTextToText,
+        "from_pretrained",
+        lambda *a, **k: pytest.fail("weights loaded before the config was checked"),
+    )
     with pytest.raises(ValueError, match="kv_cache_dtype='fp8'.*native engine"):
         Engine.from_pretrained(env["path"], EngineConfig(**CPU, backend="transformers", kv_cache_dtype="fp8"))
 
 
 # ---- the pool ----------------------------------------------------------------------------------
 
+
 def test_fp8_pool_takes_a_quarter_of_float32_and_stats_say_so(env):
     sizes = {}
     for kv in ("auto", "fp8"):
-        eng = Engine.from_pretrained(env["path"], EngineConfig(**CPU, num_kv_blocks=32, block_size=8,
-                                                               kv_cache_dtype=kv))
+        eng = Engine.from_pretrained(
+            env["path"], EngineConfig(**CPU, num_kv_blocks=32, block_size=8, kv_cache_dtype=kv)
+        )
         st = eng.stats()
         sizes[kv] = (st["kv_bytes"], eng.kv_cache.spec.bytes_per_block)
-        assert st["dtype"] == "torch.float32"                  # the model's dtype is unchanged
+        assert st["dtype"] == "torch.float32"  # the model's dtype is unchanged
         assert st["kv_cache_dtype"] == {"auto": "float32", "fp8": "float8_e4m3fn"}[kv]
         assert eng.kv_cache.storage.dtype == eng.kv_cache.layers[0][0].dtype == eng.config.resolved_kv_cache_dtype()
         assert not eng.kv_cache.storage.view(torch.uint8).any()  # zeroed: every byte 0 (+0.0)
@@ -136,23 +148,34 @@ def test_fp8_pool_takes_a_quarter_of_float32_and_stats_say_so(env):
 
 def test_a_byte_budget_holds_four_times_the_fp8_blocks():
     from modelyard.engine.kv_cache import GIB, KVCacheSpec, plan_num_blocks
+
     cfg = EngineConfig(**CPU, gpu_memory_budget_gib=1.0)
-    blocks = {dtype: plan_num_blocks(cfg, KVCacheSpec(4, 8, 128, 16, dtype), torch.device("cpu"),
-                                     weights_bytes=GIB // 4, activation_bytes=GIB // 4, max_model_len=4096)[0]
-              for dtype in (torch.float32, torch.float8_e4m3fn)}
-    per_fp8_block = 2 * 4 * 16 * 8 * 128                  # K and V, layers, block, heads, head_dim: 1 byte
+    blocks = {
+        dtype: plan_num_blocks(
+            cfg,
+            KVCacheSpec(4, 8, 128, 16, dtype),
+            torch.device("cpu"),
+            weights_bytes=GIB // 4,
+            activation_bytes=GIB // 4,
+            max_model_len=4096,
+        )[0]
+        for dtype in (torch.float32, torch.float8_e4m3fn)
+    }
+    per_fp8_block = 2 * 4 * 16 * 8 * 128  # K and V, layers, block, heads, head_dim: 1 byte
     assert blocks[torch.float8_e4m3fn] == (GIB // 2) // per_fp8_block == 4 * blocks[torch.float32]
 
 
 # ---- correctness -------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("k_scale,v_scale", [(1.0, 1.0), (0.37, 1.9)])
 def test_fp8_engine_equals_hand_rounded_oracle(env, monkeypatch, k_scale, v_scale):
     """Every step's logits (prefill over the rounded cache, then decode steps) equal those of an
     engine whose float32 cache holds the same values rounded by hand. Distinct, non-power-of-two
     k/v scales make a scale that is missing, applied twice or swapped between K and V show up."""
-    fp8 = EngineConfig(**CPU, num_kv_blocks=64, block_size=8, kv_cache_dtype="fp8",
-                       kv_cache_k_scale=k_scale, kv_cache_v_scale=v_scale)
+    fp8 = EngineConfig(
+        **CPU, num_kv_blocks=64, block_size=8, kv_cache_dtype="fp8", kv_cache_k_scale=k_scale, kv_cache_v_scale=v_scale
+    )
     tokens, logits, stats = _run(env, fp8, monkeypatch)
     assert stats["decode_steps"] == NEW - 1 and stats["kv_cache_dtype"] == "float8_e4m3fn"
     oracle_cfg = EngineConfig(**CPU, num_kv_blocks=64, block_size=8)
@@ -160,7 +183,7 @@ def test_fp8_engine_equals_hand_rounded_oracle(env, monkeypatch, k_scale, v_scal
     assert tokens == ref_tokens and len(logits) == len(ref_logits) == NEW
     for step, (got, want) in enumerate(zip(logits, ref_logits)):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5, msg=f"step {step}")
-    if (k_scale, v_scale) != (1.0, 1.0):       # and the scales matter: swapping them is another result
+    if (k_scale, v_scale) != (1.0, 1.0):  # and the scales matter: swapping them is another result
         _, swapped, _ = _run(env, oracle_cfg, monkeypatch, attn=HandRoundedSdpa(v_scale, k_scale))
         assert (swapped[0] - logits[0]).abs().max() > 1e-3
     # the fp8 rounding really happened: the first step differs from the float32 cache's ...
@@ -189,8 +212,9 @@ def test_chunked_prefill_and_preemption_read_the_fp8_cache_back(env, monkeypatch
     base = dict(**CPU, block_size=4, kv_cache_dtype="fp8", kv_cache_k_scale=0.37, kv_cache_v_scale=1.9)
     n, new = 4, 16
     want, _, _ = _run(env, EngineConfig(**base, num_kv_blocks=256), monkeypatch, n=n, new=new)
-    small = EngineConfig(**base, num_kv_blocks=_preempting_pool(env, n, new, 4), max_prefill_tokens=16,
-                         reserve_decode_blocks=False)      # admit on current length, so that it preempts
+    small = EngineConfig(
+        **base, num_kv_blocks=_preempting_pool(env, n, new, 4), max_prefill_tokens=16, reserve_decode_blocks=False
+    )  # admit on current length, so that it preempts
     chunks = []
     tokens, logits, stats = _run(env, small, monkeypatch, chunks=chunks, n=n, new=new)
     assert chunks, "no prefill chunk continued a cached prefix"

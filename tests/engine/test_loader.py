@@ -1,4 +1,5 @@
 """loader.py: checkpoint formats and layouts, refusals, and what ends up on the device."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,13 @@ from safetensors.torch import load_file, save_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from modelyard.engine.loader import (CheckpointFormatError, CheckpointMismatch,  # noqa: E402
-                                     UnsupportedArchitecture, load_model, read_config)
+from modelyard.engine.loader import (  # noqa: E402
+    CheckpointFormatError,
+    CheckpointMismatch,
+    UnsupportedArchitecture,
+    load_model,
+    read_config,
+)
 from modelyard.testing import make_checkpoint  # noqa: E402
 
 
@@ -55,7 +61,7 @@ def _state(model):
 
 def test_layouts_and_shards_load_identically(ckpt, tmp_path):
     tensors = load_file(str(ckpt / "model.safetensors"))
-    assert any(n.startswith("model.language_model.") for n in tensors)   # the layout make_checkpoint writes
+    assert any(n.startswith("model.language_model.") for n in tensors)  # the layout make_checkpoint writes
     base = _state(load_model(ckpt, torch.float32, "cpu"))
     hub = {_hub_name(n): t for n, t in tensors.items()}
     assert "vision_tower.vision_model.embeddings.class_embedding" in hub
@@ -113,10 +119,11 @@ def test_pickle_only_checkpoint_is_refused(ckpt, tmp_path):
 
 def test_unsupported_architectures_are_refused_before_weights(ckpt, tmp_path):
     from transformers import LlamaConfig
+
     path = tmp_path / "llama"
     cfg = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
     cfg.architectures = ["LlamaForCausalLM"]
-    cfg.save_pretrained(path)                       # no weights at all: the config alone decides
+    cfg.save_pretrained(path)  # no weights at all: the config alone decides
     with pytest.raises(UnsupportedArchitecture, match=r"LlamaForCausalLM.*backend=\"transformers\""):
         load_model(path, torch.float32, "cpu")
 
@@ -132,9 +139,10 @@ def test_unsupported_architectures_are_refused_before_weights(ckpt, tmp_path):
 def test_read_config_never_runs_checkpoint_code(tmp_path):
     marker = tmp_path / "ran"
     (tmp_path / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
-    (tmp_path / "config.json").write_text(json.dumps(
-        {"model_type": "evil-arch", "auto_map": {"AutoConfig": "evil.EvilConfig"}}))
-    with pytest.raises(Exception):
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model_type": "evil-arch", "auto_map": {"AutoConfig": "evil.EvilConfig"}})
+    )
+    with pytest.raises(ValueError, match="trust_remote_code"):
         read_config(tmp_path)
     assert not marker.exists()
 
@@ -150,12 +158,21 @@ def test_bfloat16_load_keeps_rope_cache_float32(ckpt):
 
 
 def test_sliding_window_beyond_max_model_len_is_refused(tmp_path):
-    from transformers import (CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration,
-                              MistralConfig)
-    text = MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, vocab_size=64, max_position_embeddings=256, sliding_window=32)
-    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=16, patch_size=8)
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, MistralConfig
+
+    text = MistralConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=64,
+        max_position_embeddings=256,
+        sliding_window=32,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=16, patch_size=8
+    )
     cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=63)
     LlavaForConditionalGeneration(cfg).save_pretrained(tmp_path)
     with pytest.raises(UnsupportedArchitecture, match=r"sliding-window.*max_model_len<=32"):

@@ -1,6 +1,7 @@
 """The fp8 KV cache's torch side: quantize/dequantize, the reference cache write and paged decode, and
 every attention path that reads cache rows back (sdpa backend, csrc sdpa_prefill, the varlen gather
 branch, FlashBackend's kernels-off decode), against float64 attention over hand-rounded K/V."""
+
 from __future__ import annotations
 
 import inspect
@@ -9,13 +10,13 @@ import random
 
 import pytest
 import torch
+from test_attention_sdpa import dense_reference, paged_meta, scattered_tables
 
 from modelyard.engine import ops
 from modelyard.engine.attention import flash, gather_kv
 from modelyard.engine.attention.base import AttentionBackend
 from modelyard.engine.attention.csrc_paged import sdpa_prefill
 from modelyard.engine.attention.sdpa import SdpaBackend
-from test_attention_sdpa import dense_reference, paged_meta, scattered_tables
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -29,6 +30,7 @@ def hand_round(x: torch.Tensor, scale: float) -> torch.Tensor:
 
 # ---- quantize / dequantize ---------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("scale", [1.0, 0.37, 4.0])
 def test_round_trip_error_is_within_half_an_e4m3_step(scale):
     gen = torch.Generator().manual_seed(0)
@@ -41,11 +43,12 @@ def test_round_trip_error_is_within_half_an_e4m3_step(scale):
     # 3 mantissa bits: half a step is 2^-4 of the value for normals, 2^-10 absolute for subnormals
     bound = torch.maximum(x.abs() * 2.0**-4, torch.tensor(2.0**-10 * scale)) * (1 + 1e-6)
     assert ((back - x).abs() <= bound).all()
-    assert (back != x).float().mean() > 0.5                 # it did round: most values are not on the grid
+    assert (back != x).float().mean() > 0.5  # it did round: most values are not on the grid
     assert torch.equal(ops.dequantize_kv(q, torch.float32, scale), hand_round(x, scale))
     grid = torch.tensor([0.0, 1.0, -1.5, 0.875, 448.0, 2.0**-9]) * scale
-    assert torch.allclose(ops.dequantize_kv(ops.quantize_kv(grid, FP8, scale), torch.float32, scale), grid,
-                          rtol=1e-6, atol=0)            # representable values survive exactly
+    assert torch.allclose(
+        ops.dequantize_kv(ops.quantize_kv(grid, FP8, scale), torch.float32, scale), grid, rtol=1e-6, atol=0
+    )  # representable values survive exactly
 
 
 def test_out_of_range_values_saturate_instead_of_turning_nan():
@@ -65,16 +68,17 @@ def test_a_16_or_32_bit_cache_ignores_the_scale():
 
 def test_gather_kv_dequantizes_fp8_rows_and_passes_other_dtypes_through():
     gen = torch.Generator().manual_seed(1)
-    vals = torch.randn(6, 4, 2, 8, generator=gen)                  # [NB, BS, Hk, D]
+    vals = torch.randn(6, 4, 2, 8, generator=gen)  # [NB, BS, Hk, D]
     cache = ops.quantize_kv(vals, FP8, 0.37)
     idx = torch.tensor([[4, 1], [0, 5]])
-    got = gather_kv(cache, idx, torch.float32, 0.37)                # [2, 2, BS, Hk, D]
+    got = gather_kv(cache, idx, torch.float32, 0.37)  # [2, 2, BS, Hk, D]
     assert got.dtype == torch.float32 and got.shape == (2, 2, 4, 2, 8)
     assert torch.equal(got, hand_round(vals, 0.37)[idx])
     assert torch.equal(gather_kv(vals, idx, torch.float16, 0.37), vals[idx].half())
 
 
 # ---- the reference cache write and paged decode ------------------------------------------------
+
 
 def test_reshape_and_cache_ref_quantizes_each_tensor_with_its_scale_and_skips_padding():
     gen = torch.Generator().manual_seed(2)
@@ -84,7 +88,7 @@ def test_reshape_and_cache_ref_quantizes_each_tensor_with_its_scale_and_skips_pa
     k_cache, v_cache = old_k.clone(), old_v.clone()
     k = torch.randn(6, hk, d, generator=gen) * 3
     v = torch.randn(6, hk, d, generator=gen) * 3
-    slots = torch.tensor([5, -1, 0, 15, -1, 9])                      # -1: padding rows, never written
+    slots = torch.tensor([5, -1, 0, 15, -1, 9])  # -1: padding rows, never written
     ops.reshape_and_cache_ref(k, v, k_cache, v_cache, slots, k_scale=0.37, v_scale=1.9)
     assert k_cache.dtype == v_cache.dtype == FP8
     flat_k, flat_v = k_cache.view(-1, hk, d), v_cache.view(-1, hk, d)
@@ -110,19 +114,19 @@ def test_paged_decode_attention_ref_reads_fp8_with_its_scales(k_scale, v_scale):
     k_cache, v_cache = ops.quantize_kv(keys, FP8, k_scale), ops.quantize_kv(vals, FP8, v_scale)
     meta = paged_meta([1] * 3, seq_lens, tables, bs)
     q = torch.randn(3, hq, d, generator=gen)
-    out = ops.paged_decode_attention_ref(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, 0.25,
-                                         k_scale, v_scale)
+    out = ops.paged_decode_attention_ref(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, 0.25, k_scale, v_scale)
     for i, (n, table) in enumerate(zip(seq_lens, tables)):
         rows = torch.tensor(table)
-        k_i = hand_round(keys[rows], k_scale).flatten(0, 1)[:n]          # [n, Hk, D]
+        k_i = hand_round(keys[rows], k_scale).flatten(0, 1)[:n]  # [n, Hk, D]
         v_i = hand_round(vals[rows], v_scale).flatten(0, 1)[:n]
-        torch.testing.assert_close(out[i], dense_reference(q[i:i + 1], k_i, v_i, 0.25)[0], rtol=1e-5, atol=1e-5)
-    if (k_scale, v_scale) != (1.0, 1.0):       # the scales are applied: reading without them differs
+        torch.testing.assert_close(out[i], dense_reference(q[i : i + 1], k_i, v_i, 0.25)[0], rtol=1e-5, atol=1e-5)
+    if (k_scale, v_scale) != (1.0, 1.0):  # the scales are applied: reading without them differs
         unscaled = ops.paged_decode_attention_ref(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, 0.25)
         assert (unscaled - out).abs().max() > 0.1
 
 
 # ---- attention backends over an fp8 cache ------------------------------------------------------
+
 
 def fp8_step(query_lens, seq_lens, k_scale, v_scale, hq=6, hk=2, d=16, bs=4, dtype=torch.float32, seed=0):
     """A step whose prefixes are already in an fp8 cache (written by the reference op with the
@@ -140,9 +144,15 @@ def fp8_step(query_lens, seq_lens, k_scale, v_scale, hq=6, hk=2, d=16, bs=4, dty
     pre = [i for i, p in enumerate(prefix) if p > 0]
     if pre:
         pm = paged_meta([prefix[i] for i in pre], [prefix[i] for i in pre], [tables[i] for i in pre], bs)
-        ops.reshape_and_cache_ref(torch.cat([full_k[i][:prefix[i]] for i in pre]),
-                                  torch.cat([full_v[i][:prefix[i]] for i in pre]),
-                                  k_cache, v_cache, pm.slot_mapping, k_scale, v_scale)
+        ops.reshape_and_cache_ref(
+            torch.cat([full_k[i][: prefix[i]] for i in pre]),
+            torch.cat([full_v[i][: prefix[i]] for i in pre]),
+            k_cache,
+            v_cache,
+            pm.slot_mapping,
+            k_scale,
+            v_scale,
+        )
     meta = paged_meta(query_lens, seq_lens, tables, bs)
     k_new = torch.cat([k[p:] for k, p in zip(full_k, prefix)])
     v_new = torch.cat([v[p:] for v, p in zip(full_v, prefix)])
@@ -154,8 +164,8 @@ def fp8_step(query_lens, seq_lens, k_scale, v_scale, hq=6, hk=2, d=16, bs=4, dty
 def check_against(out, q, meta, kv, scale, tol):
     start = 0
     for (k, v), ql in zip(kv, meta.query_lens_cpu):
-        ref = dense_reference(q[start:start + ql].float(), k.float(), v.float(), scale)
-        torch.testing.assert_close(out[start:start + ql].float(), ref, rtol=tol, atol=tol)
+        ref = dense_reference(q[start : start + ql].float(), k.float(), v.float(), scale)
+        torch.testing.assert_close(out[start : start + ql].float(), ref, rtol=tol, atol=tol)
         start += ql
 
 
@@ -191,16 +201,28 @@ def _fake_varlen(paged_block_multiple):
     attention, bottom-right aligned; it records its calls and cannot read a paged cache."""
     calls = []
 
-    def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                               softmax_scale=None, causal=False, block_table=None, seqused_k=None):
+    def flash_attn_varlen_func(
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        softmax_scale=None,
+        causal=False,
+        block_table=None,
+        seqused_k=None,
+    ):
         calls.append({"k_dtype": k.dtype, "paged": block_table is not None})
         if block_table is not None:
-            return torch.zeros_like(q)         # routing checks only; a real kernel reads the pool here
+            return torch.zeros_like(q)  # routing checks only; a real kernel reads the pool here
         out = torch.empty_like(q)
         bounds = zip(cu_seqlens_q.tolist(), cu_seqlens_q.tolist()[1:], cu_seqlens_k.tolist(), cu_seqlens_k.tolist()[1:])
         for q0, q1, k0, k1 in bounds:
-            out[q0:q1] = dense_reference(q[q0:q1].float(), k[k0:k1].float(), v[k0:k1].float(),
-                                         softmax_scale).to(q.dtype)
+            out[q0:q1] = dense_reference(q[q0:q1].float(), k[k0:k1].float(), v[k0:k1].float(), softmax_scale).to(
+                q.dtype
+            )
         return out
 
     params = frozenset(inspect.signature(flash_attn_varlen_func).parameters)
@@ -209,9 +231,10 @@ def _fake_varlen(paged_block_multiple):
 
 @pytest.mark.parametrize("k_scale,v_scale", SCALES)
 def test_varlen_prefill_gathers_an_fp8_prefix_instead_of_paging_it(k_scale, v_scale):
-    impl, calls = _fake_varlen(paged_block_multiple=4)       # would page this block size if it could
-    q, k, v, kc, vc, meta, rounded, exact = fp8_step([4, 1, 6], [13, 9, 6], k_scale, v_scale,
-                                                     dtype=torch.bfloat16, seed=2)
+    impl, calls = _fake_varlen(paged_block_multiple=4)  # would page this block size if it could
+    q, k, v, kc, vc, meta, rounded, exact = fp8_step(
+        [4, 1, 6], [13, 9, 6], k_scale, v_scale, dtype=torch.bfloat16, seed=2
+    )
     AttentionBackend(k_scale=k_scale, v_scale=v_scale).write_kv(k, v, kc, vc, meta)
     out = flash.prefill_varlen(impl, q, k, v, kc, vc, meta, 0.3, k_scale=k_scale, v_scale=v_scale)
     # the two prefixed sequences gather from the cache (fp8-rounded); the fresh last one attends over
@@ -236,10 +259,9 @@ def _flash_backend_without_cuda(impl, k_scale, v_scale):
 def test_flash_backend_kernels_off_decode_of_fp8_takes_the_reference(k_scale, v_scale):
     impl, calls = _fake_varlen(paged_block_multiple=4)
     backend = _flash_backend_without_cuda(impl, k_scale, v_scale)
-    q, k, v, kc, vc, meta, rounded, _ = fp8_step([1, 1, 1], [1, 10, 17], k_scale, v_scale,
-                                                 dtype=torch.bfloat16, seed=4)
+    q, k, v, kc, vc, meta, rounded, _ = fp8_step([1, 1, 1], [1, 10, 17], k_scale, v_scale, dtype=torch.bfloat16, seed=4)
     out = backend.forward(q, k, v, kc, vc, meta, 0.3)
-    assert calls == []                         # the varlen kernel cannot read fp8 pages
+    assert calls == []  # the varlen kernel cannot read fp8 pages
     check_against(out, q, meta, rounded, 0.3, 2e-2)
     kc16, vc16 = torch.zeros(kc.shape, dtype=torch.bfloat16), torch.zeros(vc.shape, dtype=torch.bfloat16)
     backend.forward(q, k, v, kc16, vc16, meta, 0.3)

@@ -18,6 +18,7 @@ def ckpts(tmp_path_factory):
 @pytest.mark.parametrize("arch,per_image,eos", [("llava", 16, {2}), ("llava-qwen2", 9, {2, 0})])
 def test_matches_upstream_processor(ckpts, arch, per_image, eos):
     from transformers import AutoProcessor
+
     path = ckpts[arch]
     proc = Processor.from_pretrained(path)
     hf = AutoProcessor.from_pretrained(path)
@@ -43,12 +44,13 @@ def test_several_images_and_text_only(ckpts):
     assert "Just text." in proc.tokenizer.decode(none.input_ids)
     with pytest.raises(ProcessorError, match="string"):
         proc(None, imgs)
-    with pytest.raises(ValueError, match="no image"):   # transformers or ours, either is fine
+    with pytest.raises(ValueError, match="no image"):  # transformers or ours, either is fine
         proc("<image> sneaky placeholder", [])
 
 
 def test_missing_chat_template_is_an_error(ckpts):
     from transformers import AutoProcessor
+
     hf = AutoProcessor.from_pretrained(ckpts["llava"])
     hf.chat_template = None
     with pytest.raises(ProcessorError, match="chat template"):
@@ -58,6 +60,7 @@ def test_missing_chat_template_is_an_error(ckpts):
 def test_eos_falls_back_to_tokenizer(tmp_path):
     class Tok:
         eos_token_id = 7
+
     assert read_eos_token_ids(tmp_path, Tok()) == {7}
     (tmp_path / "generation_config.json").write_text('{"eos_token_id": [3, 4]}')
     assert read_eos_token_ids(tmp_path, Tok()) == {3, 4}

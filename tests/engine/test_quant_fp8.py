@@ -2,6 +2,7 @@
 Fp8Linear's math, which modules get converted, the norm / activation ops that write the projections'
 inputs already quantized, and the whole engine against a fake-quant oracle model (every decoder
 projection an F.linear over hand-rounded fp8 inputs and weights)."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -12,8 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modelyard import testing
-from modelyard.engine import Engine, EngineConfig, Request, SamplingParams
-from modelyard.engine import ops
+from modelyard.engine import Engine, EngineConfig, Request, SamplingParams, ops
 from modelyard.engine.models.decoder import DecoderAttention, DecoderLayer, DecoderMLP
 from modelyard.engine.models.layers import QuantizedInput, RMSNorm
 from modelyard.engine.quant import Fp8Linear, check_quantization, quantize_model
@@ -37,7 +37,7 @@ def oracle_quant_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def test_per_token_quant_matches_oracle(dtype):
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(9, 40, generator=g) * torch.logspace(-3, 3, 9).view(-1, 1)).to(dtype)
-    x[4] = 0.0                                                   # an all-zero row
+    x[4] = 0.0  # an all-zero row
     q, s = ops.per_token_quant_fp8_ref(x)
     oq, os_ = oracle_quant_rows(x)
     assert q.dtype == E4M3 and q.shape == x.shape and s.shape == (9, 1) and s.dtype == torch.float32
@@ -49,8 +49,8 @@ def test_per_token_quant_matches_oracle(dtype):
     assert torch.equal(q[nz].float().abs().amax(-1), torch.full((8,), 448.0))
     # e4m3 keeps 3 mantissa bits: relative error of a normal value at most 2^-4
     deq = q.float() * s
-    big = x.float().abs() >= s * 2.0 ** -6                       # e4m3 normals (subnormals: absolute error)
-    assert ((deq - x.float()).abs()[big] <= x.float().abs()[big] * 2.0 ** -4 + 1e-30).all()
+    big = x.float().abs() >= s * 2.0**-6  # e4m3 normals (subnormals: absolute error)
+    assert ((deq - x.float()).abs()[big] <= x.float().abs()[big] * 2.0**-4 + 1e-30).all()
 
 
 def test_fp8_linear_math_and_bias():
@@ -61,7 +61,7 @@ def test_fp8_linear_math_and_bias():
         lin.bias.copy_(torch.randn(32, generator=g))
     fq = Fp8Linear.from_linear(lin)
     assert fq.weight.dtype == E4M3 and fq.weight.shape == (32, 48) and fq.weight_scale.shape == (1, 32)
-    x = torch.randn(2, 5, 48, generator=g)                       # leading dims are kept
+    x = torch.randn(2, 5, 48, generator=g)  # leading dims are kept
     y = fq(x)
     assert y.shape == (2, 5, 32) and y.dtype == torch.float32
     xq, xs = oracle_quant_rows(x.reshape(-1, 48))
@@ -69,7 +69,7 @@ def test_fp8_linear_math_and_bias():
     want = F.linear(xq.float() * xs, wq.float() * ws, lin.bias.detach()).view(2, 5, 32)
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
     exact = lin(x)
-    assert (y - exact).norm() / exact.norm() < 0.06                # quantization error, not garbage
+    assert (y - exact).norm() / exact.norm() < 0.06  # quantization error, not garbage
 
 
 def assert_same_quant(got, want):
@@ -87,7 +87,7 @@ def test_fused_quant_ops_equal_unfused_composition(dtype):
     r = torch.randn(9, 40, generator=g).to(dtype)
     w = (1 + 0.1 * torch.randn(40, generator=g)).to(dtype)
     gate_up = (torch.randn(9, 80, generator=g) * 3).to(dtype)
-    x[4], r[4], gate_up[4] = 0.0, 0.0, 0.0                       # all-zero rows
+    x[4], r[4], gate_up[4] = 0.0, 0.0, 0.0  # all-zero rows
     assert_same_quant(ops.rms_norm_quant_fp8(x, w, 1e-6), oracle_quant_rows(ops.rms_norm_ref(x, w, 1e-6)))
     q, s, res = ops.fused_add_rms_norm_quant_fp8(x, r, w, 1e-5)
     normed, want_res = ops.fused_add_rms_norm_ref(x, r, w, 1e-5)
@@ -121,17 +121,27 @@ class FakeQuantLinear(nn.Module):
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     root = tmp_path_factory.mktemp("quant")
-    return {"path": testing.make_checkpoint("llava", root / "llava"), "images": testing.make_images(root / "img", 3, seed=2)}
+    return {
+        "path": testing.make_checkpoint("llava", root / "llava"),
+        "images": testing.make_images(root / "img", 3, seed=2),
+    }
 
 
 def test_quantize_model_converts_only_decoder_projections(ckpt):
     from modelyard.engine.loader import load_model
+
     model = load_model(ckpt["path"], torch.float32, "cpu")
     before = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     n_layers = sum(isinstance(m, DecoderAttention) for m in model.modules())
     import weakref
-    old = [weakref.ref(m.weight) for m in model.modules() if isinstance(m, (DecoderAttention, DecoderMLP))
-           for m in m.children() if isinstance(m, nn.Linear)]
+
+    old = [
+        weakref.ref(m.weight)
+        for m in model.modules()
+        if isinstance(m, (DecoderAttention, DecoderMLP))
+        for m in m.children()
+        if isinstance(m, nn.Linear)
+    ]
     dead_at_call = []
     real = Fp8Linear.from_linear.__func__
 
@@ -156,6 +166,7 @@ def test_quantize_model_converts_only_decoder_projections(ckpt):
 
 def test_quantize_model_fuses_input_quantization_into_decoder_norms(ckpt):
     from modelyard.engine.loader import load_model
+
     model = load_model(ckpt["path"], torch.float32, "cpu")
     norms = {n: m for n, m in model.named_modules() if isinstance(m, RMSNorm)}
     assert not any(m.quant_out for m in norms.values())
@@ -186,12 +197,20 @@ def test_quantize_model_fuses_input_quantization_into_decoder_norms(ckpt):
 def test_engine_fp8_takes_projection_inputs_from_fused_ops(ckpt, monkeypatch):
     """Per forward step only o_proj quantizes its own input; the norms and silu_and_mul write the rest."""
     from modelyard.engine.loader import read_config
+
     num_layers = read_config(ckpt["path"]).text_config.num_hidden_layers
     cfg = EngineConfig(device="cpu", dtype="float32", num_kv_blocks=64, max_batch_size=4, quantization="fp8")
     eng = Engine.from_pretrained(ckpt["path"], cfg)
     calls = Counter()
-    for name in ("per_token_quant_fp8", "rms_norm_quant_fp8", "fused_add_rms_norm_quant_fp8", "silu_and_mul_quant_fp8",
-                 "rms_norm", "fused_add_rms_norm", "silu_and_mul"):
+    for name in (
+        "per_token_quant_fp8",
+        "rms_norm_quant_fp8",
+        "fused_add_rms_norm_quant_fp8",
+        "silu_and_mul_quant_fp8",
+        "rms_norm",
+        "fused_add_rms_norm",
+        "silu_and_mul",
+    ):
         fn = getattr(ops, name)
         monkeypatch.setattr(ops, name, lambda *a, _fn=fn, _name=name: (calls.update([_name]), _fn(*a))[1])
     try:
@@ -200,12 +219,12 @@ def test_engine_fp8_takes_projection_inputs_from_fused_ops(ckpt, monkeypatch):
         assert outs[0].error is None, outs[0].error
     finally:
         eng.close()
-    steps = calls["rms_norm_quant_fp8"]                     # the first layer's input norm, once per step
+    steps = calls["rms_norm_quant_fp8"]  # the first layer's input norm, once per step
     assert steps >= 3
     assert calls["fused_add_rms_norm_quant_fp8"] == (2 * num_layers - 1) * steps
     assert calls["silu_and_mul_quant_fp8"] == num_layers * steps
     assert calls["per_token_quant_fp8"] == num_layers * steps
-    assert calls["fused_add_rms_norm"] == steps             # the final norm
+    assert calls["fused_add_rms_norm"] == steps  # the final norm
     assert calls["rms_norm"] == calls["silu_and_mul"] == 0
 
 
@@ -245,7 +264,8 @@ def test_config_and_backend_checks():
     with pytest.raises(ValueError, match="quantization must be one of"):
         EngineConfig(quantization="int8")
     check_quantization(None, torch.device("cpu"), torch.float16)
-    check_quantization("fp8", torch.device("cpu"), torch.float16)   # the float32 emulation runs any dtype
+    check_quantization("fp8", torch.device("cpu"), torch.float16)  # the float32 emulation runs any dtype
     from modelyard.engine.hf_engine import _check_supported
+
     with pytest.raises(ValueError, match="native engine"):
         _check_supported(EngineConfig(backend="transformers", quantization="fp8"))

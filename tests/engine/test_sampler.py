@@ -84,6 +84,6 @@ def test_top_k_top_p_mask_keeps_best_token():
 
 def test_mix_seed_spreads_and_rejects_mismatched_inputs():
     vals = {mix_seed(s, i) for s in range(30) for i in range(30)}
-    assert len(vals) == 900 and all(0 <= v < 2 ** 63 for v in vals)
+    assert len(vals) == 900 and all(0 <= v < 2**63 for v in vals)
     with pytest.raises(ValueError):
         Sampler()(_logits(2), [SamplingParams()], [0, 0], [0, 0])

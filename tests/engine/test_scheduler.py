@@ -1,4 +1,5 @@
 """Scheduler + block manager driven by a fake model that checks every KV entry it reads."""
+
 import random
 
 import pytest
@@ -13,16 +14,21 @@ EOS = 2
 
 def _sched(num_blocks=64, block_size=4, max_batch_size=8, max_prefill_tokens=32, max_model_len=256, reserve=True):
     bm = BlockManager(num_blocks, block_size)
-    cfg = SchedulerConfig(max_batch_size=max_batch_size, max_prefill_tokens=max_prefill_tokens,
-                          max_model_len=max_model_len, eos_token_ids=frozenset({EOS}),
-                          reserve_decode_blocks=reserve)
+    cfg = SchedulerConfig(
+        max_batch_size=max_batch_size,
+        max_prefill_tokens=max_prefill_tokens,
+        max_model_len=max_model_len,
+        eos_token_ids=frozenset({EOS}),
+        reserve_decode_blocks=reserve,
+    )
     return Scheduler(cfg, bm)
 
 
 def _seq(i, prompt_len, max_new, ignore_eos=True):
     prompt = [10 + (i * 7 + j) % 50 for j in range(prompt_len)]
-    return Sequence(seq_id=i, prompt_token_ids=prompt,
-                    sampling=SamplingParams(max_new_tokens=max_new, ignore_eos=ignore_eos))
+    return Sequence(
+        seq_id=i, prompt_token_ids=prompt, sampling=SamplingParams(max_new_tokens=max_new, ignore_eos=ignore_eos)
+    )
 
 
 class FakeModel:
@@ -35,7 +41,7 @@ class FakeModel:
 
     def __init__(self, block_size, eos_mod=0):
         self.bs = block_size
-        self.eos_mod = eos_mod      # > 0: a hash divisible by it samples EOS
+        self.eos_mod = eos_mod  # > 0: a hash divisible by it samples EOS
         self.slots = {}
 
     def run(self, out):
@@ -46,8 +52,9 @@ class FakeModel:
                 p = span.start_pos + k
                 self.slots[span.block_table[p // self.bs] * self.bs + p % self.bs] = (span.seq_id, p, tok)
             if span.sample:
-                prefix = [self.slots[span.block_table[p // self.bs] * self.bs + p % self.bs]
-                          for p in range(span.seq_len)]
+                prefix = [
+                    self.slots[span.block_table[p // self.bs] * self.bs + p % self.bs] for p in range(span.seq_len)
+                ]
                 assert all(sid == span.seq_id and pos == p for p, (sid, pos, _) in enumerate(prefix))
                 h = 0
                 for _, _, t in prefix:
@@ -104,7 +111,7 @@ def test_chunked_prefill_respects_budget_and_matches_unchunked():
     sched = _sched(max_prefill_tokens=16)
     fin, steps = _drive(sched, [_seq(i, p, n) for i, (p, n) in work.items()])
     assert max(s.num_tokens for s in steps if s.is_prefill) == 16
-    assert sum(1 for s in steps if s.is_prefill) >= 8    # 122 prompt tokens / 16 per step
+    assert sum(1 for s in steps if s.is_prefill) >= 8  # 122 prompt tokens / 16 per step
     ref = _reference_tokens(work)
     assert {i: f.output_token_ids for i, f in fin.items()} == ref
 
@@ -138,11 +145,11 @@ def test_preempts_most_recently_admitted():
     model = FakeModel(2)
     out = sched.schedule()
     assert [s.seq_id for s in out.seqs] == [0, 1]
-    sched.update(out, model.run(out))   # each holds 3 KV entries in its 2 blocks: pool full
-    out = sched.schedule()              # position 3 still fits in the second block
+    sched.update(out, model.run(out))  # each holds 3 KV entries in its 2 blocks: pool full
+    out = sched.schedule()  # position 3 still fits in the second block
     assert not out.preempted and len(out.seqs) == 2
     sched.update(out, model.run(out))
-    out = sched.schedule()              # position 4: a needs a third block, b goes
+    out = sched.schedule()  # position 4: a needs a third block, b goes
     assert out.preempted == (1,) and [s.seq_id for s in out.seqs] == [0]
     assert b.status is SequenceStatus.WAITING and b.num_computed_tokens == 0 and b.block_table == []
     assert list(sched.waiting) == [b] and len(b.output_token_ids) == 2
@@ -161,8 +168,7 @@ def test_reserve_admits_what_can_grow_and_never_preempts():
     work = {i: (8, 12) for i in range(8)}
     ref = _reference_tokens(work)
     sched = _sched(num_blocks=20, block_size=4, max_prefill_tokens=100)
-    fin, steps = _drive(sched, [_seq(i, p, n) for i, (p, n) in work.items()],
-                        on_step=_growth_never_exceeds_the_pool)
+    fin, steps = _drive(sched, [_seq(i, p, n) for i, (p, n) in work.items()], on_step=_growth_never_exceeds_the_pool)
     assert sched.num_preemptions == 0 and not any(s.preempted for s in steps)
     assert {i: f.output_token_ids for i, f in fin.items()} == ref
     # Every prompt token was computed once: nothing was recomputed.
@@ -201,12 +207,16 @@ def test_reserve_learns_the_output_share_of_stopping_sequences():
     shares = [len(t) / 40 for t in ref.values()]
     assert min(shares) < 0.5 and all(len(t) <= 40 for t in ref.values())
     sched = _sched(num_blocks=30, block_size=4, max_prefill_tokens=64)
-    assert sched.expected_output_share == 1.0             # nothing has finished yet: full length
+    assert sched.expected_output_share == 1.0  # nothing has finished yet: full length
     seen = []
-    fin, steps = _drive(sched, [_seq(i, p, n, ignore_eos=False) for i, (p, n) in work.items()], eos_mod=7,
-                        on_step=lambda sc, out: seen.append(len(sc.running)))
+    fin, steps = _drive(
+        sched,
+        [_seq(i, p, n, ignore_eos=False) for i, (p, n) in work.items()],
+        eos_mod=7,
+        on_step=lambda sc, out: seen.append(len(sc.running)),
+    )
     assert {i: f.output_token_ids for i, f in fin.items()} == ref
-    assert sched.expected_output_share < 0.9              # it learned that sequences stop early
+    assert sched.expected_output_share < 0.9  # it learned that sequences stop early
     # At full length (41-52 slots = 11-13 blocks) the 30-block pool holds two sequences; the learned
     # share lets it run more.
     assert max(seen) > 2
@@ -247,7 +257,7 @@ def test_rejection_reasons():
     assert sched.rejection_reason(50, 50) is None
     assert "max_model_len" in sched.rejection_reason(60, 41)
     small = _sched(num_blocks=10, block_size=4, max_model_len=1000)
-    assert small.rejection_reason(20, 21) is None          # 40 KV entries = 10 blocks exactly
+    assert small.rejection_reason(20, 21) is None  # 40 KV entries = 10 blocks exactly
     assert "whole pool" in small.rejection_reason(20, 22)
     with pytest.raises(ValueError):
         small.add(_seq(0, 20, 22))
@@ -265,7 +275,7 @@ def test_abort_waiting_and_running_frees_blocks():
     assert b.finish_reason == "error" and b.error == "bad image" and not sched.waiting
     sched.abort(0)
     assert a.finish_reason == "error" and sched.block_manager.num_free_blocks == 64
-    assert sched.update(out, {0: 5}) == []            # results of an aborted step are dropped
+    assert sched.update(out, {0: 5}) == []  # results of an aborted step are dropped
     assert not sched.has_unfinished()
     assert sched.abort(0) is None
 
@@ -273,6 +283,9 @@ def test_abort_waiting_and_running_frees_blocks():
 def test_scheduler_and_block_manager_do_not_import_torch():
     import subprocess
     import sys
-    code = ("import sys, modelyard.engine.scheduler, modelyard.engine.block_manager; "
-            "assert 'torch' not in sys.modules, 'torch imported'")
+
+    code = (
+        "import sys, modelyard.engine.scheduler, modelyard.engine.block_manager; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

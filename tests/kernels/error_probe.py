@@ -3,6 +3,7 @@
 Run as `python error_probe.py CASE`: errors raised by the native code must arrive as RuntimeError
 (a crash here would take a whole engine process down on a bad call).
 """
+
 from __future__ import annotations
 
 import sys
@@ -23,8 +24,9 @@ def main(case: str) -> None:
         if case == "block_tables_dtype":
             k.paged_decode_attention(q, kc, kc, bt.long(), sl, 1.0, -1, 0, 0)
         elif case == "head_dim":
-            k.paged_decode_attention(q[..., :48].contiguous(), kc[..., :48].contiguous(), kc[..., :48].contiguous(),
-                                     bt, sl, 1.0, -1, 0, 0)
+            k.paged_decode_attention(
+                q[..., :48].contiguous(), kc[..., :48].contiguous(), kc[..., :48].contiguous(), bt, sl, 1.0, -1, 0, 0
+            )
         elif case == "norm_weight_dtype":
             k.rms_norm(torch.randn(2, 64, device=dev, dtype=torch.bfloat16), torch.ones(64, device=dev), 1e-6)
         else:

@@ -1,4 +1,5 @@
 """Builders shared by the kernel tests: random paged caches and attention metadata."""
+
 from __future__ import annotations
 
 import math
@@ -11,7 +12,8 @@ from modelyard.engine.attention.base import AttentionMetadata
 requires_cuda = pytest.mark.skipif(
     not torch.cuda.is_available(),
     reason="needs a CUDA GPU: the csrc kernels are built with nvcc on first GPU use (the CPU path runs "
-           "the torch references, tested in test_reference_ops.py)")
+    "the torch references, tested in test_reference_ops.py)",
+)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -25,7 +27,7 @@ def linear_inputs(M, N, K, dtype, bias, seed=0):
     """x [M, K], w [N, K] (scaled so outputs are O(1)) and an optional bias [N], on the GPU."""
     g = torch.Generator(device="cuda").manual_seed(seed)
     x = torch.randn(M, K, device="cuda", generator=g).to(dtype)
-    w = (torch.randn(N, K, device="cuda", generator=g) * K ** -0.5).to(dtype)
+    w = (torch.randn(N, K, device="cuda", generator=g) * K**-0.5).to(dtype)
     b = torch.randn(N, device="cuda", generator=g).to(dtype) if bias else None
     return x, w, b
 
@@ -56,9 +58,9 @@ def make_paged_kv(seq_lens, num_kv_heads, head_dim, block_size, dtype, device, g
     dense_k, dense_v = [], []
     nxt = 0
     for i, n in enumerate(seq_lens):
-        ids = perm[nxt:nxt + blocks_per[i]]
+        ids = perm[nxt : nxt + blocks_per[i]]
         nxt += blocks_per[i]
-        block_tables[i, :len(ids)] = torch.tensor(ids, dtype=torch.int32)
+        block_tables[i, : len(ids)] = torch.tensor(ids, dtype=torch.int32)
         k = torch.randn(n, num_kv_heads, head_dim, generator=gen).to(dtype)
         v = torch.randn(n, num_kv_heads, head_dim, generator=gen).to(dtype)
         for t in range(n):
@@ -67,8 +69,13 @@ def make_paged_kv(seq_lens, num_kv_heads, head_dim, block_size, dtype, device, g
         dense_k.append(k)
         dense_v.append(v)
     to = dict(device=device)
-    return ([k.to(**to) for k in dense_k], [v.to(**to) for v in dense_v], k_cache.to(**to), v_cache.to(**to),
-            block_tables.to(**to))
+    return (
+        [k.to(**to) for k in dense_k],
+        [v.to(**to) for v in dense_v],
+        k_cache.to(**to),
+        v_cache.to(**to),
+        block_tables.to(**to),
+    )
 
 
 def dense_attention(q, k, v, scale, causal_offset=None):

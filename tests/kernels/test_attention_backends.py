@@ -1,12 +1,13 @@
 """FlashBackend and CsrcBackend end to end (cache write + attention) against dense float64 attention:
 fresh prefill, chunked prefill over a cached prefix, decode, GQA, and the fp8 cache (whose reference
 attends over the K/V values rounded through e4m3 with the backend's scales)."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 from kernel_helpers import dense_attention, make_meta, make_paged_kv, rel_err, requires_cuda
+
 from modelyard.engine import ops
 from modelyard.engine.attention import flash
 from modelyard.engine.attention.csrc_paged import CsrcBackend
@@ -26,24 +27,24 @@ def _run_step(backend, seq_lens, query_lens, hq, hk, d, block_size, dtype, seed,
     """Context rows before each sequence's new tokens are already cached; the step's rows are not."""
     gen = torch.Generator().manual_seed(seed)
     dk, dv, kc, vc, bt = make_paged_kv(seq_lens, hk, d, block_size, dtype, "cuda", gen)
-    if fp8_scales is not None:   # the pool holds e4m3; the reference sees what the backend reads back
+    if fp8_scales is not None:  # the pool holds e4m3; the reference sees what the backend reads back
         ks, vs = fp8_scales
         kc, vc = ops.quantize_kv(kc, ops.FP8_KV_DTYPE, ks), ops.quantize_kv(vc, ops.FP8_KV_DTYPE, vs)
         dk = [ops.dequantize_kv(ops.quantize_kv(k, ops.FP8_KV_DTYPE, ks), dtype, ks) for k in dk]
         dv = [ops.dequantize_kv(ops.quantize_kv(v, ops.FP8_KV_DTYPE, vs), dtype, vs) for v in dv]
     meta = make_meta(bt, seq_lens, query_lens, block_size, "cuda")
-    k_new = torch.cat([k[n - q:] for k, n, q in zip(dk, seq_lens, query_lens)])
-    v_new = torch.cat([v[n - q:] for v, n, q in zip(dv, seq_lens, query_lens)])
-    stale = torch.randn_like(k_new).to(kc.dtype)                     # rows the step must overwrite
+    k_new = torch.cat([k[n - q :] for k, n, q in zip(dk, seq_lens, query_lens)])
+    v_new = torch.cat([v[n - q :] for v, n, q in zip(dv, seq_lens, query_lens)])
+    stale = torch.randn_like(k_new).to(kc.dtype)  # rows the step must overwrite
     kc.view(-1, hk, d).view(torch.uint8)[meta.slot_mapping] = stale.view(torch.uint8)
     vc.view(-1, hk, d).view(torch.uint8)[meta.slot_mapping] = stale.view(torch.uint8)
     q = torch.randn(sum(query_lens), hq, d, generator=gen).to(dtype).cuda()
-    scale = d ** -0.5
+    scale = d**-0.5
     out = backend.forward(q, k_new, v_new, kc, vc, meta, scale)
     start = 0
     for i, (n, ql) in enumerate(zip(seq_lens, query_lens)):
-        ref = dense_attention(q[start:start + ql], dk[i], dv[i], scale, causal_offset=n - ql)
-        err = rel_err(out[start:start + ql], ref)
+        ref = dense_attention(q[start : start + ql], dk[i], dv[i], scale, causal_offset=n - ql)
+        err = rel_err(out[start : start + ql], ref)
         assert err < 1.5e-2, f"sequence {i}: rel err {err:.2e}"
         start += ql
 

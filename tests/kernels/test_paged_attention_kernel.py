@@ -1,5 +1,6 @@
 """csrc paged decode attention against the torch reference: dtypes, head dims, block sizes, GQA
 ratios, ragged and long lengths, forced split counts, CUDA graph replay, and the fp8 cache."""
+
 from __future__ import annotations
 
 import os
@@ -9,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from kernel_helpers import make_paged_kv, poison_next_alloc, rel_err, requires_cuda
+
 from modelyard.engine import kernels, ops
 
 pytestmark = requires_cuda
@@ -28,8 +29,19 @@ def _case(seq_lens, hq, hk, d, block_size, dtype, seed):
 def _check(q, kc, vc, bt, sl, scale, dtype, k_scale=1.0, v_scale=1.0, **kw):
     ref = ops.paged_decode_attention_ref(q, kc, vc, bt, sl, scale, k_scale, v_scale)
     poison_next_alloc(q.shape, dtype, "cuda")
-    out = kernels.get().paged_decode_attention(q, kc, vc, bt, sl, scale, kw.get("max_seq_len", -1),
-                                               kw.get("num_splits", 0), kw.get("variant", 0), k_scale, v_scale)
+    out = kernels.get().paged_decode_attention(
+        q,
+        kc,
+        vc,
+        bt,
+        sl,
+        scale,
+        kw.get("max_seq_len", -1),
+        kw.get("num_splits", 0),
+        kw.get("variant", 0),
+        k_scale,
+        v_scale,
+    )
     err = rel_err(out, ref)
     assert err < TOL[dtype], f"rel err {err:.2e}"
     return out
@@ -48,7 +60,7 @@ def _to_fp8(kc, vc, k_scale, v_scale):
 def test_matches_reference(variant, dtype, d, block_size, hq, hk):
     seq_lens = [1, block_size - 1, block_size, block_size + 1, 77, 300, 1000]
     q, kc, vc, bt, sl = _case(seq_lens, hq, hk, d, block_size, dtype, seed=d * hq + block_size)
-    _check(q, kc, vc, bt, sl, d ** -0.5, dtype, variant=variant)
+    _check(q, kc, vc, bt, sl, d**-0.5, dtype, variant=variant)
 
 
 @pytest.mark.parametrize("variant", [2, 3])
@@ -75,7 +87,7 @@ def test_fp8_cache_matches_reference(variant, dtype, d, hq, hk):
     q, kc, vc, bt, sl = _case(seq_lens, hq, hk, d, 16, dtype, seed=d + hq)
     k_scale, v_scale = 0.5, 1.7
     kc8, vc8 = _to_fp8(kc * 3, vc, k_scale, v_scale)
-    _check(q, kc8, vc8, bt, sl, d ** -0.5, dtype, k_scale=k_scale, v_scale=v_scale, variant=variant)
+    _check(q, kc8, vc8, bt, sl, d**-0.5, dtype, k_scale=k_scale, v_scale=v_scale, variant=variant)
 
 
 @pytest.mark.parametrize("variant", [2, 3])
@@ -98,10 +110,10 @@ def test_rows_outside_the_sequences_are_never_read(variant, fp8, d, hq, hk, num_
     for cache in (kc, vc):
         rows = cache.view(-1, hk, d)
         if fp8:
-            rows.view(torch.uint8)[~used] = 0x7F    # e4m3fn NaN
+            rows.view(torch.uint8)[~used] = 0x7F  # e4m3fn NaN
         else:
             rows[~used] = float("nan")
-    _check(q, kc, vc, bt, sl, d ** -0.5, torch.bfloat16, num_splits=num_splits, variant=variant)
+    _check(q, kc, vc, bt, sl, d**-0.5, torch.bfloat16, num_splits=num_splits, variant=variant)
 
 
 @pytest.mark.parametrize("num_splits", [1, 3, 64])
@@ -126,7 +138,7 @@ def test_strided_query_view():
     qkv = torch.randn(len(seq_lens), (hq + 2 * hk) * d, device="cuda", dtype=torch.bfloat16)
     q = qkv[:, : hq * d].view(len(seq_lens), hq, d)
     assert not q.is_contiguous()
-    _check(q, kc, vc, bt, sl, d ** -0.5, torch.bfloat16)
+    _check(q, kc, vc, bt, sl, d**-0.5, torch.bfloat16)
 
 
 @pytest.mark.parametrize("variant", [2, 3])
@@ -137,7 +149,7 @@ def test_cuda_graph_replay_with_new_lengths(variant):
     q, kc, vc, bt, sl = _case(seq_lens, hq, hk, d, bs, torch.bfloat16, seed=14)
     big_bt = torch.zeros(len(seq_lens), 128, dtype=torch.int32, device="cuda")  # room for 2048 tokens
     big_bt[:, : bt.shape[1]] = bt
-    scale = d ** -0.5
+    scale = d**-0.5
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -156,8 +168,9 @@ def test_cuda_graph_replay_with_new_lengths(variant):
         assert rel_err(out, ref) < TOL[torch.bfloat16]
 
 
-@pytest.mark.parametrize("case,message", [("block_tables_dtype", "int32"), ("head_dim", "head_dim 48"),
-                                          ("norm_weight_dtype", "dtype")])
+@pytest.mark.parametrize(
+    "case,message", [("block_tables_dtype", "int32"), ("head_dim", "head_dim 48"), ("norm_weight_dtype", "dtype")]
+)
 def test_bad_arguments_raise_runtime_error(case, message):
     """In a child process, so a native crash fails this test instead of killing the session."""
     probe = Path(__file__).with_name("error_probe.py")

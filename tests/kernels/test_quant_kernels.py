@@ -2,12 +2,13 @@
 (vector and scalar paths, strided rows, zero rows), torch._scaled_mm with row-wise scales against
 float32 math over the same e4m3 inputs, at the LLaVA-7B / Qwen2-1.5B projection shapes, and the
 norm / activation kernels with the quantizer fused in, bit-exact against the unfused CUDA ops."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 from kernel_helpers import rel_err, requires_cuda
+
 from modelyard.engine import kernels, ops
 from modelyard.engine.models.layers import QuantizedInput
 from modelyard.engine.quant import Fp8Linear, fp8_linear
@@ -16,12 +17,13 @@ pytestmark = requires_cuda
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("m,k,width", [(1, 4096, 4096), (37, 11008, 11008), (300, 1536, 1536),
-                                       (9, 70, 70), (13, 4096, 12288)])
+@pytest.mark.parametrize(
+    "m,k,width", [(1, 4096, 4096), (37, 11008, 11008), (300, 1536, 1536), (9, 70, 70), (13, 4096, 12288)]
+)
 def test_per_token_quant_bit_exact(dtype, m, k, width):
     g = torch.Generator(device="cuda").manual_seed(m + k)
     base = torch.randn(m, width, device="cuda", generator=g) * torch.logspace(-4, 4, m, device="cuda").view(-1, 1)
-    x = base.to(dtype)[:, width - k:]                 # a column slice: row stride != k when width > k
+    x = base.to(dtype)[:, width - k :]  # a column slice: row stride != k when width > k
     if m > 2:
         x[1] = 0.0
     q, s = kernels.get().per_token_quant_fp8(x)
@@ -36,15 +38,15 @@ def test_per_token_quant_bit_exact(dtype, m, k, width):
 def test_fp8_linear_against_float32(m, k, n):
     g = torch.Generator(device="cuda").manual_seed(m * 7 + n)
     x = torch.randn(m, k, device="cuda", generator=g, dtype=torch.bfloat16)
-    w = (torch.randn(n, k, device="cuda", generator=g) * k ** -0.5).to(torch.bfloat16)
+    w = (torch.randn(n, k, device="cuda", generator=g) * k**-0.5).to(torch.bfloat16)
     wq, ws = ops.per_token_quant_fp8(w)
     out = fp8_linear(x, wq, ws.view(1, -1), None, torch.bfloat16)
     assert out.shape == (m, n) and out.dtype == torch.bfloat16
     xq, xs = ops.per_token_quant_fp8_ref(x)
-    want = (xq.float() @ wq.float().t()) * xs * ws.view(1, -1)       # same e4m3 inputs, float32 sums
-    assert rel_err(out, want) < 4e-3                                  # bf16 output rounding + sum order
+    want = (xq.float() @ wq.float().t()) * xs * ws.view(1, -1)  # same e4m3 inputs, float32 sums
+    assert rel_err(out, want) < 4e-3  # bf16 output rounding + sum order
     exact = x.float() @ w.float().t()
-    assert rel_err(out, exact) < 0.06                                 # quantization error, not garbage
+    assert rel_err(out, exact) < 0.06  # quantization error, not garbage
 
 
 def test_fp8_linear_module_bias_and_leading_dims():
@@ -65,7 +67,7 @@ def test_fp8_linear_module_bias_and_leading_dims():
 # tolerance), so against them the dequantized outputs are compared with one.
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
-_MIN_SCALE = torch.tensor(1e-12) / 448.0          # the scale of an all-zero row
+_MIN_SCALE = torch.tensor(1e-12) / 448.0  # the scale of an all-zero row
 
 
 def _assert_same_quant(got, want):
@@ -78,8 +80,8 @@ def _assert_same_quant(got, want):
 def _assert_close_to_ref(got, want, exact):
     """got / want: (q, scales) of the kernel and the torch reference; exact: the unquantized reference."""
     deq, ref = got[0].float() * got[1], want[0].float() * want[1]
-    assert rel_err(deq, ref) < 0.03             # rare one-step e4m3 differences where the 16-bit inputs differ
-    assert rel_err(deq, exact.float()) < 0.06   # quantization error, not garbage
+    assert rel_err(deq, ref) < 0.03  # rare one-step e4m3 differences where the 16-bit inputs differ
+    assert rel_err(deq, exact.float()) < 0.06  # quantization error, not garbage
 
 
 def _rows(T, width, dtype, gen, lo=-3.0, hi=3.0, pad=64):
@@ -87,7 +89,7 @@ def _rows(T, width, dtype, gen, lo=-3.0, hi=3.0, pad=64):
     wider buffer (row stride width + pad, start 16-byte aligned): the layout of a slice of a fused output."""
     rows_scale = torch.logspace(lo, hi, T, device="cuda").view(-1, 1)
     base = torch.randn(T, width + pad, device="cuda", generator=gen) * rows_scale
-    x = base.to(dtype)[:, pad // 2: pad // 2 + width]
+    x = base.to(dtype)[:, pad // 2 : pad // 2 + width]
     if T > 2:
         x[1] = 0.0
     return x
@@ -95,7 +97,7 @@ def _rows(T, width, dtype, gen, lo=-3.0, hi=3.0, pad=64):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T", [1, 37, 300])
-@pytest.mark.parametrize("H", [4096, 1536, 11008, 18944, 72, 70])   # 70: not a whole vector, scalar path
+@pytest.mark.parametrize("H", [4096, 1536, 11008, 18944, 72, 70])  # 70: not a whole vector, scalar path
 @pytest.mark.parametrize("add", [False, True])
 def test_norm_quant_bit_exact(dtype, T, H, add):
     k = kernels.get()
@@ -116,7 +118,7 @@ def test_norm_quant_bit_exact(dtype, T, H, add):
         q, s, res = k.fused_add_rms_norm_quant_fp8(x, r, w, 1e-5)
         normed, want_res = k.fused_add_rms_norm(x, r, w, 1e-5)
         assert torch.equal(res, want_res)
-        assert torch.equal(x, x0) and torch.equal(r, r0)                 # inputs untouched
+        assert torch.equal(x, x0) and torch.equal(r, r0)  # inputs untouched
         *ref, ref_res = ops.fused_add_rms_norm_quant_fp8_ref(x, r, w, 1e-5)
         exact = ops.fused_add_rms_norm_ref(x, r, w, 1e-5)[0]
         assert torch.equal(res, ref_res)
@@ -127,7 +129,7 @@ def test_norm_quant_bit_exact(dtype, T, H, add):
     assert q.shape == (T, H) and s.shape == (T, 1)
     _assert_same_quant((q, s), k.per_token_quant_fp8(normed))
     _assert_close_to_ref((q, s), ref, exact)
-    if T > 2:                                                  # row 1 of x (and residual) is all zero
+    if T > 2:  # row 1 of x (and residual) is all zero
         assert float(s[1]) == float(_MIN_SCALE) and not q[1].float().any()
 
 
@@ -155,7 +157,7 @@ def test_norm_quant_misaligned_rows(dtype, H):
 def test_silu_and_mul_quant_bit_exact(dtype, T, inter):
     k = kernels.get()
     g = torch.Generator(device="cuda").manual_seed(T * 7 + inter)
-    x = _rows(T, 2 * inter, dtype, g, lo=-2.0, hi=1.5)      # products stay finite in float16
+    x = _rows(T, 2 * inter, dtype, g, lo=-2.0, hi=1.5)  # products stay finite in float16
     q, s = k.silu_and_mul_quant_fp8(x)
     assert q.shape == (T, inter) and s.shape == (T, 1)
     _assert_same_quant((q, s), k.per_token_quant_fp8(k.silu_and_mul(x)))
@@ -184,8 +186,11 @@ def test_fused_quant_ops_capture_in_cuda_graph():
     gu = torch.randn(T, 2 * inter, device="cuda", dtype=dt)
 
     def step():
-        return (ops.rms_norm_quant_fp8(x, w, 1e-6), ops.fused_add_rms_norm_quant_fp8(x, r, w, 1e-6),
-                ops.silu_and_mul_quant_fp8(gu))
+        return (
+            ops.rms_norm_quant_fp8(x, w, 1e-6),
+            ops.fused_add_rms_norm_quant_fp8(x, r, w, 1e-6),
+            ops.silu_and_mul_quant_fp8(gu),
+        )
 
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -210,6 +215,7 @@ def test_fp8_linear_takes_fused_inputs_bit_exact():
     """The model's wiring on CUDA: a projection fed by the quantizing norm / activation computes the
     same bits as one fed the 16-bit output that it quantizes itself."""
     from modelyard.engine.models.layers import RMSNorm
+
     T, H, inter, dt = 300, 1536, 8960, torch.bfloat16
     norm = RMSNorm(H, 1e-6).to("cuda", dt)
     with torch.no_grad():

@@ -1,5 +1,6 @@
 """The torch references (the CPU path and the kernels' oracle) against independent formulations.
 Runs everywhere, CPU CI included."""
+
 from __future__ import annotations
 
 import inspect
@@ -9,8 +10,8 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-
 from kernel_helpers import dense_attention, make_meta, make_paged_kv, rel_err
+
 from modelyard.engine import kernels, ops
 from modelyard.engine.attention import flash
 from modelyard.engine.attention.csrc_paged import sdpa_prefill
@@ -24,10 +25,10 @@ def test_paged_decode_ref_matches_dense_softmax(hq, hk, block_size):
     d = 32
     dk, dv, kc, vc, bt = make_paged_kv(seq_lens, hk, d, block_size, torch.float32, "cpu", gen)
     q = torch.randn(len(seq_lens), hq, d, generator=gen)
-    scale = d ** -0.5
+    scale = d**-0.5
     out = ops.paged_decode_attention_ref(q, kc, vc, bt, torch.tensor(seq_lens, dtype=torch.int32), scale)
     for i in range(len(seq_lens)):
-        ref = dense_attention(q[i:i + 1], dk[i], dv[i], scale)[0]
+        ref = dense_attention(q[i : i + 1], dk[i], dv[i], scale)[0]
         assert rel_err(out[i], ref) < 1e-5
 
 
@@ -96,12 +97,15 @@ def test_context_slots_follow_block_tables():
     assert slots.tolist() == want
 
 
-@pytest.mark.parametrize("lens,qlens,calls", [
-    ([30, 8, 5], [30, 8, 5], [("direct", 43)]),                          # all fresh: one direct call
-    ([50, 8, 5], [20, 8, 5], [("cache", 50), ("direct", 13)]),          # leading chunk, fresh tail: split
-    ([8, 50, 5], [8, 20, 5], [("cache", 58), ("direct", 5)]),           # prefixed in the middle
-    ([8, 5, 50], [8, 5, 20], [("cache", 63)]),                          # prefixed last: all from the cache
-])
+@pytest.mark.parametrize(
+    "lens,qlens,calls",
+    [
+        ([30, 8, 5], [30, 8, 5], [("direct", 43)]),  # all fresh: one direct call
+        ([50, 8, 5], [20, 8, 5], [("cache", 50), ("direct", 13)]),  # leading chunk, fresh tail: split
+        ([8, 50, 5], [8, 20, 5], [("cache", 58), ("direct", 5)]),  # prefixed in the middle
+        ([8, 5, 50], [8, 5, 20], [("cache", 63)]),  # prefixed last: all from the cache
+    ],
+)
 def test_prefill_varlen_reads_the_cache_only_where_needed(lens, qlens, calls):
     """flash.prefill_varlen on the CPU with a dense stand-in for FlashAttention: same attention
     whichever way the step is split, and fresh sequences after the last prefixed one attend over the
@@ -114,14 +118,19 @@ def test_prefill_varlen_reads_the_cache_only_where_needed(lens, qlens, calls):
     perm = torch.randperm(sum(nblk) + 2, generator=gen)
     off = 0
     for i, b in enumerate(nblk):
-        bt[i, :b] = perm[off:off + b].to(torch.int32)
+        bt[i, :b] = perm[off : off + b].to(torch.int32)
         off += b
     kc = torch.randn(sum(nblk) + 2, bs, hk, d, generator=gen)
     vc = torch.randn_like(kc)
-    dense = [(torch.stack([kc[bt[i, t // bs], t % bs] for t in range(n)]),
-              torch.stack([vc[bt[i, t // bs], t % bs] for t in range(n)])) for i, n in enumerate(lens)]
-    k_new = torch.cat([k[n - q:] for (k, _), n, q in zip(dense, lens, qlens)])
-    v_new = torch.cat([v[n - q:] for (_, v), n, q in zip(dense, lens, qlens)])
+    dense = [
+        (
+            torch.stack([kc[bt[i, t // bs], t % bs] for t in range(n)]),
+            torch.stack([vc[bt[i, t // bs], t % bs] for t in range(n)]),
+        )
+        for i, n in enumerate(lens)
+    ]
+    k_new = torch.cat([k[n - q :] for (k, _), n, q in zip(dense, lens, qlens)])
+    v_new = torch.cat([v[n - q :] for (_, v), n, q in zip(dense, lens, qlens)])
     q = torch.randn(sum(qlens), hq, d, generator=gen)
     seen = []
 
@@ -133,19 +142,23 @@ def test_prefill_varlen_reads_the_cache_only_where_needed(lens, qlens, calls):
             a, b = int(cu_seqlens_q[i]), int(cu_seqlens_q[i + 1])
             c, e = int(cu_seqlens_k[i]), int(cu_seqlens_k[i + 1])
             mask = torch.ones(b - a, e - c, dtype=torch.bool).tril(e - c - (b - a))
-            out[a:b] = F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[c:e].transpose(0, 1),
-                                                      v[c:e].transpose(0, 1), attn_mask=mask,
-                                                      scale=softmax_scale).transpose(0, 1)
+            out[a:b] = F.scaled_dot_product_attention(
+                q[a:b].transpose(0, 1),
+                k[c:e].transpose(0, 1),
+                v[c:e].transpose(0, 1),
+                attn_mask=mask,
+                scale=softmax_scale,
+            ).transpose(0, 1)
         return out
 
     impl = flash.VarlenImpl("fake", fake_varlen, frozenset(), None)
     meta = make_meta(bt, lens, qlens, bs, "cpu")
-    out = flash.prefill_varlen(impl, q, k_new, v_new, kc, vc, meta, d ** -0.5)
+    out = flash.prefill_varlen(impl, q, k_new, v_new, kc, vc, meta, d**-0.5)
     assert seen == calls
     start = 0
     for i, (n, ql) in enumerate(zip(lens, qlens)):
-        ref = dense_attention(q[start:start + ql], *dense[i], d ** -0.5, causal_offset=n - ql)
-        assert torch.allclose(out[start:start + ql].double(), ref.double(), atol=1e-5), i
+        ref = dense_attention(q[start : start + ql], *dense[i], d**-0.5, causal_offset=n - ql)
+        assert torch.allclose(out[start : start + ql].double(), ref.double(), atol=1e-5), i
         start += ql
 
 
@@ -161,8 +174,8 @@ def test_sdpa_prefill_with_cached_prefix_matches_dense(hq, hk):
     out = sdpa_prefill(q, kc, vc, meta, 0.2)
     start = 0
     for i, (n, ql) in enumerate(zip(seq_lens, query_lens)):
-        ref = dense_attention(q[start:start + ql], dk[i], dv[i], 0.2, causal_offset=n - ql)
-        assert rel_err(out[start:start + ql], ref) < 1e-5
+        ref = dense_attention(q[start : start + ql], dk[i], dv[i], 0.2, causal_offset=n - ql)
+        assert rel_err(out[start : start + ql], ref) < 1e-5
         start += ql
 
 
@@ -174,17 +187,27 @@ def _fake_varlen(signature_src: str):
     return ns["fn"], calls
 
 
-@pytest.mark.parametrize("sig,causal_kw", [
-    ("(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None)", "is_causal"),
-    ("(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None, "
-     "window_size=(-1, -1))", "window_size"),
-    ("(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None, "
-     "window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None)", "window_size"),
-])
+@pytest.mark.parametrize(
+    "sig,causal_kw",
+    [
+        ("(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None)", "is_causal"),
+        (
+            "(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None, "
+            "window_size=(-1, -1))",
+            "window_size",
+        ),
+        (
+            "(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None, "
+            "window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None)",
+            "window_size",
+        ),
+    ],
+)
 def test_torch_varlen_calls_adapt_to_the_signature(sig, causal_kw):
     fn, calls = _fake_varlen(sig)
-    impl = flash.VarlenImpl("torch", fn, frozenset(inspect.signature(fn).parameters),
-                            256 if "block_table" in sig else None)
+    impl = flash.VarlenImpl(
+        "torch", fn, frozenset(inspect.signature(fn).parameters), 256 if "block_table" in sig else None
+    )
     q = torch.ones(3, 4, 8)
     k = torch.ones(3, 2, 8)
     cu = torch.tensor([0, 3], dtype=torch.int32)

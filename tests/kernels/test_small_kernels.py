@@ -1,11 +1,12 @@
 """csrc cache write, norms, rotary and activation against the torch references, including strided
 views (q/k/v are column slices of the fused qkv output) and the unaligned scalar paths."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 from kernel_helpers import poison_next_alloc, rel_err, requires_cuda
+
 from modelyard.engine import kernels, ops
 
 pytestmark = requires_cuda
@@ -25,10 +26,10 @@ def _close(out, ref, dtype):
 def test_reshape_and_cache(dtype, hk, d, block_size):
     nb, T = 40, 37
     qkv = torch.randn(T, (4 + 2 * hk) * d, device="cuda", dtype=dtype)
-    k = qkv[:, 4 * d:(4 + hk) * d].view(T, hk, d)          # strided views, as the model passes them
-    v = qkv[:, (4 + hk) * d:].view(T, hk, d)
+    k = qkv[:, 4 * d : (4 + hk) * d].view(T, hk, d)  # strided views, as the model passes them
+    v = qkv[:, (4 + hk) * d :].view(T, hk, d)
     slots = torch.randperm(nb * block_size, device="cuda")[:T]
-    slots[5] = -1                                            # padding row
+    slots[5] = -1  # padding row
     kc = torch.randn(nb, block_size, hk, d, device="cuda", dtype=dtype)
     vc = torch.randn_like(kc)
     kr, vr = kc.clone(), vc.clone()
@@ -45,9 +46,9 @@ def test_reshape_and_cache_fp8(dtype, k_scale, v_scale, aligned):
     nb, bs, hk, T = 20, 16, 4, 29
     d = 128 if aligned else 72
     qkv = torch.randn(T, (2 + 2 * hk) * d + (0 if aligned else 1), device="cuda", dtype=dtype) * 4
-    qkv[3, 2 * d] = 5000.0                                   # saturates (k_scale <= 1)
-    k = qkv[:, 2 * d:(2 + hk) * d].view(T, hk, d)
-    v = qkv[:, (2 + hk) * d:(2 + 2 * hk) * d].view(T, hk, d)
+    qkv[3, 2 * d] = 5000.0  # saturates (k_scale <= 1)
+    k = qkv[:, 2 * d : (2 + hk) * d].view(T, hk, d)
+    v = qkv[:, (2 + hk) * d : (2 + 2 * hk) * d].view(T, hk, d)
     slots = torch.randperm(nb * bs, device="cuda")[:T]
     slots[7] = -1
     kc = torch.zeros(nb, bs, hk, d, device="cuda", dtype=ops.FP8_KV_DTYPE)
@@ -60,7 +61,7 @@ def test_reshape_and_cache_fp8(dtype, k_scale, v_scale, aligned):
         g, w = got.float(), want.float()
         assert not g.isnan().any()
         assert (g != w).float().mean().item() < 1e-3
-        assert torch.allclose(g, w, rtol=0.13, atol=0)    # one e4m3 step at most
+        assert torch.allclose(g, w, rtol=0.13, atol=0)  # one e4m3 step at most
     assert kc.float().abs().max().item() == 448.0
 
 
@@ -75,9 +76,9 @@ def test_rms_norm_and_fused_add(dtype, T, H):
     x0, r0 = x.clone(), r.clone()
     normed, res = ops.fused_add_rms_norm(x, r, w, 1e-5)
     n_ref, r_ref = ops.fused_add_rms_norm_ref(x, r, w, 1e-5)
-    assert torch.equal(res, r_ref)                           # one rounding, identical
+    assert torch.equal(res, r_ref)  # one rounding, identical
     _close(normed, n_ref, dtype)
-    assert torch.equal(x, x0) and torch.equal(r, r0)         # inputs untouched, like the reference
+    assert torch.equal(x, x0) and torch.equal(r, r0)  # inputs untouched, like the reference
 
 
 def test_rms_norm_strided_rows():
@@ -95,13 +96,13 @@ def test_rotary_in_place(dtype, is_neox, hq, hk, d):
     cache = ops.build_cos_sin_cache(d, 4096, 1e6, device="cuda")
     pos = torch.randint(0, 4096, (T,), device="cuda")
     qkv = torch.randn(T, (hq + 2 * hk) * d, device="cuda", dtype=dtype)
-    q, k = qkv[:, : hq * d], qkv[:, hq * d:(hq + hk) * d]
+    q, k = qkv[:, : hq * d], qkv[:, hq * d : (hq + hk) * d]
     q_ref, k_ref = ops.rotary_embedding_ref(pos, q.clone(), k.clone(), d, cache, is_neox)
-    v_before = qkv[:, (hq + hk) * d:].clone()
+    v_before = qkv[:, (hq + hk) * d :].clone()
     ops.rotary_embedding(pos, q, k, d, cache, is_neox)
     _close(q, q_ref, dtype)
     _close(k, k_ref, dtype)
-    assert torch.equal(qkv[:, (hq + hk) * d:], v_before)    # v untouched
+    assert torch.equal(qkv[:, (hq + hk) * d :], v_before)  # v untouched
 
 
 def test_rotary_int32_positions_and_3d_views():
@@ -116,8 +117,16 @@ def test_rotary_int32_positions_and_3d_views():
     _close(k, k_ref, torch.bfloat16)
 
 
-@pytest.mark.parametrize("dtype,cache_dtype", [(torch.bfloat16, None), (torch.float16, None), (torch.float32, None),
-                                               (torch.bfloat16, torch.float8_e4m3fn), (torch.float16, torch.float8_e4m3fn)])
+@pytest.mark.parametrize(
+    "dtype,cache_dtype",
+    [
+        (torch.bfloat16, None),
+        (torch.float16, None),
+        (torch.float32, None),
+        (torch.bfloat16, torch.float8_e4m3fn),
+        (torch.float16, torch.float8_e4m3fn),
+    ],
+)
 @pytest.mark.parametrize("is_neox", [True, False])
 @pytest.mark.parametrize("hq,hk,d", [(32, 32, 128), (28, 4, 128), (8, 2, 64), (4, 4, 80), (4, 2, 72)])
 @pytest.mark.parametrize("pos_dtype", [torch.int64, torch.int32])
@@ -137,7 +146,7 @@ def test_rotary_and_cache_equals_the_two_ops(dtype, cache_dtype, is_neox, hq, hk
     outs = []
     for fused in (False, True):
         x = qkv.clone()
-        q, k, v = x[:, :hq * d], x[:, hq * d:(hq + hk) * d].view(T, hk, d), x[:, (hq + hk) * d:].view(T, hk, d)
+        q, k, v = x[:, : hq * d], x[:, hq * d : (hq + hk) * d].view(T, hk, d), x[:, (hq + hk) * d :].view(T, hk, d)
         kc, vc = fresh.clone(), fresh.clone()
         if fused:
             k_.rotary_embedding_and_cache(pos, q, k, v, kc, vc, slots, d, cos_sin, is_neox, *scales)
@@ -147,11 +156,15 @@ def test_rotary_and_cache_equals_the_two_ops(dtype, cache_dtype, is_neox, hq, hk
         outs.append((x, kc, vc))
     (x0, kc0, vc0), (x1, kc1, vc1) = outs
     assert torch.equal(x0, x1)
-    assert torch.equal(kc0.view(torch.uint8) if cache_dtype == torch.float8_e4m3fn else kc0,
-                       kc1.view(torch.uint8) if cache_dtype == torch.float8_e4m3fn else kc1)
-    assert torch.equal(vc0.view(torch.uint8) if cache_dtype == torch.float8_e4m3fn else vc0,
-                       vc1.view(torch.uint8) if cache_dtype == torch.float8_e4m3fn else vc1)
-    assert not torch.equal(x1, qkv)                        # something was rotated
+    assert torch.equal(
+        kc0.view(torch.uint8) if cache_dtype == torch.float8_e4m3fn else kc0,
+        kc1.view(torch.uint8) if cache_dtype == torch.float8_e4m3fn else kc1,
+    )
+    assert torch.equal(
+        vc0.view(torch.uint8) if cache_dtype == torch.float8_e4m3fn else vc0,
+        vc1.view(torch.uint8) if cache_dtype == torch.float8_e4m3fn else vc1,
+    )
+    assert not torch.equal(x1, qkv)  # something was rotated
     written = (kc1.view(torch.uint8) != fresh.view(torch.uint8)).flatten(1).any(1)
     assert written.sum() >= 1
 
@@ -198,10 +211,10 @@ def test_ops_capture_in_one_cuda_graph():
 
     def step():
         n, r = ops.fused_add_rms_norm(x, res, w, 1e-6)
-        q, k, v = qkv[:, : hq * d], qkv[:, hq * d:(hq + hk) * d], qkv[:, (hq + hk) * d:]
+        q, k, v = qkv[:, : hq * d], qkv[:, hq * d : (hq + hk) * d], qkv[:, (hq + hk) * d :]
         ops.rotary_embedding(pos, q, k, d, cache, True)
         ops.reshape_and_cache(k.view(T, hk, d), v.view(T, hk, d), kc, vc, slots)
-        a = ops.paged_decode_attention(q.view(T, hq, d), kc, vc, bt, sl, d ** -0.5)
+        a = ops.paged_decode_attention(q.view(T, hq, d), kc, vc, bt, sl, d**-0.5)
         return n, r, a, ops.silu_and_mul(torch.cat([n, r], -1))
 
     s = torch.cuda.Stream()
@@ -219,5 +232,5 @@ def test_ops_capture_in_one_cuda_graph():
     n_ref, r_ref = ops.fused_add_rms_norm_ref(x, res, w, 1e-6)
     _close(outs[0], n_ref, dt)
     assert torch.equal(outs[1], r_ref)
-    a_ref = ops.paged_decode_attention_ref(qkv[:, : hq * d].reshape(T, hq, d), kc, vc, bt, sl, d ** -0.5)
+    a_ref = ops.paged_decode_attention_ref(qkv[:, : hq * d].reshape(T, hq, d), kc, vc, bt, sl, d**-0.5)
     assert rel_err(outs[2], a_ref) < 1.2e-2

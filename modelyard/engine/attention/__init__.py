@@ -4,6 +4,7 @@ Backends are imported only when asked for, so a missing optional dependency (fla
 compiled csrc ops) only matters to the one backend that needs it. Each backend class is constructed
 with keyword arguments only: the fp8 KV cache's k_scale / v_scale (defaults 1.0).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -45,6 +46,7 @@ def _auto(device: torch.device, head_dim: int | None, dtype: torch.dtype | None)
         return "sdpa"
     from .. import kernels
     from .flash import probe_varlen
+
     if not kernels.enabled() or (head_dim is not None and not csrc_decode_supports(head_dim, dtype)):
         return "sdpa"
     if (dtype is None or dtype in _16BIT) and probe_varlen()[0]:
@@ -52,8 +54,7 @@ def _auto(device: torch.device, head_dim: int | None, dtype: torch.dtype | None)
     return "csrc"
 
 
-def resolve_backend_name(name: str, device, *, head_dim: int | None = None,
-                         dtype: torch.dtype | None = None) -> str:
+def resolve_backend_name(name: str, device, *, head_dim: int | None = None, dtype: torch.dtype | None = None) -> str:
     """The concrete backend `name` stands for on `device` ("auto" resolved, for this head size and
     dtype when given)."""
     if name not in BACKEND_NAMES:
@@ -61,8 +62,15 @@ def resolve_backend_name(name: str, device, *, head_dim: int | None = None,
     return _auto(torch.device(device), head_dim, dtype) if name == "auto" else name
 
 
-def get_backend(name: str, device, *, head_dim: int | None = None, dtype: torch.dtype | None = None,
-                k_scale: float = 1.0, v_scale: float = 1.0) -> AttentionBackend:
+def get_backend(
+    name: str,
+    device,
+    *,
+    head_dim: int | None = None,
+    dtype: torch.dtype | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+) -> AttentionBackend:
     """dtype: the model's (queries'); k_scale / v_scale: the fp8 KV cache's scales, if it is one."""
     resolved = resolve_backend_name(name, device, head_dim=head_dim, dtype=dtype)
     module_name, class_name = _BACKENDS[resolved]
@@ -71,16 +79,21 @@ def get_backend(name: str, device, *, head_dim: int | None = None, dtype: torch.
     except ImportError as e:
         raise BackendUnavailable(
             f"attention backend {resolved!r} is not available ({type(e).__name__}: {e}); "
-            f"use attention_backend=\"sdpa\" or \"auto\"") from e
+            f'use attention_backend="sdpa" or "auto"'
+        ) from e
     try:
         backend = getattr(module, class_name)(k_scale=k_scale, v_scale=v_scale)
-    except BackendUnavailable as e:     # the constructor's reason, with the backend named
+    except BackendUnavailable as e:  # the constructor's reason, with the backend named
         raise BackendUnavailable(f"attention backend {resolved!r} is not available: {e}") from e
-    if (head_dim is not None and getattr(backend, "csrc_decode", resolved == "csrc")
-            and not csrc_decode_supports(head_dim, dtype)):
+    if (
+        head_dim is not None
+        and getattr(backend, "csrc_decode", resolved == "csrc")
+        and not csrc_decode_supports(head_dim, dtype)
+    ):
         raise BackendUnavailable(
             f"attention backend {resolved!r} decodes with the csrc kernel, which has no instance for "
-            f"head_dim {head_dim} ({dtype}); use attention_backend=\"sdpa\" or \"auto\"")
+            f'head_dim {head_dim} ({dtype}); use attention_backend="sdpa" or "auto"'
+        )
     return backend
 
 
@@ -94,12 +107,26 @@ def describe_backend(backend: AttentionBackend) -> dict:
         csrc_decode = getattr(backend, "csrc_decode", backend.name == "csrc")
         if csrc_decode:
             decode = "csrc paged split-KV"
-        else:   # FlashBackend with MODELYARD_KERNELS=0
-            decode = (f"varlen {varlen.name} paged if the block size allows (not with an fp8 cache), "
-                      "else the torch reference")
-    return {"attention_backend": backend.name, "prefill_attention": prefill, "decode_attention": decode,
-            "attention_graph_safe": bool(getattr(backend, "cuda_graph_safe", False))}
+        else:  # FlashBackend with MODELYARD_KERNELS=0
+            decode = (
+                f"varlen {varlen.name} paged if the block size allows (not with an fp8 cache), else the torch reference"
+            )
+    return {
+        "attention_backend": backend.name,
+        "prefill_attention": prefill,
+        "decode_attention": decode,
+        "attention_graph_safe": bool(getattr(backend, "cuda_graph_safe", False)),
+    }
 
 
-__all__ = ["AttentionBackend", "AttentionMetadata", "BackendUnavailable", "BACKEND_NAMES", "csrc_decode_supports",
-           "describe_backend", "gather_kv", "get_backend", "resolve_backend_name"]
+__all__ = [
+    "AttentionBackend",
+    "AttentionMetadata",
+    "BackendUnavailable",
+    "BACKEND_NAMES",
+    "csrc_decode_supports",
+    "describe_backend",
+    "gather_kv",
+    "get_backend",
+    "resolve_backend_name",
+]

@@ -10,6 +10,7 @@ k_scale / v_scale fixed when the backend is built). Every backend writes through
 also applies the rotary embedding the model passes (in the same kernel on CUDA), and every path that
 reads cache rows back in torch goes through `gather_kv`, which dequantizes.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,15 +30,16 @@ class AttentionMetadata:
     KV entries (its cached prefix plus the new tokens, which forward() writes first).
     A pure decode batch has every query_len == 1 (is_decode True).
     """
-    slot_mapping: torch.Tensor      # [T] int64, device
-    block_tables: torch.Tensor      # [S, max_blocks_per_seq] int32, device, padded with 0
-    seq_lens: torch.Tensor          # [S] int32, device: KV length after this step
-    query_start_loc: torch.Tensor   # [S + 1] int32, device: cumulative query lengths
+
+    slot_mapping: torch.Tensor  # [T] int64, device
+    block_tables: torch.Tensor  # [S, max_blocks_per_seq] int32, device, padded with 0
+    seq_lens: torch.Tensor  # [S] int32, device: KV length after this step
+    query_start_loc: torch.Tensor  # [S + 1] int32, device: cumulative query lengths
     max_query_len: int
     max_seq_len: int
-    seq_lens_cpu: list[int]         # host copies, for reference paths and planning
+    seq_lens_cpu: list[int]  # host copies, for reference paths and planning
     query_lens_cpu: list[int]
-    is_decode: bool                 # every sequence has exactly one query token
+    is_decode: bool  # every sequence has exactly one query token
 
     @property
     def num_seqs(self) -> int:
@@ -61,8 +63,9 @@ def gather_kv(cache: torch.Tensor, index: torch.Tensor, dtype: torch.dtype, scal
 class Rotary:
     """The rotary embedding write_kv applies to q and k (in place) before it stores k: the two run
     as one kernel on CUDA (ops.rotary_embedding_and_cache)."""
-    positions: torch.Tensor         # [T] int64
-    cos_sin_cache: torch.Tensor     # [max_pos, head_dim] float32 rows [cos | sin]
+
+    positions: torch.Tensor  # [T] int64
+    cos_sin_cache: torch.Tensor  # [max_pos, head_dim] float32 rows [cos | sin]
     is_neox: bool = True
 
 
@@ -87,19 +90,30 @@ class AttentionBackend:
         if rotary is None:
             ops.reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
         else:
-            ops.rotary_embedding_and_cache(rotary.positions, q, k, v, k_cache, v_cache, meta.slot_mapping,
-                                           k.shape[-1], rotary.cos_sin_cache, rotary.is_neox,
-                                           self.k_scale, self.v_scale)
+            ops.rotary_embedding_and_cache(
+                rotary.positions,
+                q,
+                k,
+                v,
+                k_cache,
+                v_cache,
+                meta.slot_mapping,
+                k.shape[-1],
+                rotary.cos_sin_cache,
+                rotary.is_neox,
+                self.k_scale,
+                self.v_scale,
+            )
 
     def forward(
         self,
-        q: torch.Tensor,        # [T, num_heads, head_dim]
-        k: torch.Tensor,        # [T, num_kv_heads, head_dim]
-        v: torch.Tensor,        # [T, num_kv_heads, head_dim]
+        q: torch.Tensor,  # [T, num_heads, head_dim]
+        k: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        v: torch.Tensor,  # [T, num_kv_heads, head_dim]
         k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
         v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
         meta: AttentionMetadata,
         scale: float,
         rotary: Rotary | None = None,  # applied to q and k (in place) with the cache write
-    ) -> torch.Tensor:          # [T, num_heads, head_dim]
+    ) -> torch.Tensor:  # [T, num_heads, head_dim]
         raise NotImplementedError

@@ -12,15 +12,16 @@ otherwise gathers the context rows into packed K/V first. None of these implemen
 fp8 cache, so with one the prefix case always gathers and dequantizes (fresh prompts are unaffected:
 they attend over the step's own 16-bit K/V), and the kernels-off decode takes the torch reference.
 """
+
 from __future__ import annotations
 
 import importlib
 import inspect
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -55,13 +56,20 @@ class VarlenImpl:
         the elements are the model's (no implementation reads an fp8 cache)."""
         return self.supports_paged(k_cache.shape[1]) and not ops.is_fp8(k_cache)
 
-    def __call__(self, q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float,
-                 seqused_k=None, block_table=None) -> torch.Tensor:
+    def __call__(
+        self, q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float, seqused_k=None, block_table=None
+    ) -> torch.Tensor:
         """Causal attention, bottom-right aligned when a sequence has more keys than queries."""
         if self.name == "torch":
             return self._torch_call(q, k, v, cu_q, cu_k, max_q, max_k, scale, seqused_k, block_table)
-        kw = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k,
-                  softmax_scale=scale, causal=True)
+        kw = dict(
+            cu_seqlens_q=cu_q,
+            cu_seqlens_k=cu_k,
+            max_seqlen_q=max_q,
+            max_seqlen_k=max_k,
+            softmax_scale=scale,
+            causal=True,
+        )
         if block_table is not None:
             kw["block_table"] = block_table
         if seqused_k is not None and "seqused_k" in self.params:
@@ -70,9 +78,9 @@ class VarlenImpl:
 
     def _torch_call(self, q, k, v, cu_q, cu_k, max_q, max_k, scale, seqused_k, block_table):
         kw = {}
-        if "is_causal" in self.params:      # torch 2.9
+        if "is_causal" in self.params:  # torch 2.9
             kw["is_causal"] = True
-        else:                               # torch >= 2.10: causal is window (-1, 0)
+        else:  # torch >= 2.10: causal is window (-1, 0)
             kw["window_size"] = (-1, 0)
         if "scale" in self.params:
             kw["scale"] = scale
@@ -129,16 +137,17 @@ def cu_seqlens(lens: torch.Tensor) -> torch.Tensor:
     return F.pad(torch.cumsum(lens, 0, dtype=torch.int32), (1, 0))
 
 
-def context_slots(block_tables: torch.Tensor, seq_lens: torch.Tensor, seq_lens_cpu: list[int],
-                  block_size: int) -> torch.Tensor:
+def context_slots(
+    block_tables: torch.Tensor, seq_lens: torch.Tensor, seq_lens_cpu: list[int], block_size: int
+) -> torch.Tensor:
     """Cache slots of every context token, sequences concatenated: [sum(seq_lens)] int64.
     seq_lens [S] (device) and its host copy: the host one sizes the outputs, so nothing syncs."""
     dev = block_tables.device
     lens = seq_lens.to(torch.int64)
     n = int(sum(seq_lens_cpu))
     seq_ids = torch.repeat_interleave(torch.arange(len(seq_lens_cpu), device=dev), lens, output_size=n)  # [N]
-    starts = torch.cumsum(lens, 0) - lens                                              # [S]
-    pos = torch.arange(n, device=dev) - starts[seq_ids]                                # [N]
+    starts = torch.cumsum(lens, 0) - lens  # [S]
+    pos = torch.arange(n, device=dev) - starts[seq_ids]  # [N]
     blocks = block_tables[seq_ids, pos // block_size].to(torch.int64)
     return blocks * block_size + pos % block_size
 
@@ -149,8 +158,18 @@ def decode_len_hint(meta: AttentionMetadata) -> int | None:
     return None if capturing else meta.max_seq_len
 
 
-def prefill_varlen(impl: VarlenImpl, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float,
-                   k_scale: float = 1.0, v_scale: float = 1.0):
+def prefill_varlen(
+    impl: VarlenImpl,
+    q,
+    k,
+    v,
+    k_cache,
+    v_cache,
+    meta: AttentionMetadata,
+    scale: float,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+):
     """q [T, Hq, D], k/v [T, Hk, D] (already in the cache) -> [T, Hq, D].
 
     Fresh prompts attend over the step's own K/V. Sequences with a cached prefix (a chunked prompt's
@@ -164,33 +183,51 @@ def prefill_varlen(impl: VarlenImpl, q, k, v, k_cache, v_cache, meta: AttentionM
         return impl(q, k, v, cu_q, cu_q, meta.max_query_len, meta.max_query_len, scale)
     p = len(fresh)
     while p > 0 and fresh[p - 1]:
-        p -= 1                                      # sequences p.. are fresh; some before p are not
+        p -= 1  # sequences p.. are fresh; some before p are not
     if p == len(fresh):
         return _prefill_from_cache(impl, q, k_cache, v_cache, meta, scale, k_scale, v_scale)
-    r = sum(q_lens[:p])                             # query rows of the leading sequences
+    r = sum(q_lens[:p])  # query rows of the leading sequences
     head = AttentionMetadata(
-        slot_mapping=meta.slot_mapping[:r], block_tables=meta.block_tables[:p], seq_lens=meta.seq_lens[:p],
-        query_start_loc=meta.query_start_loc[:p + 1], max_query_len=max(q_lens[:p]),
-        max_seq_len=max(seq_lens[:p]), seq_lens_cpu=seq_lens[:p], query_lens_cpu=q_lens[:p], is_decode=False)
+        slot_mapping=meta.slot_mapping[:r],
+        block_tables=meta.block_tables[:p],
+        seq_lens=meta.seq_lens[:p],
+        query_start_loc=meta.query_start_loc[: p + 1],
+        max_query_len=max(q_lens[:p]),
+        max_seq_len=max(seq_lens[:p]),
+        seq_lens_cpu=seq_lens[:p],
+        query_lens_cpu=q_lens[:p],
+        is_decode=False,
+    )
     out_head = _prefill_from_cache(impl, q[:r], k_cache, v_cache, head, scale, k_scale, v_scale)
-    cu_tail = meta.query_start_loc[p:] - r          # [S - p + 1]
+    cu_tail = meta.query_start_loc[p:] - r  # [S - p + 1]
     max_tail = max(q_lens[p:])
     out_tail = impl(q[r:], k[r:], v[r:], cu_tail, cu_tail, max_tail, max_tail, scale)
     return torch.cat([out_head, out_tail])
 
 
-def _prefill_from_cache(impl: VarlenImpl, q, k_cache, v_cache, meta: AttentionMetadata, scale: float,
-                        k_scale: float, v_scale: float):
+def _prefill_from_cache(
+    impl: VarlenImpl, q, k_cache, v_cache, meta: AttentionMetadata, scale: float, k_scale: float, v_scale: float
+):
     """Every sequence attends over its whole context as the cache holds it (new rows included)."""
     cu_q = meta.query_start_loc
     block_size = k_cache.shape[1]
     cu_k = cu_seqlens(meta.seq_lens)
     if impl.reads_cache(k_cache):
-        return impl(q, k_cache, v_cache, cu_q, cu_k, meta.max_query_len, meta.max_seq_len, scale,
-                    seqused_k=meta.seq_lens, block_table=meta.block_tables)
+        return impl(
+            q,
+            k_cache,
+            v_cache,
+            cu_q,
+            cu_k,
+            meta.max_query_len,
+            meta.max_seq_len,
+            scale,
+            seqused_k=meta.seq_lens,
+            block_table=meta.block_tables,
+        )
     slots = context_slots(meta.block_tables, meta.seq_lens, meta.seq_lens_cpu, block_size)
     hk, d = k_cache.shape[2], k_cache.shape[3]
-    k_ctx = gather_kv(k_cache.view(-1, hk, d), slots, q.dtype, k_scale)   # [sum(seq_lens), Hk, D]
+    k_ctx = gather_kv(k_cache.view(-1, hk, d), slots, q.dtype, k_scale)  # [sum(seq_lens), Hk, D]
     v_ctx = gather_kv(v_cache.view(-1, hk, d), slots, q.dtype, v_scale)
     return impl(q, k_ctx, v_ctx, cu_q, cu_k, meta.max_query_len, meta.max_seq_len, scale)
 
@@ -214,24 +251,47 @@ class FlashBackend(AttentionBackend):
         """Decode launches without host syncs (the reference decode syncs on seq_lens)."""
         return self.csrc_decode
 
-    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float,
-                rotary: Rotary | None = None) -> torch.Tensor:
+    def forward(
+        self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, rotary: Rotary | None = None
+    ) -> torch.Tensor:
         if q.dtype not in (torch.float16, torch.bfloat16):
-            raise ValueError(f"FlashAttention runs float16/bfloat16, got {q.dtype}; use attention_backend='csrc' "
-                             "or 'sdpa' for float32")
+            raise ValueError(
+                f"FlashAttention runs float16/bfloat16, got {q.dtype}; use attention_backend='csrc' "
+                "or 'sdpa' for float32"
+            )
         self.write_kv(k, v, k_cache, v_cache, meta, q, rotary)
         if not meta.is_decode:
-            return prefill_varlen(self.varlen, q, k, v, k_cache, v_cache, meta, scale,
-                                  k_scale=self.k_scale, v_scale=self.v_scale)
+            return prefill_varlen(
+                self.varlen, q, k, v, k_cache, v_cache, meta, scale, k_scale=self.k_scale, v_scale=self.v_scale
+            )
         if self.csrc_decode:
-            return ops.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
-                                              max_seq_len=decode_len_hint(meta),
-                                              k_scale=self.k_scale, v_scale=self.v_scale)
+            return ops.paged_decode_attention(
+                q,
+                k_cache,
+                v_cache,
+                meta.block_tables,
+                meta.seq_lens,
+                scale,
+                max_seq_len=decode_len_hint(meta),
+                k_scale=self.k_scale,
+                v_scale=self.v_scale,
+            )
         if self.varlen.reads_cache(k_cache):
-            return self.varlen(q, k_cache, v_cache, meta.query_start_loc, cu_seqlens(meta.seq_lens), 1,
-                               meta.max_seq_len, scale, seqused_k=meta.seq_lens, block_table=meta.block_tables)
-        return ops.paged_decode_attention_ref(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
-                                              self.k_scale, self.v_scale)
+            return self.varlen(
+                q,
+                k_cache,
+                v_cache,
+                meta.query_start_loc,
+                cu_seqlens(meta.seq_lens),
+                1,
+                meta.max_seq_len,
+                scale,
+                seqused_k=meta.seq_lens,
+                block_table=meta.block_tables,
+            )
+        return ops.paged_decode_attention_ref(
+            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, self.k_scale, self.v_scale
+        )
 
 
 def auto_backend_name() -> str:
@@ -251,8 +311,11 @@ def describe_backends() -> dict:
     except BackendUnavailable as e:
         selected = f"none: {e}"
     on_cuda = torch.cuda.is_available()
-    decode = ("csrc paged_decode_attention (split-KV)" if on_cuda and kernels.enabled()
-              else "torch reference (paged_decode_attention_ref)")
+    decode = (
+        "csrc paged_decode_attention (split-KV)"
+        if on_cuda and kernels.enabled()
+        else "torch reference (paged_decode_attention_ref)"
+    )
     return {
         "auto": auto_backend_name(),
         "prefill_varlen": selected,

@@ -3,9 +3,10 @@
 Models are built from the checkpoint's HF config on the target device/dtype, then
 `load_weights` consumes (hf_name, tensor) pairs streamed one at a time by the loader.
 """
+
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -14,8 +15,8 @@ from ..attention.base import AttentionBackend, AttentionMetadata
 
 
 class NativeVLM(nn.Module):
-    image_token_id: int           # the placeholder id in input_ids, one per image feature row
-    num_layers: int               # decoder layers (one KV pair each)
+    image_token_id: int  # the placeholder id in input_ids, one per image feature row
+    num_layers: int  # decoder layers (one KV pair each)
     num_kv_heads: int
     head_dim: int
     vocab_size: int
@@ -34,12 +35,12 @@ class NativeVLM(nn.Module):
 
     def forward(
         self,
-        inputs_embeds: torch.Tensor,        # [T, hidden]
-        positions: torch.Tensor,            # [T] int64
+        inputs_embeds: torch.Tensor,  # [T, hidden]
+        positions: torch.Tensor,  # [T] int64
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],  # per layer (k_cache, v_cache)
         meta: AttentionMetadata,
         attn: AttentionBackend,
-    ) -> torch.Tensor:                      # [T, hidden] after the final norm
+    ) -> torch.Tensor:  # [T, hidden] after the final norm
         raise NotImplementedError
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

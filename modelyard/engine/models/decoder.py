@@ -5,6 +5,7 @@ for the merged projections (`qkv_proj`, `gate_up_proj`), which the loader fills 
 Tokens are packed: every tensor is [T, ...] over all sequences of the step, described by
 AttentionMetadata; the attention backend writes and reads the paged cache.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ class DecoderSpec:
     mlp_bias: bool
     max_position_embeddings: int
     rope: RopeSpec
-    sliding_window: int | None    # Mistral-style window; None when every layer attends to everything
+    sliding_window: int | None  # Mistral-style window; None when every layer attends to everything
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -44,27 +45,35 @@ class DecoderSpec:
             raise ValueError(f"rotary embeddings need an even head_dim, got {self.head_dim}")
 
     @classmethod
-    def from_hf(cls, cfg) -> "DecoderSpec":
+    def from_hf(cls, cfg) -> DecoderSpec:
         model_type = cfg.model_type
         act = getattr(cfg, "hidden_act", "silu")
         if act != "silu":
             raise UnsupportedArchitecture(f"decoder hidden_act {act!r} is not supported natively (only 'silu')")
         num_heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // num_heads
-        if model_type == "qwen2":          # Qwen2 always has q/k/v biases and no others
+        if model_type == "qwen2":  # Qwen2 always has q/k/v biases and no others
             qkv_bias, o_bias, mlp_bias = True, False, False
         elif model_type == "mistral":
             qkv_bias = o_bias = mlp_bias = False
-        else:                              # Llama: one flag for all four attention projections
+        else:  # Llama: one flag for all four attention projections
             qkv_bias = o_bias = bool(getattr(cfg, "attention_bias", False))
             mlp_bias = bool(getattr(cfg, "mlp_bias", False))
         return cls(
-            model_type=model_type, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-            num_layers=cfg.num_hidden_layers, num_heads=num_heads,
-            num_kv_heads=getattr(cfg, "num_key_value_heads", None) or num_heads, head_dim=head_dim,
-            vocab_size=cfg.vocab_size, rms_norm_eps=float(cfg.rms_norm_eps),
-            qkv_bias=qkv_bias, o_bias=o_bias, mlp_bias=mlp_bias,
-            max_position_embeddings=int(cfg.max_position_embeddings), rope=RopeSpec.from_hf(cfg),
+            model_type=model_type,
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            num_layers=cfg.num_hidden_layers,
+            num_heads=num_heads,
+            num_kv_heads=getattr(cfg, "num_key_value_heads", None) or num_heads,
+            head_dim=head_dim,
+            vocab_size=cfg.vocab_size,
+            rms_norm_eps=float(cfg.rms_norm_eps),
+            qkv_bias=qkv_bias,
+            o_bias=o_bias,
+            mlp_bias=mlp_bias,
+            max_position_embeddings=int(cfg.max_position_embeddings),
+            rope=RopeSpec.from_hf(cfg),
             sliding_window=_sliding_window(cfg),
         )
 
@@ -84,25 +93,30 @@ class DecoderAttention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
         q_rows, kv_rows = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-        self.qkv_proj = MergedLinear(spec.hidden_size, {"q_proj": q_rows, "k_proj": kv_rows, "v_proj": kv_rows},
-                                     bias=spec.qkv_bias)
-        self.qkv_sizes = [q_rows, kv_rows, kv_rows]    # kept here: quantization may replace qkv_proj
+        self.qkv_proj = MergedLinear(
+            spec.hidden_size, {"q_proj": q_rows, "k_proj": kv_rows, "v_proj": kv_rows}, bias=spec.qkv_bias
+        )
+        self.qkv_sizes = [q_rows, kv_rows, kv_rows]  # kept here: quantization may replace qkv_proj
         self.o_proj = nn.Linear(q_rows, spec.hidden_size, bias=spec.o_bias)
-        self.scale = spec.head_dim ** -0.5
+        self.scale = spec.head_dim**-0.5
 
     def forward(self, rotary: Rotary, hidden, kv_cache, meta: AttentionMetadata, attn: AttentionBackend):
-        qkv = self.qkv_proj(hidden)     # hidden: [T, H], or a QuantizedInput -> [T, (Hq + 2 Hk) * D]
+        qkv = self.qkv_proj(hidden)  # hidden: [T, H], or a QuantizedInput -> [T, (Hq + 2 Hk) * D]
         T = qkv.shape[0]
         # Views into qkv, no copies (three fewer kernels per layer): rotary (in place), the cache
         # write and the attention kernels all take a row stride with dense heads within the row.
-        q, k, v = qkv.split(self.qkv_sizes, dim=-1)         # [T, H * D], row stride of qkv
+        q, k, v = qkv.split(self.qkv_sizes, dim=-1)  # [T, H * D], row stride of qkv
         # The backend rotates q and k in place and writes k and v to the cache, in one kernel.
         out = attn.forward(
             q.view(T, self.num_heads, self.head_dim),
             k.view(T, self.num_kv_heads, self.head_dim),
             v.view(T, self.num_kv_heads, self.head_dim),
-            kv_cache[0], kv_cache[1], meta, self.scale, rotary=rotary,
-        )                                                                 # [T, Hq, D]
+            kv_cache[0],
+            kv_cache[1],
+            meta,
+            self.scale,
+            rotary=rotary,
+        )  # [T, Hq, D]
         return self.o_proj(out.reshape(T, self.num_heads * self.head_dim))
 
 
@@ -110,15 +124,14 @@ class DecoderMLP(nn.Module):
     def __init__(self, spec: DecoderSpec):
         super().__init__()
         inter = spec.intermediate_size
-        self.gate_up_proj = MergedLinear(spec.hidden_size, {"gate_proj": inter, "up_proj": inter},
-                                         bias=spec.mlp_bias)
+        self.gate_up_proj = MergedLinear(spec.hidden_size, {"gate_proj": inter, "up_proj": inter}, bias=spec.mlp_bias)
         self.down_proj = nn.Linear(inter, spec.hidden_size, bias=spec.mlp_bias)
         # down_proj is fp8 (set by quant.quantize_model): the activation kernel writes its input
         # quantized, so the [T, I] activation never exists in the model dtype.
         self.quant_act = False
 
     def forward(self, x: torch.Tensor | QuantizedInput) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)                                   # [T, 2I]
+        gate_up = self.gate_up_proj(x)  # [T, 2I]
         if self.quant_act:
             return self.down_proj(QuantizedInput(*ops.silu_and_mul_quant_fp8(gate_up)))
         return self.down_proj(ops.silu_and_mul(gate_up))
@@ -165,8 +178,8 @@ class DecoderModel(nn.Module):
     def forward(self, inputs_embeds, positions, kv_caches, meta: AttentionMetadata, attn: AttentionBackend):
         if len(kv_caches) != len(self.layers):
             raise ValueError(f"got {len(kv_caches)} KV caches for {len(self.layers)} decoder layers")
-        hidden, residual = inputs_embeds, None                           # [T, H]
-        rotary = Rotary(positions, self.cos_sin_cache, is_neox=True)     # every layer's, one object
+        hidden, residual = inputs_embeds, None  # [T, H]
+        rotary = Rotary(positions, self.cos_sin_cache, is_neox=True)  # every layer's, one object
         for layer, kv_cache in zip(self.layers, kv_caches):
             hidden, residual = layer(rotary, hidden, residual, kv_cache, meta, attn)
         hidden, _ = self.norm(hidden, residual)

@@ -1,4 +1,5 @@
 """Small building blocks shared by the native models: merged linears, activations, RMSNorm."""
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -13,8 +14,9 @@ from .. import ops
 class QuantizedInput(NamedTuple):
     """A linear layer's input already quantized per token (x ~= q * scale row by row), produced by the
     kernel that computed x (quant.Fp8Linear's consumers: the decoder norms and silu_and_mul)."""
-    q: torch.Tensor       # [..., K] float8_e4m3fn
-    scale: torch.Tensor   # [..., 1] float32
+
+    q: torch.Tensor  # [..., K] float8_e4m3fn
+    scale: torch.Tensor  # [..., 1] float32
 
 
 class MergedLinear(nn.Linear):

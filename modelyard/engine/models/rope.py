@@ -5,6 +5,7 @@ use `rope_theta` plus an optional `rope_scaling` dict ({"type" or "rope_type", "
 The inverse frequencies and the angle products are computed in float32 exactly as transformers does,
 so the positions' cos/sin match the reference bit for bit on the same device.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,23 +22,24 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 class RopeSpec:
     rope_type: str = "default"
     theta: float = 10000.0
-    factor: float = 1.0                       # linear, llama3
-    low_freq_factor: float = 1.0              # llama3
-    high_freq_factor: float = 4.0             # llama3
+    factor: float = 1.0  # linear, llama3
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
     original_max_position_embeddings: int = 8192  # llama3
 
     def __post_init__(self):
         if self.rope_type not in SUPPORTED_ROPE_TYPES:
             raise UnsupportedArchitecture(
                 f"rope_type {self.rope_type!r} is not supported by the native engine (supported: "
-                f"{SUPPORTED_ROPE_TYPES}); use EngineConfig(backend=\"transformers\") for this checkpoint")
+                f'{SUPPORTED_ROPE_TYPES}); use EngineConfig(backend="transformers") for this checkpoint'
+            )
         if self.theta <= 0 or self.factor <= 0:
             raise ValueError(f"invalid rope parameters: theta={self.theta}, factor={self.factor}")
         if self.rope_type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
             raise ValueError("llama3 rope needs high_freq_factor > low_freq_factor")
 
     @classmethod
-    def from_hf(cls, text_config) -> "RopeSpec":
+    def from_hf(cls, text_config) -> RopeSpec:
         params = getattr(text_config, "rope_parameters", None)
         if params is None:  # transformers 4.x layout
             params = dict(getattr(text_config, "rope_scaling", None) or {})
@@ -46,7 +48,8 @@ class RopeSpec:
         if params and all(isinstance(v, dict) for v in params.values()):
             raise UnsupportedArchitecture(
                 "per-layer-type rope parameters are not supported by the native engine; "
-                "use EngineConfig(backend=\"transformers\")")
+                'use EngineConfig(backend="transformers")'
+            )
         rope_type = params.get("rope_type", params.get("type", "default")) or "default"
         partial = params.get("partial_rotary_factor", getattr(text_config, "partial_rotary_factor", None))
         if partial not in (None, 1.0):
@@ -65,7 +68,7 @@ class RopeSpec:
 def inv_freq(spec: RopeSpec, head_dim: int, device=None) -> torch.Tensor:
     """[head_dim // 2] float32 inverse frequencies after the spec's scaling."""
     exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).to(torch.float32) / head_dim
-    freq = 1.0 / (spec.theta ** exponent)
+    freq = 1.0 / (spec.theta**exponent)
     if spec.rope_type == "linear":
         return freq / spec.factor
     if spec.rope_type == "llama3":
@@ -84,6 +87,6 @@ def inv_freq(spec: RopeSpec, head_dim: int, device=None) -> torch.Tensor:
 
 def cos_sin_cache(spec: RopeSpec, head_dim: int, max_pos: int, device=None) -> torch.Tensor:
     """[max_pos, head_dim] float32 rows of [cos(head_dim/2) | sin(head_dim/2)] (the ops layout)."""
-    freq = inv_freq(spec, head_dim, device)                                  # [D/2]
+    freq = inv_freq(spec, head_dim, device)  # [D/2]
     angles = torch.arange(max_pos, device=device, dtype=torch.float32)[:, None] * freq[None, :]
     return torch.cat([angles.cos(), angles.sin()], dim=-1)

@@ -5,6 +5,7 @@ penultimate layer, so its last CLIP layer is never allocated (its weights are sk
 Module names mirror the HF checkpoints' (`embeddings`, `pre_layrnorm`, `encoder.layers.N`) except for
 the merged `qkv_proj`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,17 +22,17 @@ _KINDS = {"clip_vision_model": "clip", "siglip_vision_model": "siglip"}
 # SDPA backends for the tower: cuDNN left out (it exists on CUDA only, so on the CPU nothing changes).
 # torch picks it first on Hopper, and it builds an execution plan for every new image-batch size
 # (~30 ms each, the batch size changes with every prefill step); FlashAttention needs no plan and was
-# within 6% of cuDNN's steady speed for CLIP-L/336 (H200, benchmarks/RESULTS.md, session 4).
+# within 6% of cuDNN's steady speed for CLIP-L/336 on an H200.
 _TOWER_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass(frozen=True)
 class VisionSpec:
-    kind: str                 # "clip" (class token, pre-layernorm, bias-free patch conv) or "siglip"
+    kind: str  # "clip" (class token, pre-layernorm, bias-free patch conv) or "siglip"
     hidden_size: int
     intermediate_size: int
     num_heads: int
-    num_layers: int           # layers in the checkpoint
+    num_layers: int  # layers in the checkpoint
     image_size: int
     patch_size: int
     num_channels: int
@@ -46,12 +47,18 @@ class VisionSpec:
         activation(self.hidden_act)  # fail at build time, not at the first image
 
     @classmethod
-    def from_hf(cls, cfg) -> "VisionSpec":
+    def from_hf(cls, cfg) -> VisionSpec:
         return cls(
-            kind=_KINDS[cfg.model_type], hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-            num_heads=cfg.num_attention_heads, num_layers=cfg.num_hidden_layers, image_size=cfg.image_size,
-            patch_size=cfg.patch_size, num_channels=getattr(cfg, "num_channels", 3),
-            layer_norm_eps=float(cfg.layer_norm_eps), hidden_act=cfg.hidden_act,
+            kind=_KINDS[cfg.model_type],
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            num_heads=cfg.num_attention_heads,
+            num_layers=cfg.num_hidden_layers,
+            image_size=cfg.image_size,
+            patch_size=cfg.patch_size,
+            num_channels=getattr(cfg, "num_channels", 3),
+            layer_norm_eps=float(cfg.layer_norm_eps),
+            hidden_act=cfg.hidden_act,
         )
 
     @property
@@ -70,22 +77,29 @@ class VisionEmbeddings(nn.Module):
         self.spec = spec
         if spec.kind == "clip":
             self.class_embedding = nn.Parameter(torch.empty(spec.hidden_size))
-        self.patch_embedding = nn.Conv2d(spec.num_channels, spec.hidden_size, kernel_size=spec.patch_size,
-                                         stride=spec.patch_size, bias=spec.kind == "siglip")
+        self.patch_embedding = nn.Conv2d(
+            spec.num_channels,
+            spec.hidden_size,
+            kernel_size=spec.patch_size,
+            stride=spec.patch_size,
+            bias=spec.kind == "siglip",
+        )
         self.position_embedding = nn.Embedding(spec.num_positions, spec.hidden_size)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         N, _, H, W = pixel_values.shape
         if H != self.spec.image_size or W != self.spec.image_size:
-            raise ValueError(f"pixel_values are {H}x{W}; this vision tower takes "
-                             f"{self.spec.image_size}x{self.spec.image_size} (the checkpoint's processor size)")
+            raise ValueError(
+                f"pixel_values are {H}x{W}; this vision tower takes "
+                f"{self.spec.image_size}x{self.spec.image_size} (the checkpoint's processor size)"
+            )
         weight = self.patch_embedding.weight
-        patches = self.patch_embedding(pixel_values.to(weight.dtype))    # [N, E, h, w]
-        x = patches.flatten(2).transpose(1, 2)                          # [N, h*w, E]
+        patches = self.patch_embedding(pixel_values.to(weight.dtype))  # [N, E, h, w]
+        x = patches.flatten(2).transpose(1, 2)  # [N, h*w, E]
         if self.spec.kind == "clip":
             cls = self.class_embedding.expand(N, 1, -1)
-            x = torch.cat([cls, x], dim=1)                              # [N, 1 + h*w, E]
-        return x + self.position_embedding.weight                       # positions are 0..L-1 in order
+            x = torch.cat([cls, x], dim=1)  # [N, 1 + h*w, E]
+        return x + self.position_embedding.weight  # positions are 0..L-1 in order
 
 
 class VisionAttention(nn.Module):
@@ -95,12 +109,12 @@ class VisionAttention(nn.Module):
         self.num_heads, self.head_dim = spec.num_heads, E // spec.num_heads
         self.qkv_proj = MergedLinear(E, {"q_proj": E, "k_proj": E, "v_proj": E}, bias=True)
         self.out_proj = nn.Linear(E, E)
-        self.scale = self.head_dim ** -0.5
+        self.scale = self.head_dim**-0.5
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         N, L, E = x.shape
         qkv = self.qkv_proj(x).view(N, L, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                  # [N, heads, L, d] each
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [N, heads, L, d] each
         out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # bidirectional over the image
         return self.out_proj(out.transpose(1, 2).reshape(N, L, E))
 
@@ -153,7 +167,7 @@ class VisionTower(nn.Module):
         self.encoder = VisionEncoder(spec, max(self.feature_indices))
 
     def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        x = self.embeddings(pixel_values)                               # [N, L, E]
+        x = self.embeddings(pixel_values)  # [N, L, E]
         if self.spec.kind == "clip":
             x = self.pre_layrnorm(x)
         wanted = set(self.feature_indices)

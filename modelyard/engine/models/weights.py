@@ -9,10 +9,11 @@ Layouts seen in the wild (all map to one canonical form, the native module names
                               multi_modal_projector...
 Separate q/k/v and gate/up tensors land in their rows of the merged parameters (see MergedLinear).
 """
+
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -63,8 +64,9 @@ def _some(names: Iterable[str], limit: int = 10) -> str:
 
 
 @torch.no_grad()
-def load_named_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
-                       ignored: Callable[[str], bool]) -> set[str]:
+def load_named_weights(
+    model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], ignored: Callable[[str], bool]
+) -> set[str]:
     """Copy each (checkpoint name, tensor) into its parameter (casting to the parameter's dtype and device).
 
     `ignored(canonical_name)` marks checkpoint tensors the model deliberately does not use.
@@ -83,8 +85,10 @@ def load_named_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tens
         param, offset, rows = target
         dst = param.data if offset is None else param.data.narrow(0, offset, rows)
         if tuple(dst.shape) != tuple(tensor.shape):
-            raise CheckpointMismatch(f"shape mismatch for {name!r}: checkpoint {tuple(tensor.shape)}, "
-                                     f"model expects {tuple(dst.shape)} (config.json and weights disagree)")
+            raise CheckpointMismatch(
+                f"shape mismatch for {name!r}: checkpoint {tuple(tensor.shape)}, "
+                f"model expects {tuple(dst.shape)} (config.json and weights disagree)"
+            )
         dst.copy_(tensor)
         loaded.add(key)
     missing = set(targets) - loaded
