@@ -116,7 +116,7 @@ def _engine_info(stats: dict, config: EngineConfig) -> dict:
     return {
         "backend": stats.get("backend", config.backend),
         "device": stats.get("device", config.device),
-        "max_batch_size": int(stats.get("max_batch_size") or config.max_batch_size),
+        "max_batch_size": int(stats.get("max_batch_size") or config.max_batch_size or 8),
         "kv_tokens": int(blocks * block) if blocks and block else None,
     }
 

@@ -84,9 +84,11 @@ examples:
   modelyard caption /models/llava photos/ --prompt "short=Caption in ten words." --prompt "long=Describe it."
   modelyard caption /models/llava 'photos/**/*.jpg' --engine max_batch_size=32 --engine dtype=bfloat16
 
-Outputs in OUT: results.jsonl (while running), results.parquet, report.html, summary.json.
-Exit code: 0 all rows written (bad images are error rows); 1 some rows unfinished (rerun to
-retry them); 2 a mistake in the command or its inputs."""
+Outputs in OUT: results.jsonl (while running), results.parquet, comparison.parquet, report.html,
+summary.json, job.json.
+Exit code: 0 all rows written (bad images are error rows); 1 some rows unfinished or a model
+could not run (the message says whether a rerun retries them); 2 a mistake in the command or its
+inputs."""
 
 _COMPARE_EPILOG = """\
 examples:

@@ -22,7 +22,7 @@ def build_engine_parts(path, config: EngineConfig) -> dict:
     """Everything Engine.__init__ takes, built from an HF-format checkpoint directory."""
     from .attention import get_backend
     from .cuda_graphs import decode_graphs_for
-    from .kv_cache import KVCache, KVCacheSpec, estimate_activation_bytes, plan_num_blocks
+    from .kv_cache import KVCache, KVCacheSpec, estimate_activation_bytes, plan_num_blocks, with_device_budgets
     from .loader import load_model, read_config
     from .quant import check_quantization, quantize_model
     from .runner import ModelRunner
@@ -48,6 +48,7 @@ def build_engine_parts(path, config: EngineConfig) -> dict:
     load_seconds = time.perf_counter() - t_load
 
     t_kv = time.perf_counter()
+    config = with_device_budgets(config, hf_config, device, dtype, weights_bytes)
     spec = KVCacheSpec(model.num_layers, model.num_kv_heads, model.head_dim, config.block_size, kv_dtype)
     num_blocks, sizing = plan_num_blocks(
         config, spec, device, weights_bytes, estimate_activation_bytes(hf_config, config, dtype), max_model_len

@@ -11,14 +11,27 @@ _ATTN = ("auto", "sdpa", "flash", "csrc")
 FP8_KV_CACHE_DTYPES = ("fp8", "fp8_e4m3")
 KV_CACHE_DTYPES = ("auto", *FP8_KV_CACHE_DTYPES)
 QUANTIZATION_METHODS = (None, "fp8")  # the methods themselves live in quant.py
+# What an unset max_batch_size / max_prefill_tokens becomes. On a GPU the configuration the benchmarks
+# run: the KV pool and the scheduler's decode reserve decide how many of the 256 run at once, and the
+# prefill budget shrinks where its activations would crowd out the pool (kv_cache.with_device_budgets).
+# On a CPU, values that keep a step's activations small.
+DEVICE_BUDGETS = {
+    "cuda": {"max_batch_size": 256, "max_prefill_tokens": 16384},
+    "cpu": {"max_batch_size": 64, "max_prefill_tokens": 8192},
+}
+
+
+def device_budget(name: str, device_type: str) -> int:
+    """The default of `name` (max_batch_size or max_prefill_tokens) on a device of this type."""
+    return DEVICE_BUDGETS["cuda" if device_type == "cuda" else "cpu"][name]
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     device: str | None = None  # None: cuda if available, else cpu
     dtype: str | None = None  # None: bfloat16 on cuda, float32 on cpu
-    max_batch_size: int = 64  # running sequences at once
-    max_prefill_tokens: int = 8192  # tokens per prefill step; longer prompts are chunked
+    max_batch_size: int | None = None  # running sequences at once; None: the device's default below
+    max_prefill_tokens: int | None = None  # tokens per prefill step (longer prompts are chunked); likewise
     cache_max_entry_count: float = 0.8  # fraction of free memory after weights load for the KV pool
     gpu_memory_budget_gib: float | None = None  # absolute budget (weights + KV + activations)
     block_size: int = 16
@@ -50,7 +63,7 @@ class EngineConfig:
         if self.dtype is not None and self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
         for name in ("max_batch_size", "max_prefill_tokens", "block_size", "max_image_batch"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 < self.cache_max_entry_count <= 1.0:
             raise ValueError(f"cache_max_entry_count must be in (0, 1], got {self.cache_max_entry_count}")

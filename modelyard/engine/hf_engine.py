@@ -53,6 +53,8 @@ class HFEngine:
 
         config = config or EngineConfig(backend="transformers")
         _check_supported(config)  # before loading any weights
+        if config.max_batch_size is None:  # generate() pads each group: 64 is transformers' sweet spot
+            config = config.replace(max_batch_size=64)
         path = str(path)
         dtype = config.resolved_dtype()
         t0 = time.perf_counter()
@@ -110,6 +112,7 @@ class HFEngine:
             # no pool to preallocate: transformers grows its cache per generate() call
             "load_seconds": self.load_seconds,
             "kv_alloc_seconds": 0.0,
+            "max_batch_size": self.config.max_batch_size,
         }
 
     def close(self) -> None:

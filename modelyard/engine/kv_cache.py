@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from . import memory, ops
-from .config import EngineConfig
+from .config import EngineConfig, device_budget
 
 GIB = 1024**3
 _CPU_RAM_FRACTION = 0.25  # default CPU pool: at most this share of the available RAM
@@ -72,6 +72,37 @@ def estimate_activation_bytes(hf_config, config: EngineConfig, dtype: torch.dtyp
         max_image_batch=config.max_image_batch,
         itemsize=torch.empty((), dtype=dtype).element_size(),
     )
+
+
+_MIN_PREFILL_TOKENS = 2048
+_PREFILL_SHARE = 0.25  # at most this share of the engine's memory goes to a prefill step's activations
+
+
+def with_device_budgets(
+    config: EngineConfig, hf_config, device: torch.device, dtype: torch.dtype, weights_bytes: int
+) -> EngineConfig:
+    """`config` with an unset max_batch_size / max_prefill_tokens filled for `device` (config.py's
+    DEVICE_BUDGETS). On a GPU the prefill budget is halved, down to 2048 tokens, while its activations
+    would take more than a quarter of the memory the engine has after its weights (the budget, or
+    cache_max_entry_count of what is free), so a small GPU keeps its memory for the KV pool."""
+    batch = config.max_batch_size or device_budget("max_batch_size", device.type)
+    tokens = config.max_prefill_tokens
+    if tokens is None:
+        tokens = device_budget("max_prefill_tokens", device.type)
+        if device.type == "cuda":
+            if config.gpu_memory_budget_gib is not None:
+                room = int(config.gpu_memory_budget_gib * GIB) - weights_bytes
+            else:
+                room = int(torch.cuda.mem_get_info(device)[0] * config.cache_max_entry_count)
+            while (
+                tokens > _MIN_PREFILL_TOKENS
+                and estimate_activation_bytes(
+                    hf_config, config.replace(max_batch_size=batch, max_prefill_tokens=tokens), dtype
+                )
+                > _PREFILL_SHARE * room
+            ):
+                tokens //= 2
+    return config.replace(max_batch_size=batch, max_prefill_tokens=tokens)
 
 
 def plan_num_blocks(

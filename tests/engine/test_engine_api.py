@@ -5,6 +5,7 @@ import gc
 
 import psutil
 import pytest
+import torch
 from hf_reference import hf_greedy
 from PIL import Image
 
@@ -183,3 +184,47 @@ def test_host_memory_stays_flat_over_300_requests(env):
     assert rss[-1] <= rss[0] * 1.10, [r / 2**20 for r in rss]
     assert not eng._entries and eng.stats()["image_features_held"] == 0
     assert eng.stats()["kv_blocks_used"] == 0 and not eng.has_unfinished()
+
+
+def test_unset_batch_and_prefill_budgets_follow_the_device():
+    from modelyard.engine.kv_cache import GIB, estimate_activation_bytes, with_device_budgets
+
+    llama7b = {
+        "text_config": {
+            "hidden_size": 4096,
+            "intermediate_size": 11008,
+            "vocab_size": 32064,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 32,
+            "num_hidden_layers": 32,
+        }
+    }
+    weights = 14 * GIB
+    cpu = with_device_budgets(EngineConfig(), llama7b, torch.device("cpu"), torch.float32, weights)
+    assert (cpu.max_batch_size, cpu.max_prefill_tokens) == (64, 8192)
+    # a GPU with room: the benchmarks' configuration
+    big = with_device_budgets(
+        EngineConfig(gpu_memory_budget_gib=70), llama7b, torch.device("cuda"), torch.bfloat16, weights
+    )
+    assert (big.max_batch_size, big.max_prefill_tokens) == (256, 16384)
+    # 24 GB for a 7B model: the prefill budget shrinks until its activations take <= 1/4 of the 10 GiB left
+    small = with_device_budgets(
+        EngineConfig(gpu_memory_budget_gib=24), llama7b, torch.device("cuda"), torch.bfloat16, weights
+    )
+    assert small.max_batch_size == 256 and small.max_prefill_tokens < 16384
+    assert estimate_activation_bytes(llama7b, small, torch.bfloat16) <= 0.25 * 10 * GIB
+    assert (
+        estimate_activation_bytes(
+            llama7b, small.replace(max_prefill_tokens=2 * small.max_prefill_tokens), torch.bfloat16
+        )
+        > 0.25 * 10 * GIB
+    )
+    # what the user sets stays
+    mine = with_device_budgets(
+        EngineConfig(gpu_memory_budget_gib=24, max_batch_size=8, max_prefill_tokens=512),
+        llama7b,
+        torch.device("cuda"),
+        torch.bfloat16,
+        weights,
+    )
+    assert (mine.max_batch_size, mine.max_prefill_tokens) == (8, 512)

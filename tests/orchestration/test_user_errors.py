@@ -44,7 +44,7 @@ def _data(**change):
         ({"models": [{"path": "org/model", "prompt": 3}]}, r"prompt must be a string or a table or null"),
         (
             {"models": [{"path": "org/model", "engine": {"max_batch_size": "2"}}]},
-            r"engine options: max_batch_size must be an integer, got '2'",
+            r"engine options: max_batch_size must be an integer or null, got '2'",
         ),
         ({"models": [{"path": "org/model", "engine": {"max_batch": 2}}]}, r"did you mean 'max_batch_size'"),
         ({"models": [{"path": "org/model", "engine": {"backend": "vllm"}}]}, r"backend must be one of"),

@@ -20,7 +20,15 @@ from pathlib import Path
 from ..spec.job import JobSpec
 from ..spec.validation import SpecError
 
-_WARN_ENGINE_KEYS = ("dtype", "backend", "attention_backend", "kv_cache_dtype", "kv_cache_k_scale", "kv_cache_v_scale")
+_WARN_ENGINE_KEYS = (
+    "dtype",
+    "backend",
+    "attention_backend",
+    "kv_cache_dtype",
+    "kv_cache_k_scale",
+    "kv_cache_v_scale",
+    "quantization",
+)
 
 
 def _same_path(a: str, b: str) -> bool:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...engine import memory as engine_memory
-from ...engine.config import FP8_KV_CACHE_DTYPES, EngineConfig
+from ...engine.config import FP8_KV_CACHE_DTYPES, EngineConfig, device_budget
 from ..spec.validation import SpecError
 
 GIB = 1024**3
@@ -142,20 +142,19 @@ def estimate_memory(
     if engine.get("num_kv_blocks"):
         tokens = int(engine["num_kv_blocks"]) * int(engine.get("block_size", 16))
     else:
-        seqs = min(int(engine.get("max_batch_size", cfg.max_kv_seqs)), cfg.max_kv_seqs)
+        seqs = min(int(engine.get("max_batch_size") or cfg.max_kv_seqs), cfg.max_kv_seqs)
         tokens = seqs * cfg.kv_tokens_per_seq
     # an fp8 KV cache (engine kv_cache_dtype) takes 1 byte per element whatever the model dtype
     kv_width = 1 if engine.get("kv_cache_dtype") in FP8_KV_CACHE_DTYPES else _ENGINE_DTYPE_BYTES[dtype]
     text, vision = engine_memory.text_and_vision(config)
     kv = tokens * engine_memory.kv_bytes_per_token(text, kv_width)
-    defaults = EngineConfig()
+    device_type = "cuda" if on_gpu else "cpu"
     act = engine_memory.activation_bytes(
         text,
         vision,
         itemsize=_ENGINE_DTYPE_BYTES[dtype],
-        **{
-            k: int(engine.get(k) or getattr(defaults, k))
-            for k in ("max_prefill_tokens", "max_batch_size", "max_image_batch")
-        },
+        max_prefill_tokens=int(engine.get("max_prefill_tokens") or device_budget("max_prefill_tokens", device_type)),
+        max_batch_size=int(engine.get("max_batch_size") or device_budget("max_batch_size", device_type)),
+        max_image_batch=int(engine.get("max_image_batch") or EngineConfig().max_image_batch),
     )
     return MemoryEstimate(w, kv, act, cfg.context_bytes if on_gpu else 0)
