@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -104,4 +105,12 @@ def run_demo(
         f"{images} --mode parallel --out modelyard-out/real"
     )
     print(f"\n(demo done in {time.perf_counter() - t0:.1f} s; the demo checkpoints have random weights)")
+    # the demo's images are all valid: any error row means the machinery is broken here
+    errors = sum(s["errors"] for r in results.values() for s in r.summary.values())
+    if errors:
+        print(
+            f"modelyard demo: {errors} row(s) ended in an error; the `error` column of results.parquet says why",
+            file=sys.stderr,
+        )
+        return 1
     return 0

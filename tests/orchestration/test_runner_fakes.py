@@ -111,7 +111,7 @@ def _fake_ckpt(d):
     return str(d)
 
 
-def _peak_rss_of_job(images_dir, out, models=("m1", "m2")) -> int:
+def _peak_rss_of_job(images_dir, out, models=("m1",)) -> int:
     proc = psutil.Process()
     peak = [proc.memory_info().rss]
     stop = threading.Event()
