@@ -118,10 +118,12 @@ def _open(src: Any, what: str) -> Image.Image:
         return Image.open(source)
     except Image.DecompressionBombError as e:
         raise ImageError(f"{what}: {e}") from e
-    except OSError as e:
-        if isinstance(source, Path) and not isinstance(e, Image.UnidentifiedImageError):
-            raise ImageError(f"{what}: cannot read ({_reason(e)})") from e
+    except Image.UnidentifiedImageError as e:
         raise ImageError(f"{what}: not a readable image (the file's header is no image format Pillow knows)") from e
+    except OSError as e:
+        if e.errno is not None:  # the file system failed, not the format
+            raise ImageError(f"{what}: cannot read ({_reason(e)})") from e
+        raise ImageError(f"{what}: not a readable image ({_reason(e)})") from e
     except Exception as e:  # a header too broken to parse
         raise ImageError(f"{what}: not a readable image ({_reason(e)})") from e
 
