@@ -240,12 +240,22 @@ def remote_actor_class():
 
 
 def prep_workers() -> int:
-    """Threads that decode and preprocess images: the CPUs this process may use, at least 2 (PIL's
-    decoding and resizing release the GIL), at most 8."""
+    """Threads that decode and preprocess images: the CPUs Ray reserved for this actor where it
+    reserved whole ones, else those the process may use; at least 2 (PIL's decoding and resizing
+    release the GIL), at most 8."""
+    cpus = 0
     try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cpus = os.cpu_count() or 2
+        import ray
+
+        if ray.is_initialized():
+            cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 0))
+    except Exception:  # outside a Ray worker (in-process use, tests)
+        cpus = 0
+    if cpus < 1:
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except AttributeError:
+            cpus = os.cpu_count() or 2
     return max(2, min(8, cpus))
 
 

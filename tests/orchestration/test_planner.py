@@ -149,3 +149,13 @@ def test_shared_gpu_memory_is_handed_out_in_proportion():
     p = plan([_d("a", 10, gpus=0.5), _d("b", 10), _d("c", 10)], "parallel", num_gpus=1, gpu_memory_bytes=80 * GIB)
     fr = {x.model: x.num_gpus for x in p.waves[0]}
     assert fr["a"] == 0.5 and fr["b"] == fr["c"] == pytest.approx(0.25) and sum(fr.values()) <= 1.0
+
+
+def test_gpu_actors_reserve_cpus_for_decoding_without_starving_gpus():
+    from modelyard.orchestration.running.job import PREP_CPUS, gpu_actor_cpus
+
+    assert gpu_actor_cpus({"CPU": 16, "GPU": 1}) == PREP_CPUS == 4
+    assert gpu_actor_cpus({"CPU": 128, "GPU": 8}) == 4
+    assert gpu_actor_cpus({"CPU": 12, "GPU": 8}) == 1  # one CPU per GPU is all there is
+    assert gpu_actor_cpus({"CPU": 4, "GPU": 8}) is None  # fewer CPUs than GPUs: reserve none
+    assert gpu_actor_cpus({"CPU": 4}) is None
