@@ -40,8 +40,11 @@ def default_handle_factory(model: ModelSpec, placement: Placement, max_concurren
     from ...actors import ModelHandle
 
     # CPU actors keep the handle's sliver of a CPU, so parallel CPU models never wait for each
-    # other's slots; GPU actors reserve the cores their image decoding uses (gpu_actor_cpus).
+    # other's slots; GPU actors reserve the cores their image decoding uses (gpu_actor_cpus), in
+    # proportion to their share of the GPU.
     num_cpus = gpu_actor_cpus(ray.cluster_resources()) if placement.num_gpus > 0 else None
+    if num_cpus is not None and placement.num_gpus < 1:
+        num_cpus *= placement.num_gpus  # actors sharing a GPU share its CPUs: all of them still fit
     return ModelHandle(
         model.path,
         name=f"{model.name}-{placement.replica}",
