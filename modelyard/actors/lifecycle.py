@@ -110,11 +110,13 @@ def start_actor(
 
 
 def _engine_info(stats: dict, config: EngineConfig) -> dict:
-    """What a driver needs to feed the engine: its backend and device, the most sequences it runs
-    in one step, and the tokens its KV pool holds (None where the backend has no paged pool)."""
+    """What a driver needs to feed the engine: its backend (and why, where backend="auto" chose the
+    fallback) and device, the most sequences it runs in one step, and the tokens its KV pool holds
+    (None where the backend has no paged pool)."""
     blocks, block = stats.get("kv_blocks_total"), stats.get("block_size")
     return {
         "backend": stats.get("backend", config.backend),
+        "backend_reason": stats.get("backend_reason"),
         "device": stats.get("device", config.device),
         "max_batch_size": int(stats.get("max_batch_size") or config.max_batch_size or 8),
         "kv_tokens": int(blocks * block) if blocks and block else None,

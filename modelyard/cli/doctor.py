@@ -61,6 +61,19 @@ def _nvml() -> None:
             _more("unload then verifies only that the actor's process exited, not that VRAM came back")
 
 
+def _processor_packages() -> None:
+    """Packages some transformers processors need, which modelyard does not install (informational:
+    only checkpoints of those families fail to load without them)."""
+    from ..engine.backends import missing_processor_packages
+
+    missing = missing_processor_packages()
+    if not missing:
+        _line(True, "processors", "the optional processor packages (torchvision, num2words) are installed")
+        return
+    for pkg, families in missing.items():
+        _line(None, "processors", f"{pkg} not installed: {families} cannot load (pip install {pkg})")
+
+
 def _attention_here(cuda: bool) -> int:
     """The backend `attention_backend="auto"` resolves to on this machine, and what it runs."""
     from ..engine.attention import describe_backend, get_backend, resolve_backend_name
@@ -245,6 +258,7 @@ def run_doctor(address: str | None = None, start_ray: bool = True, models=()) ->
         return 1
     failures = 0
     _nvml()
+    _processor_packages()
     for check in (_attention_here, _kernels):
         try:
             failures += check(cuda)

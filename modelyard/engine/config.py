@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-_BACKENDS = ("native", "transformers")
+_BACKENDS = ("auto", "native", "transformers")
 _ATTN = ("auto", "sdpa", "flash", "csrc")
 # "auto": the model dtype. The fp8 names both mean float8_e4m3fn (ops.FP8_KV_DTYPE), as in vLLM.
 FP8_KV_CACHE_DTYPES = ("fp8", "fp8_e4m3")
@@ -36,7 +36,9 @@ class EngineConfig:
     gpu_memory_budget_gib: float | None = None  # absolute budget (weights + KV + activations)
     block_size: int = 16
     max_model_len: int | None = None  # None: the checkpoint's max_position_embeddings
-    backend: str = "native"  # "native" engine or the "transformers" fallback
+    # "auto": the native engine where it implements the checkpoint, else the "transformers" fallback
+    # (engine/backends.py); "native" or "transformers" insists on one.
+    backend: str = "auto"
     attention_backend: str = "auto"  # auto | sdpa | flash | csrc
     num_kv_blocks: int | None = None  # explicit pool size (tests, packing); overrides the fractions
     enforce_eager: bool = False  # True: no CUDA graphs

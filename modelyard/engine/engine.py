@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .backends import choose_backend
 from .build import build_engine_parts
 from .config import EngineConfig
 from .images import load_images
@@ -87,12 +88,15 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, path, config: EngineConfig | None = None):
+        """The engine for the checkpoint at `path`: native or the transformers fallback, as
+        config.backend asks ("auto": native where it implements the checkpoint; backends.py)."""
         config = config or EngineConfig()
-        if config.backend == "transformers":
+        backend, reason = choose_backend(path, config)
+        if backend == "transformers":
             from .hf_engine import HFEngine
 
-            return HFEngine.from_pretrained(path, config)
-        return cls(**build_engine_parts(path, config))
+            return HFEngine.from_pretrained(path, config.replace(backend="transformers"), reason=reason)
+        return cls(**build_engine_parts(path, config.replace(backend="native")))
 
     # ---- public API --------------------------------------------------------------------------
 

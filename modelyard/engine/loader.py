@@ -27,6 +27,7 @@ __all__ = [
     "UnsupportedArchitecture",
     "CheckpointFormatError",
     "CheckpointMismatch",
+    "RemoteCodeRequired",
     "SUPPORTED_ARCHITECTURES",
 ]
 
@@ -38,13 +39,35 @@ class CheckpointFormatError(ValueError):
     """The checkpoint dir has no usable safetensors weights."""
 
 
+class RemoteCodeRequired(ValueError):
+    """The checkpoint ships its own modelling code, which modelyard never runs."""
+
+
 def read_config(path):
     """The checkpoint's HF config, read offline; remote code is never trusted."""
+    import transformers
     from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json)")
+    raw = json.loads((path / "config.json").read_text())
+    model_type = raw.get("model_type")
+    # transformers' own refusal spans several lines and says to pass trust_remote_code=True, which
+    # modelyard never does (it would run code from the checkpoint); say so in one line instead.
+    if raw.get("auto_map"):
+        raise RemoteCodeRequired(
+            f"{path} needs remote code (config.json auto_map names {sorted(raw['auto_map'])}); modelyard loads "
+            "with trust_remote_code=False and never runs a checkpoint's own code: use a version of the model "
+            "that transformers implements (often a '-hf' repository)"
+        )
+    if isinstance(model_type, str) and model_type not in CONFIG_MAPPING:
+        raise RemoteCodeRequired(
+            f"{path}: model_type {model_type!r} is unknown to transformers {transformers.__version__}, so it "
+            "would need remote code (trust_remote_code), which modelyard never enables: use a version of the "
+            "model that transformers implements, or a transformers release that knows it"
+        )
     return AutoConfig.from_pretrained(str(path), trust_remote_code=False, local_files_only=True)
 
 

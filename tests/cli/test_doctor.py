@@ -2,6 +2,8 @@
 and no NVML and that the sdpa reference runs; for a checkpoint it prints the backend its head size
 and dtype get, as the engine itself resolves it (on a GPU too, where the test runs there)."""
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -15,6 +17,8 @@ def test_doctor_on_this_machine(tiny_models, capsys):
     assert rc == 1 and "1 check(s) failed" in out  # the nonexistent model, and nothing else
     assert "[FAIL] model          /nonexistent/model: cannot read its config" in out
     assert "ray cluster    not checked (--no-ray)" in out
+    if importlib.util.find_spec("torchvision") is None:  # listed, but not counted as a failure
+        assert "[--  ] processors     torchvision not installed: Qwen2-VL" in out and "pip install torchvision" in out
     model_line = next(line for line in out.splitlines() if line.startswith("[ok  ] model") and "head_dim 16" in line)
     if torch.cuda.is_available():
         assert "[ok  ] GPU 0" in out and "NVML GPU 0" in out

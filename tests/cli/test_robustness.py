@@ -90,12 +90,13 @@ def test_one_models_bad_checkpoint_gives_its_error_rows_and_the_others_run(tmp_p
 
     make_images(tmp_path / "imgs", 2)
     garbled = _garble(tiny_models["llava"], tmp_path, "garbled")
-    foreign = tmp_path / "foreign"  # a checkpoint of an architecture with no code here
+    foreign = tmp_path / "foreign"  # an architecture neither the native engine nor transformers knows
     foreign.mkdir()
     for f in os.listdir(tiny_models["qwen"]):
         os.symlink(os.path.join(tiny_models["qwen"], f), foreign / f)
     cfg = json.loads((foreign / "config.json").read_text())
     cfg["architectures"] = ["NoSuchVLMForConditionalGeneration"]
+    cfg["model_type"] = "nosuchvlm"
     (foreign / "config.json").unlink()
     (foreign / "config.json").write_text(json.dumps(cfg))
     out = tmp_path / "out"

@@ -78,7 +78,7 @@ def agreement(table: pd.DataFrame, models: Sequence[str], metric: str = "word_si
 
 def model_stats(results: pd.DataFrame, models: Sequence[str], summary: Mapping | None = None) -> pd.DataFrame:
     """Per model: rows, captions, errors, mean words / new tokens / latency, plus the run summary's
-    images/s, load seconds, peak VRAM and reclaim residual when given."""
+    engine backend, images/s, load seconds, peak VRAM and reclaim residual when given."""
     rows = []
     for m in models:
         r = results[results["model"] == m]
@@ -94,6 +94,7 @@ def model_stats(results: pd.DataFrame, models: Sequence[str], summary: Mapping |
         }
         s = (summary or {}).get(m) or {}
         for k in (
+            "backend",
             "images_per_s",
             "output_tokens_per_s",
             "max_running_seen",

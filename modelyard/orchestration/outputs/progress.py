@@ -25,6 +25,7 @@ class ModelStats:
     unload_s: float = 0.0
     restarts: int = 0
     replicas: int = 0
+    backend: str | None = None  # the engine backend its actors ran ("native" or "transformers")
     output_tokens: int = 0  # generated tokens of this run's rows
     max_running_seen: int = 0  # the most sequences one engine step ran (a full batch?)
     decode_steps: int = 0  # over every replica's engine
@@ -48,6 +49,7 @@ class ModelStats:
     def as_dict(self) -> dict:
         active = self.active_s()
         return {
+            "backend": self.backend,
             "rows": self.rows,
             "errors": self.errors,
             "skipped_done": self.skipped,
@@ -167,6 +169,12 @@ class Progress:
         t = (info or {}).get("timings", {})
         s.load_s = max(s.load_s, float(t.get("spawn_s", t.get("load_s", 0.0)) or 0.0))
         s.peak_vram_bytes = max(s.peak_vram_bytes, _peak_vram(info, None))
+        engine = (info or {}).get("engine") or {}
+        s.backend = engine.get("backend") or s.backend
+        if engine.get("backend_reason"):  # backend="auto" chose the fallback: say why, once
+            note = f"{s.backend} backend: {engine['backend_reason']}"
+            if note not in s.notes:
+                s.notes.append(note)
 
     def engine_stats(self, model: str, stats: dict | None) -> None:
         """A replica's engine stats at its unload (counters over its life)."""
@@ -218,10 +226,10 @@ def _all_done(rows: int) -> str:
 
 
 def format_summary(summary: dict[str, dict]) -> str:
-    """The end-of-job table: per model rows, errors, images/s, output tokens/s, the most sequences
+    """The end-of-job table: per model its engine backend, rows, errors, images/s, output tokens/s, the most sequences
     one engine step ran (batch), the engines' busy share of the model's time, load, memory."""
     head = (
-        f"{'model':<20} {'rows':>6} {'errors':>6} {'img/s':>8} {'tok/s':>8} {'batch':>5} {'busy':>5} "
+        f"{'model':<20} {'backend':<12} {'rows':>6} {'errors':>6} {'img/s':>8} {'tok/s':>8} {'batch':>5} {'busy':>5} "
         f"{'load s':>7} {'peak VRAM':>10} {'residual':>9} {'restarts':>8}"
     )
     lines = [head, "-" * len(head)]
@@ -232,7 +240,7 @@ def format_summary(summary: dict[str, dict]) -> str:
         peak = f"{s['peak_vram_bytes'] / MIB:.0f} MiB" if s["peak_vram_bytes"] else "-"
         busy = s.get("busy_fraction")
         lines.append(
-            f"{m:<20} {s['rows']:>6} {s['errors']:>6} {s['images_per_s']:>8.2f} "
+            f"{m:<20} {s.get('backend') or '-':<12} {s['rows']:>6} {s['errors']:>6} {s['images_per_s']:>8.2f} "
             f"{s.get('output_tokens_per_s', 0.0):>8.1f} {s.get('max_running_seen') or '-':>5} "
             f"{'-' if busy is None else f'{busy:.0%}':>5} {s['load_s']:>7.2f} "
             f"{peak:>10} {'-' if res is None else f'{res / MIB:.0f} MiB':>9} {s['restarts']:>8}"

@@ -69,6 +69,7 @@ _STAT_NAMES = {
     "mean_words": "mean words",
     "mean_new_tokens": "mean new tokens",
     "mean_latency_s": "mean latency (s)",
+    "backend": "backend",
     "images_per_s": "images/s",
     "output_tokens_per_s": "output tokens/s",
     "max_running_seen": "most sequences in a step",
