@@ -12,6 +12,7 @@ for the batch.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections import deque
 
@@ -212,16 +213,19 @@ class HFEngine:
             batch["pixel_values"] = pixels.to(self.model.dtype)
         prompt_lens = _prompt_lengths(batch)
         n_img = (batch["input_ids"] == self.model.config.image_token_id).sum(-1).tolist()
-        gen_kw = dict(max_new_tokens=sp.max_new_tokens, pad_token_id=self._pad_id)
+        gen = copy.deepcopy(self.model.generation_config)
+        gen.update(max_new_tokens=sp.max_new_tokens, pad_token_id=self._pad_id)
         if sp.ignore_eos:
-            gen_kw["min_new_tokens"] = sp.max_new_tokens
+            # ignore_eos means what it means natively: EOS is an ordinary token that may be generated,
+            # and generation goes on to max_new_tokens (min_new_tokens would suppress it instead)
+            gen.eos_token_id = []  # None would be filled back in from the model's defaults
         if sp.temperature > 0:
-            gen_kw.update(do_sample=True, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k or None)
+            gen.update(do_sample=True, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k or None)
             torch.manual_seed(sp.seed if sp.seed is not None else self.config.seed)
         else:
-            gen_kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            gen.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         with torch.inference_mode():
-            seqs = self.model.generate(**batch, **gen_kw)
+            seqs = self.model.generate(**batch, generation_config=gen)
         t1 = time.perf_counter()
         new = seqs[:, batch["input_ids"].shape[1] :].tolist()
         for (req, t_arrive, _, _), toks, plen, ni in zip(items, new, prompt_lens, n_img):

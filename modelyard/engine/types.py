@@ -16,7 +16,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0: off
     seed: int | None = None  # per-request generator: same tokens whatever else is in the batch
-    ignore_eos: bool = False
+    ignore_eos: bool = False  # exactly max_new_tokens: EOS is an ordinary token, generated if likely, not a stop
 
     def __post_init__(self):
         if self.max_new_tokens < 1:

@@ -1,5 +1,7 @@
 """The oracle the engine tests compare against: greedy tokens from transformers `generate`."""
 
+import copy
+
 import torch
 
 from modelyard.engine.images import load_images
@@ -17,6 +19,9 @@ def hf_greedy(path, items, n: int) -> list[list[int]]:
     proc = AutoProcessor.from_pretrained(path)
     min_size = Processor(proc, image_token_id=0, eos_token_ids=frozenset()).min_image_size
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    # exactly n tokens with EOS an ordinary token (the engines' ignore_eos), not suppressed
+    gen = copy.deepcopy(model.generation_config)
+    gen.update(do_sample=False, max_new_tokens=n, pad_token_id=proc.tokenizer.pad_token_id, eos_token_id=[])
     out = []
     for image, prompt in items:
         imgs = load_images(image, min_size)
@@ -24,8 +29,6 @@ def hf_greedy(path, items, n: int) -> list[list[int]]:
         text = proc.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
         inputs = proc(text=text, images=imgs or None, return_tensors="pt")
         with torch.inference_mode():
-            seq = model.generate(
-                **inputs, do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=proc.tokenizer.pad_token_id
-            )
+            seq = model.generate(**inputs, generation_config=gen)
         out.append(seq[0, inputs["input_ids"].shape[1] :].tolist())
     return out

@@ -50,3 +50,31 @@ def test_fallback_matches_transformers_and_isolates_bad_images(setup):
         assert o.num_image_tokens == 16 and o.num_prompt_tokens > 16
     assert eng.stats()["num_requests_finished"] == 4
     eng.close()
+
+
+def test_ignore_eos_means_eos_is_an_ordinary_token_in_both_backends(tmp_path):
+    """ignore_eos: exactly max_new_tokens, EOS allowed and not a stop (not suppressed, as transformers'
+    min_new_tokens would), the same in the native engine, the fallback and the transformers oracle."""
+    import json
+
+    from hf_reference import hf_greedy
+    from safetensors.torch import load_file, save_file
+
+    path = testing.make_checkpoint("llava", tmp_path / "ckpt")
+    image = testing.make_images(tmp_path / "imgs", 1, seed=4)[0]
+    eos = json.loads((path / "generation_config.json").read_text())["eos_token_id"]
+    eos = eos[0] if isinstance(eos, list) else eos
+    first = hf_greedy(path, [(image, "Describe it.")], 1)[0][0]
+    (weights,) = list(path.glob("*.safetensors"))
+    tensors = load_file(weights)
+    head = next(k for k in tensors if k.endswith("lm_head.weight"))
+    tensors[head][eos] = 2 * tensors[head][first]  # EOS now wins wherever that token would
+    save_file(tensors, weights, metadata={"format": "pt"})
+    ref = hf_greedy(path, [(image, "Describe it.")], 8)[0]
+    assert eos in ref and len(ref) == 8
+    sp = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    for backend in ("native", "transformers"):
+        eng = Engine.from_pretrained(path, EngineConfig(device="cpu", dtype="float32", backend=backend))
+        (out,) = eng.generate([Request(image=str(image), prompt="Describe it.", sampling=sp)])
+        eng.close()
+        assert out.token_ids == ref and out.finish_reason == "length", backend
