@@ -7,6 +7,7 @@ at all. What happens inside one wave (spawn, in-flight bound, actor deaths, unlo
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from ..planning.memory import GIB, estimate_memory
 from ..planning.planner import ModelDemand, Placement, Plan, plan
 from ..spec.hub import resolve_job_paths
 from ..spec.job import JobSpec, ModelSpec
-from .wave import HandleFactory, WaveRunner, fail_all, first_line
+from .wave import HandleFactory, WaveRunner, fail_all, first_line, record
 from .work import ModelWork, count_pending
 
 PREP_CPUS = 4  # image decoding threads a GPU actor reserves: ~4 x 30 ms per 12 MP JPEG outruns the GPU
@@ -137,13 +138,14 @@ class JobRunner:
         return plan(demands, self.job.mode, n, mem)
 
     def _fail_unplanned(self, store: ResultStore, progress: Progress) -> None:
-        def write(row: dict) -> None:
-            store.add(row)
-            progress.result(row["model"], True)
-
         for name, why in self.unplanned.items():
             progress.load_failed(name, why, permanent=True)
-            fail_all(ModelWork(self.job, self.job.model(name), store), why, retryable=False, write=write)
+            fail_all(
+                ModelWork(self.job, self.job.model(name), store),
+                why,
+                retryable=False,
+                write=functools.partial(record, store, progress),
+            )
 
     # -- the job ----------------------------------------------------------------------------------
     def run(self) -> JobResult:

@@ -28,12 +28,23 @@ from .work import ModelWork, Unit, failed_row, output_row
 HandleFactory = Callable[[ModelSpec, Placement], Any]
 
 
+def remote_cause(e: BaseException) -> BaseException:
+    """The actor's own exception behind a Ray error (directly, or behind the handle's error), else `e`."""
+    remote = getattr(e, "cause", None) or getattr(e.__cause__, "cause", None)
+    return remote if isinstance(remote, BaseException) else e
+
+
 def first_line(e: BaseException) -> str:
     # a remote failure's text starts with Ray's "ray::Actor.method() (pid=...)" header: say the real error
-    remote = getattr(e, "cause", None) or getattr(e.__cause__, "cause", None)
-    e = remote if isinstance(remote, BaseException) else e
+    e = remote_cause(e)
     s = str(e).strip().splitlines()
     return f"{type(e).__name__}: {s[0] if s else ''}"
+
+
+def record(store: ResultStore, progress: Progress, row: dict) -> None:
+    """Write one row and count it in the model's progress."""
+    store.add(row)
+    progress.result(row["model"], row.get("finish_reason") == "error", row.get("num_generated_tokens", 0))
 
 
 @dataclass
@@ -144,8 +155,9 @@ class WaveRunner:
         try:
             info = w.handle.spawn(timeout=self.job.spawn_timeout_s)
         except Exception as e:
-            cause = getattr(e, "cause", None) or getattr(e.__cause__, "cause", None) or e.__cause__
-            return first_line(e), bool(getattr(e, "permanent", False) or is_permanent(cause))
+            # a LoadFailed says itself; other handles' errors are judged by their remote cause
+            permanent = getattr(e, "permanent", False) or is_permanent(remote_cause(e)) or is_permanent(e.__cause__)
+            return first_line(e), bool(permanent)
         w.limit = in_flight_limit(self.job, (info or {}).get("engine") or {})
         self._progress.loaded(w.model, info)
         return None
@@ -186,8 +198,7 @@ class WaveRunner:
             self._progress.submitted(w.model)
 
     def _write(self, row: dict) -> None:
-        self._store.add(row)
-        self._progress.result(row["model"], row.get("finish_reason") == "error", row.get("num_generated_tokens", 0))
+        record(self._store, self._progress, row)
 
     def _collect(self, ref) -> None:
         from ...actors import ActorDied, EngineFailed
